@@ -1,0 +1,3 @@
+"""syncpro: publish builds and downloaded programs atomically into pending-release trees."""
+
+__version__ = "0.1.0"

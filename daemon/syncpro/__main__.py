@@ -1,0 +1,5 @@
+"""Allow `python -m syncpro`."""
+
+from syncpro.cli import main
+
+raise SystemExit(main())

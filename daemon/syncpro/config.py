@@ -1,0 +1,520 @@
+"""Find, load and validate config.yml into typed settings, collecting every problem."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from syncpro.errors import ConfigError
+from syncpro.inventory import App, Inventory, path_component_problem, split_file_list
+
+DEFAULT_PATHS = (Path("config.yml"), Path("/etc/syncpro/config.yml"))
+ENV_VAR = "SYNCPRO_CONFIG"
+
+DEFAULT_IGNORE = (
+    ".*.??????",  # rsync's temporary .name.XXXXXX (checked precisely in watch.ignore matching)
+    "*.part",
+    "*.tmp",
+    "*.swp",
+    "*.swx",
+    "*~",
+    ".#*",
+    "4913",  # vim's probe file when checking a directory is writable
+)
+
+
+@dataclass(frozen=True)
+class Dirs:
+    remotecomdir: Path
+    updatedir: Path
+    softdir: Path
+    configuredir: Path
+    state: Path
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    grace: float = 10.0
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    settle: float = 3.0
+    max_wait: float = 60.0
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    ready_marker: str | None = None
+    rescan_interval: float = 300.0
+    workers: int = 4
+    poll_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    socket: Path = Path("/run/syncpro/control.sock")
+    mode: int = 0o660
+    group: str | None = None
+    allow_uids: tuple[int, ...] = ()
+    allow_gids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    enabled: bool = False
+    listen: str = "127.0.0.1:3000"
+    token: str | None = field(default=None, repr=False)
+    token_file: Path | None = None
+    max_body: int = 65536
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class InventorySettings:
+    source: str = "config"
+    url: str | None = None
+    table: str = "pre_server_detail"
+    password_file: Path | None = None
+    refresh: float = 60.0
+    connect_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    dirs: Dirs
+    apps: tuple[App, ...]
+    publish: PublishSettings = PublishSettings()
+    watch: WatchSettings = WatchSettings()
+    control: ControlSettings = ControlSettings()
+    http: HttpSettings = HttpSettings()
+    inventory: InventorySettings = InventorySettings()
+
+    @property
+    def config_inventory(self) -> Inventory:
+        return Inventory(self.apps)
+
+
+# --- value converters: each returns the typed value or raises ValueError with the reason ---
+
+Converter = Callable[[Any, Path], Any]
+
+
+def _str(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or value == "":
+        raise ValueError(f"must be a non-empty string, not {value!r}")
+    return value
+
+
+def _path(value: Any, base: Path) -> Path:
+    text = _str(value, base)
+    path = Path(os.path.expanduser(text))
+    return path if path.is_absolute() else (base / path)
+
+
+def _optional(inner: Converter) -> Converter:
+    def convert(value: Any, base: Path) -> Any:
+        return None if value is None else inner(value, base)
+
+    return convert
+
+
+def _bool(value: Any, base: Path) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1, "0", "1"):
+        return bool(int(value))
+    raise ValueError(f"must be true or false, not {value!r}")
+
+
+def _positive(value: Any, base: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"must be a number of seconds >= 0, not {value!r}")
+    return float(value)
+
+
+def _count(value: Any, base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a whole number >= 1, not {value!r}")
+    return value
+
+
+def _ids(value: Any, base: Path) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ValueError(f"must be a list of numeric ids, not {value!r}")
+    return tuple(value)
+
+
+def _patterns(value: Any, base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"must be a list of glob patterns, not {value!r}")
+    return tuple(value)
+
+
+def _mode(value: Any, base: Path) -> int:
+    if isinstance(value, str):
+        try:
+            mode = int(value, 8)
+        except ValueError:
+            raise ValueError(f"must be an octal mode like '0660', not {value!r}") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ValueError(f"must be an octal mode like '0660', not {value!r}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"must be an octal mode between 0000 and 0777, not {value!r}")
+    return mode
+
+
+def _listen(value: Any, base: Path) -> str:
+    text = _str(value, base)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"must be host:port like '127.0.0.1:3000', not {value!r}")
+    return text
+
+
+def _choice(*choices: str) -> Converter:
+    def convert(value: Any, base: Path) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {value!r}")
+        return str(value)
+
+    return convert
+
+
+def _marker(value: Any, base: Path) -> str:
+    text = _str(value, base)
+    if path_component_problem(text) is not None:
+        raise ValueError(f"must be a plain file name, not {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One key of a section: how to read it, its default, and what it is for."""
+
+    convert: Converter
+    doc: str
+    default: Any = None
+    required: bool = False
+
+
+SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
+    "dirs": (
+        Dirs,
+        {
+            "remotecomdir": Opt(_path, "programs and config downloaded from servers", required=True),
+            "updatedir": Opt(_path, "new builds: program and config", required=True),
+            "softdir": Opt(_path, "pending-release programs, one tree per group", required=True),
+            "configuredir": Opt(_path, "pending-release config, one tree per app", required=True),
+            "state": Opt(_path, "the daemon's small persistent state", "/var/lib/syncpro"),
+        },
+    ),
+    "publish": (
+        PublishSettings,
+        {
+            "grace": Opt(_positive, "seconds a replaced tree is kept for its readers", 10.0),
+            "fsync": Opt(_bool, "make a new tree durable before swapping it in", True),
+        },
+    ),
+    "watch": (
+        WatchSettings,
+        {
+            "settle": Opt(_positive, "quiet seconds before an app syncs", 3.0),
+            "max_wait": Opt(_positive, "latest sync after a burst's first event", 60.0),
+            "ignore": Opt(_patterns, "globs that never trigger nor get published", list(DEFAULT_IGNORE)),
+            "ready_marker": Opt(_optional(_marker), "file that must exist and be newer", None),
+            "rescan_interval": Opt(_positive, "seconds between full re-checks", 300.0),
+            "workers": Opt(_count, "groups synced in parallel", 4),
+            "poll_interval": Opt(_positive, "seconds between polls when inotify fails", 2.0),
+        },
+    ),
+    "control": (
+        ControlSettings,
+        {
+            "socket": Opt(_path, "the control socket's path", "/run/syncpro/control.sock"),
+            "mode": Opt(_mode, "the control socket's permissions", "0660"),
+            "group": Opt(_optional(_str), "group owning the control socket", None),
+            "allow_uids": Opt(_ids, "uids allowed besides root and the daemon's", []),
+            "allow_gids": Opt(_ids, "gids whose members are allowed", []),
+        },
+    ),
+    "http": (
+        HttpSettings,
+        {
+            "enabled": Opt(_bool, "serve the original POST /rex endpoint", False),
+            "listen": Opt(_listen, "host:port of the HTTP endpoint", "127.0.0.1:3000"),
+            "token": Opt(_optional(_str), "token clients pass as ?token=", None),
+            "token_file": Opt(_optional(_path), "file holding the token", None),
+            "max_body": Opt(_count, "largest accepted request body in bytes", 65536),
+        },
+    ),
+    "inventory": (
+        InventorySettings,
+        {
+            "source": Opt(_choice("config", "mysql"), "where the apps come from", "config"),
+            "url": Opt(_optional(_str), "mysql://user@host:port/database", None),
+            "table": Opt(_str, "the inventory table", "pre_server_detail"),
+            "password_file": Opt(_optional(_path), "file holding the database password", None),
+            "refresh": Opt(_positive, "seconds between re-reads by the daemon", 60.0),
+            "connect_timeout": Opt(_positive, "seconds to wait for the database", 5.0),
+        },
+    ),
+}
+
+APP_KEYS: dict[str, Opt] = {
+    "app_key": Opt(_str, "unique key of the app", required=True),
+    "local_name": Opt(_str, "the group: apps sharing one program", required=True),
+    "auto_deploy": Opt(_bool, "only auto-deploy apps can be synced", True),
+    "configure_file_status": Opt(_choice("0", "1"), "1: type-2 app, config listed", 0),
+    "configure_file_list": Opt(lambda v, b: v, "listed config files (type 2)", []),
+}
+
+TOP_KEYS = ("dirs", "apps", *[name for name in SECTIONS if name != "dirs"])
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice instead of keeping the last."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """Given the --config value, return the config path: --config, $SYNCPRO_CONFIG, ./config.yml,
+    /etc/syncpro/config.yml. Raise ConfigError if none exists."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR])
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate
+    tried = ", ".join(str(p) for p in DEFAULT_PATHS)
+    raise ConfigError(
+        "config.yml", [f"no configuration found (tried --config, ${ENV_VAR}, {tried})"]
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Given a config path (or None to search), return the validated Config.
+    Raise ConfigError listing every problem, each with its dotted key."""
+    config_path = find_config(path)
+    try:
+        text = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(config_path, [f"cannot read: {exc}"]) from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError(config_path, [f"not valid YAML: {exc}"]) from None
+    return parse_config(raw, config_path)
+
+
+def parse_config(raw: Any, config_path: Path) -> Config:
+    """Given the parsed YAML document, return the Config. Raise ConfigError with all problems."""
+    base = config_path.resolve().parent
+    problems: list[str] = []
+    if not isinstance(raw, Mapping):
+        raise ConfigError(config_path, ["the document must be a mapping of sections"])
+    for key in raw:
+        if key not in TOP_KEYS:
+            problems.append(f"{key}: unknown section (known: {', '.join(TOP_KEYS)})")
+    sections: dict[str, Any] = {}
+    for name, (cls, opts) in SECTIONS.items():
+        section_raw = raw.get(name, {} if name != "dirs" else None)
+        if section_raw is None and name == "dirs":
+            problems.append("dirs: missing (remotecomdir, updatedir, softdir, configuredir)")
+            continue
+        if section_raw is None:
+            section_raw = {}
+        values = _parse_section(name, section_raw, opts, base, problems)
+        if values is not None:
+            sections[name] = cls(**values)
+    apps = _parse_apps(raw.get("apps", []), base, problems)
+    if "http" in sections:
+        sections["http"] = _resolve_token(sections["http"], problems)
+    _cross_checks(sections, apps, problems)
+    if problems:
+        raise ConfigError(config_path, problems)
+    return Config(path=config_path, apps=apps, **sections)
+
+
+def _parse_section(
+    name: str, raw: Any, opts: dict[str, Opt], base: Path, problems: list[str]
+) -> dict[str, Any] | None:
+    if not isinstance(raw, Mapping):
+        problems.append(f"{name}: must be a mapping, not {type(raw).__name__}")
+        return None
+    values: dict[str, Any] = {}
+    before = len(problems)
+    for key in raw:
+        if key not in opts:
+            problems.append(f"{name}.{key}: unknown key (known: {', '.join(opts)})")
+    for key, opt in opts.items():
+        if key not in raw:
+            if opt.required:
+                problems.append(f"{name}.{key}: missing ({opt.doc})")
+                continue
+            value = opt.default
+        else:
+            value = raw[key]
+        try:
+            values[key] = value if value is None else opt.convert(value, base)
+        except ValueError as exc:
+            problems.append(f"{name}.{key}: {exc}")
+    return values if len(problems) == before else None
+
+
+def _parse_apps(raw: Any, base: Path, problems: list[str]) -> tuple[App, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.append(f"apps: must be a list of apps, not {type(raw).__name__}")
+        return ()
+    apps: list[App] = []
+    seen: dict[str, int] = {}
+    for index, row in enumerate(raw):
+        where = f"apps[{index}]"
+        if not isinstance(row, Mapping):
+            problems.append(f"{where}: must be a mapping with app_key and local_name")
+            continue
+        before = len(problems)
+        for key in row:
+            if key not in APP_KEYS:
+                problems.append(f"{where}.{key}: unknown key (known: {', '.join(APP_KEYS)})")
+        for key in ("app_key", "local_name"):
+            if key not in row:
+                problems.append(f"{where}.{key}: missing")
+            elif (problem := path_component_problem(row[key])) is not None:
+                problems.append(f"{where}.{key}: {problem}")
+        try:
+            auto_deploy = _bool(row.get("auto_deploy", True), base)
+        except ValueError as exc:
+            problems.append(f"{where}.auto_deploy: {exc}")
+            auto_deploy = True
+        status = row.get("configure_file_status", 0)
+        if status in (None, 0, 1, "0", "1") and not isinstance(status, bool):
+            status = int(status or 0)
+        else:
+            problems.append(f"{where}.configure_file_status: must be 0 or 1, not {status!r}")
+            status = 0
+        listed = row.get("configure_file_list", [])
+        if listed is not None and not (
+            isinstance(listed, str)
+            or (isinstance(listed, list) and all(isinstance(v, str) for v in listed))
+        ):
+            problems.append(
+                f"{where}.configure_file_list: must be a list of paths or a comma-separated"
+                f" string, not {listed!r}"
+            )
+            listed = []
+        if len(problems) != before:
+            continue
+        key = row["app_key"]
+        if key in seen:
+            problems.append(f"{where}.app_key: {key!r} duplicates apps[{seen[key]}]")
+            continue
+        seen[key] = index
+        apps.append(
+            App(
+                app_key=key,
+                local_name=row["local_name"],
+                auto_deploy=auto_deploy,
+                configure_file_status=status,
+                configure_file_list=split_file_list(listed),
+            )
+        )
+    return tuple(apps)
+
+
+def _resolve_token(http: HttpSettings, problems: list[str]) -> HttpSettings:
+    if http.token_file is None:
+        return http
+    if http.token is not None:
+        problems.append("http.token_file: give http.token or http.token_file, not both")
+        return http
+    try:
+        token = http.token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(f"http.token_file: cannot read {http.token_file}: {exc.__class__.__name__}")
+        return http
+    if not token:
+        problems.append(f"http.token_file: {http.token_file} is empty")
+        return http
+    return HttpSettings(
+        enabled=http.enabled,
+        listen=http.listen,
+        token=token,
+        token_file=http.token_file,
+        max_body=http.max_body,
+    )
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    inner, outer = inner.resolve(), outer.resolve()
+    return inner == outer or outer in inner.parents
+
+
+def _cross_checks(sections: dict[str, Any], apps: tuple[App, ...], problems: list[str]) -> None:
+    dirs: Dirs | None = sections.get("dirs")
+    if dirs is not None:
+        for target in ("softdir", "configuredir"):
+            for source in ("remotecomdir", "updatedir"):
+                t, s = getattr(dirs, target), getattr(dirs, source)
+                if _inside(t, s) or _inside(s, t):
+                    problems.append(
+                        f"dirs.{target}: {t} overlaps dirs.{source} {s}; publishing into a"
+                        " watched source would loop"
+                    )
+        if _inside(dirs.softdir, dirs.configuredir) or _inside(dirs.configuredir, dirs.softdir):
+            problems.append(f"dirs.softdir: {dirs.softdir} overlaps dirs.configuredir")
+    watch: WatchSettings | None = sections.get("watch")
+    if watch is not None and watch.max_wait < watch.settle:
+        problems.append(
+            f"watch.max_wait: {watch.max_wait} is shorter than watch.settle {watch.settle}"
+        )
+    http: HttpSettings | None = sections.get("http")
+    if http is not None and http.enabled and not http.token:
+        problems.append("http.token: required when http.enabled is true (or http.token_file)")
+    inventory: InventorySettings | None = sections.get("inventory")
+    if inventory is not None and inventory.source == "mysql":
+        if not inventory.url:
+            problems.append("inventory.url: required when inventory.source is mysql")
+        if apps:
+            problems.append("apps: must be empty when inventory.source is mysql (one source)")
+
+
+def describe_keys() -> list[tuple[str, str, Any]]:
+    """Return (dotted key, description, default) for every key, for docs and `check-config`."""
+    rows: list[tuple[str, str, Any]] = []
+    for name, (_, opts) in SECTIONS.items():
+        rows.extend((f"{name}.{key}", opt.doc, opt.default) for key, opt in opts.items())
+    rows.extend((f"apps[].{key}", opt.doc, opt.default) for key, opt in APP_KEYS.items())
+    return rows

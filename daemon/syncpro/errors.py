@@ -1,0 +1,31 @@
+"""Exceptions for failures a user must act on, one class per condition."""
+
+
+class SyncproError(Exception):
+    """Base of every error syncpro reports to its user."""
+
+
+class ConfigError(SyncproError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    def __init__(self, path: object, problems: list[str]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"invalid configuration {self.path}:\n{lines}")
+
+
+class InventoryError(SyncproError):
+    """The inventory of apps could not be loaded (database unreachable, table missing)."""
+
+
+class RequestError(SyncproError):
+    """A sync request could not be parsed or validated; nothing ran."""
+
+
+class PublishError(SyncproError):
+    """A target could not be published; its previous tree is left intact."""
+
+
+class ControlError(SyncproError):
+    """The daemon's control socket could not be reached or refused the request."""

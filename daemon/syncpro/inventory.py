@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RESERVED_KEYS = frozenset({"all"})
+# "all" selects every app; ".syncpro" is the work area inside softdir and configuredir.
+RESERVED_KEYS = frozenset({"all", ".syncpro"})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""The `syncpro` command line: a thin shell over the engine, the daemon and the client."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from syncpro import __version__
+from syncpro.config import Config, load_config
+from syncpro.errors import ConfigError, ControlError, InventoryError, RequestError
+
+EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="syncpro",
+        description="Publish builds and downloaded programs atomically into pending-release"
+        " directories (the Deploy:Core:syncpro action).",
+    )
+    parser.add_argument("--version", action="version", version=f"syncpro {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            metavar="PATH",
+            help="config file (default: $SYNCPRO_CONFIG, ./config.yml, /etc/syncpro/config.yml)",
+        )
+        p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+        return p
+
+    sync = with_config(sub.add_parser("sync", help="sync apps once, print the response JSON"))
+    sync.add_argument("-k", required=True, help="app keys, group names (local_name) or all")
+    sync.add_argument(
+        "--update", action="store_true", help="sync from updatedir (default: remotecomdir)"
+    )
+    sync.add_argument("--pretty", action="store_true", help="indent the response JSON")
+
+    with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 unsuccessful, 2 usage or config)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "sync":
+            return _sync(args)
+        if args.command == "check-config":
+            return _check_config(args)
+    except ConfigError as exc:
+        print(f"syncpro: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (InventoryError, RequestError, ControlError) as exc:
+        print(f"syncpro: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def print_document(doc: dict[str, Any], pretty: bool) -> None:
+    if pretty or sys.stdout.isatty():
+        text = json.dumps(doc, ensure_ascii=False, indent=2)
+    else:
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    print(text, flush=True)
+
+
+def _sync(args: argparse.Namespace) -> int:
+    from syncpro import log
+    from syncpro.engine import run_sync
+    from syncpro.inventories import load_inventory
+    from syncpro.publish import sweep_later
+    from syncpro.request import SyncRequest, validate_k
+
+    config = load_config(args.config)
+    # stdout carries the response document alone; log events go to stderr.
+    log.configure(sys.stderr, verbose=args.verbose)
+    inventory = load_inventory(config)
+    request = SyncRequest(k=validate_k(args.k), update=args.update, origin="cli")
+    result = run_sync(request, config, inventory)
+    from syncpro.response import response_document
+
+    print_document(response_document(result), args.pretty)
+    sweep_later([config.dirs.softdir, config.dirs.configuredir])
+    return EXIT_OK if result.ok else EXIT_UNSUCCESSFUL
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(summary(config))
+    return EXIT_OK
+
+
+def summary(config: Config) -> str:
+    dirs = config.dirs
+    lines = [
+        f"config {config.path}: valid",
+        f"  remotecomdir  {dirs.remotecomdir}",
+        f"  updatedir     {dirs.updatedir}",
+        f"  softdir       {dirs.softdir}",
+        f"  configuredir  {dirs.configuredir}",
+        f"  state         {dirs.state}",
+        f"  inventory     {config.inventory.source}",
+    ]
+    if config.inventory.source == "config":
+        groups = sorted({app.local_name for app in config.apps})
+        auto = sum(app.auto_deploy for app in config.apps)
+        lines.append(
+            f"  apps          {len(config.apps)} ({auto} auto-deploy) in {len(groups)} groups:"
+            f" {', '.join(groups)}"
+        )
+    lines.append(f"  control       {config.control.socket}")
+    lines.append(f"  http          {'on ' + config.http.listen if config.http.enabled else 'off'}")
+    return "\n".join(lines)

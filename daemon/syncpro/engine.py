@@ -1,0 +1,194 @@
+"""The sync engine: select apps, build their trees, publish them, report one result."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from syncpro import layout
+from syncpro.config import Config
+from syncpro.drift import tree_differences
+from syncpro.errors import PublishError, RequestError
+from syncpro.inventory import App, Inventory
+from syncpro.publish import publish, sweep
+from syncpro.request import SyncRequest
+from syncpro.response import response_document
+from syncpro.result import (
+    FAILED,
+    MISSING,
+    PUBLISHED,
+    SUPERSEDED,
+    AppOutcome,
+    Drift,
+    SyncResult,
+    TargetOutcome,
+)
+from syncpro.selection import select
+from syncpro.tree import Ignore, ListedFileError, TreeBuilder
+
+log = structlog.get_logger()
+
+_swept: set[Path] = set()
+_swept_lock = threading.Lock()
+
+
+def sweep_once(config: Config) -> None:
+    """Remove leftovers of crashed runs under the target roots, once per process."""
+    with _swept_lock:
+        for root in (config.dirs.softdir, config.dirs.configuredir):
+            if root not in _swept:
+                _swept.add(root)
+                sweep(root)
+
+
+def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> SyncResult:
+    """Given a request, the config and the inventory, sync every selected app and return the
+    result. Raise RequestError if `k` selects nothing at all (empty)."""
+    tokens = request.tokens
+    if not tokens:
+        raise RequestError("k must not be empty: give an app_key, a local_name or all")
+    sweep_once(config)
+    result = SyncResult(request=request, started=time.time())
+    clock = time.monotonic()
+    selection = select(tokens, inventory)
+    result.unknown = selection.unknown
+    outcomes = {app.app_key: AppOutcome(app.app_key, app.local_name) for app in selection.apps}
+    result.apps = list(outcomes.values())
+    ignore = Ignore(config.watch.ignore)
+
+    for group, apps in _groups(selection.apps).items():
+        _sync_program(config, request.update, group, apps, outcomes, result, ignore)
+    for app in selection.apps:
+        outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
+
+    result.seconds = time.monotonic() - clock
+    _report(result)
+    return result
+
+
+def _groups(apps: tuple[App, ...]) -> dict[str, list[App]]:
+    groups: dict[str, list[App]] = {}
+    for app in apps:
+        groups.setdefault(app.local_name, []).append(app)
+    return groups
+
+
+def _sync_program(
+    config: Config,
+    update: bool,
+    group: str,
+    apps: list[App],
+    outcomes: dict[str, AppOutcome],
+    result: SyncResult,
+    ignore: Ignore,
+) -> None:
+    dirs = config.dirs
+    target = layout.program_target(dirs, apps[0])
+    existing: list[tuple[App, Path]] = []
+    for app in apps:
+        source = layout.program_source(dirs, app, update)
+        if source.is_dir():
+            existing.append((app, source))
+            continue
+        outcomes[app.app_key].program = TargetOutcome(
+            "program", str(source), str(target.path), MISSING
+        )
+        if str(source) not in result.missing_program:
+            result.missing_program.append(str(source))
+    if not existing:
+        return
+    # In inventory order the last app whose program exists wins, as the original did.
+    winner, source = existing[-1]
+    if not update:
+        result.drift.extend(_drift(group, existing, ignore))
+    published = _publish(config, "program", source, target, ignore, None)
+    for app, app_source in existing:
+        if app is winner:
+            outcomes[app.app_key].program = published
+            continue
+        outcomes[app.app_key].program = TargetOutcome(
+            "program",
+            str(app_source),
+            str(target.path),
+            SUPERSEDED if published.ok else FAILED,
+            error=None if published.ok else published.error,
+            winner=winner.app_key,
+        )
+
+
+def _drift(group: str, existing: list[tuple[App, Path]], ignore: Ignore) -> list[Drift]:
+    winner, winner_source = existing[-1]
+    found: list[Drift] = []
+    for app, source in existing[:-1]:
+        try:
+            count, paths = tree_differences(source, winner_source, ignore)
+        except OSError as exc:
+            log.warning("sync.drift_check_failed", group=group, app=app.app_key, error=str(exc))
+            continue
+        if count:
+            found.append(Drift(group, (app.app_key, winner.app_key), count, tuple(paths)))
+    return found
+
+
+def _sync_config(
+    config: Config, update: bool, app: App, result: SyncResult, ignore: Ignore
+) -> TargetOutcome:
+    source = layout.config_source(config.dirs, app, update)
+    target = layout.config_target(config.dirs, app)
+    if not source.is_dir():
+        result.missing_config.append(str(source))
+        return TargetOutcome("config", str(source), str(target.path), MISSING)
+    listed = app.configure_file_list if app.config_integrated else None
+    return _publish(config, "config", source, target, ignore, listed)
+
+
+def _publish(
+    config: Config,
+    kind: str,
+    source: Path,
+    target: layout.Target,
+    ignore: Ignore,
+    listed: tuple[str, ...] | None,
+) -> TargetOutcome:
+    started = time.monotonic()
+    builder: TreeBuilder | None = None
+
+    def build(staging: Path, current: Path | None) -> None:
+        nonlocal builder
+        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=os.geteuid() == 0)
+        if listed is None:
+            builder.copy_tree(source, staging)
+        else:
+            builder.copy_listed(source, listed, staging)
+
+    outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
+    try:
+        publish(target, build, grace=config.publish.grace, durable=config.publish.fsync)
+    except ListedFileError as exc:
+        outcome.status, outcome.error = FAILED, "; ".join(exc.problems)
+    except PublishError as exc:
+        outcome.status, outcome.error = FAILED, str(exc)
+    except OSError as exc:  # the work area itself could not be made
+        outcome.status, outcome.error = FAILED, f"cannot publish {target.path}: {exc}"
+    outcome.seconds = time.monotonic() - started
+    if builder is not None:
+        outcome.stats = builder.stats
+    if outcome.status == FAILED:
+        log.error("sync.target_failed", kind=kind, target=str(target.path), error=outcome.error)
+    return outcome
+
+
+def _report(result: SyncResult) -> None:
+    log.info(
+        "sync.finished",
+        ok=result.ok,
+        k=result.request.normalised_k,
+        update=result.request.update,
+        origin=result.request.origin,
+        seconds=round(result.seconds, 6),
+        response=response_document(result),
+    )

@@ -1,0 +1,127 @@
+"""The response document of the original platform (SPEC section 5), built from a result."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from typing import Any
+
+from syncpro.request import SyncRequest
+from syncpro.result import SyncResult
+
+OK_MSG = "成功"
+FAIL_MSG = "失败"
+PARSE_OK_MSG = "校验和解析参数成功"
+RUN_DONE_MSG = "执行完成"
+NOT_RUN_MSG = "未执行"
+REDACTED = "******"
+
+
+def param_of(request: SyncRequest) -> dict[str, str]:
+    """Echo the request with k normalised; a token only ever appears redacted."""
+    param = {"action": request.action, "k": request.normalised_k, "update": _flag(request.update)}
+    if request.w is not None:
+        param["w"] = request.w
+    if request.token_given:
+        param["token"] = REDACTED
+    param.update(request.extra)
+    return param
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def request_cmd(param: dict[str, str]) -> str:
+    """The original's requestCmd: `action,--key="value",...,--w="1"`."""
+    action = param.get("action", "")
+    keys = [f'--{key}="{value}"' for key, value in param.items() if key not in ("action", "w")]
+    keys.append(f'--w="{param.get("w", "1")}"')
+    return ",".join([action, *keys])
+
+
+def command_line(request: SyncRequest) -> str:
+    """The equivalent command line of this project, for `respon.cmd`."""
+    parts = ["syncpro", "sync", "-k", request.normalised_k]
+    if request.update:
+        parts.append("--update")
+    return shlex.join(parts)
+
+
+def response_document(result: SyncResult) -> dict[str, Any]:
+    """Given a sync result, return the response document its clients expect, plus details."""
+    request = result.request
+    param = param_of(request)
+    ok = result.ok
+    errors = result.errors
+    msg = OK_MSG if ok else f"{FAIL_MSG}: " + "; ".join(errors)
+    doc: dict[str, Any] = {
+        "code": "0",
+        "data": {
+            "code": "0" if ok else "1",
+            "data": {
+                "0": "1" if ok else "0",
+                "1": ",".join(result.missing_program),
+                "2": ",".join(result.missing_config),
+            },
+            "msg": msg,
+        },
+        "param": param,
+        "parseparameters": {
+            "code": "0",
+            "msg": PARSE_OK_MSG,
+            "precmd": "",
+            "requestCmd": request_cmd(param),
+        },
+        "print_stdout": "0",
+        "respon": {
+            "chdir": os.getcwd(),
+            "cmd": command_line(request),
+            "code": "1",
+            "msg": RUN_DONE_MSG,
+            "ret": "0" if ok else "1",
+            "stderr": "\n".join(errors),
+            "stdout": "",
+        },
+        "take": str(round(result.seconds)),
+        # Extra keys: clients of the original ignore what they do not know.
+        "seconds": round(result.seconds, 6),
+        "started": result.started,
+        "origin": request.origin,
+        "unknown": list(result.unknown),
+        "drift": [d.as_dict() for d in result.drift],
+        "apps": [app.as_dict() for app in result.apps],
+    }
+    if request.trigger is not None:
+        doc["trigger"] = {"by": request.trigger.by, "paths": list(request.trigger.paths)}
+    return doc
+
+
+def refusal_document(param: dict[str, str], reason: str, code: str = "1") -> dict[str, Any]:
+    """Given the request's fields (token already redacted) and why it was refused, return the
+    response document of a request that could not be parsed or validated; nothing ran."""
+    param = dict(param)
+    if "token" in param:
+        param["token"] = REDACTED
+    return {
+        "code": code,
+        "data": {"code": code, "data": {"0": "0", "1": "", "2": ""}, "msg": reason},
+        "param": param,
+        "parseparameters": {
+            "code": code,
+            "msg": reason,
+            "precmd": "",
+            "requestCmd": request_cmd(param) if param.get("action") else "",
+        },
+        "print_stdout": "0",
+        "respon": {
+            "chdir": os.getcwd(),
+            "cmd": "",
+            "code": "0",
+            "msg": NOT_RUN_MSG,
+            "ret": "",
+            "stderr": "",
+            "stdout": "",
+        },
+        "take": "0",
+    }

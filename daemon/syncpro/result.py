@@ -1,0 +1,119 @@
+"""What a sync did: per target, per app, and for the whole request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from syncpro.request import SyncRequest
+from syncpro.tree import CopyStats
+
+PUBLISHED, MISSING, FAILED, SUPERSEDED = "published", "missing", "failed", "superseded"
+
+
+@dataclass
+class TargetOutcome:
+    """One program or config target of one app."""
+
+    kind: str  # "program" or "config"
+    source: str
+    target: str
+    status: str
+    error: str | None = None
+    stats: CopyStats | None = None
+    seconds: float = 0.0
+    winner: str | None = None  # for a superseded program: the app whose tree was published
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (PUBLISHED, SUPERSEDED)
+
+    def as_dict(self) -> dict[str, object]:
+        doc: dict[str, object] = {
+            "status": self.status,
+            "source": self.source,
+            "target": self.target,
+        }
+        if self.error:
+            doc["error"] = self.error
+        if self.winner:
+            doc["winner"] = self.winner
+        if self.stats is not None:
+            doc.update(self.stats.as_dict())
+            doc["seconds"] = round(self.seconds, 6)
+        return doc
+
+
+@dataclass
+class AppOutcome:
+    app_key: str
+    local_name: str
+    program: TargetOutcome | None = None
+    config: TargetOutcome | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(t is not None and t.ok for t in (self.program, self.config))
+
+    @property
+    def errors(self) -> list[str]:
+        found: list[str] = []
+        for outcome in (self.program, self.config):
+            if outcome is None:
+                continue
+            if outcome.status == MISSING:
+                found.append(f"{self.app_key}: {outcome.kind} source {outcome.source} is missing")
+            elif outcome.error:
+                found.append(f"{self.app_key}: {outcome.error}")
+        return found
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "app_key": self.app_key,
+            "local_name": self.local_name,
+            "ok": self.ok,
+            "program": self.program.as_dict() if self.program else None,
+            "config": self.config.as_dict() if self.config else None,
+        }
+
+
+@dataclass(frozen=True)
+class Drift:
+    """The program trees of two apps of one group differ."""
+
+    group: str
+    apps: tuple[str, str]
+    count: int
+    paths: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "group": self.group,
+            "apps": list(self.apps),
+            "count": self.count,
+            "paths": list(self.paths),
+        }
+
+
+@dataclass
+class SyncResult:
+    request: SyncRequest
+    started: float
+    seconds: float = 0.0
+    apps: list[AppOutcome] = field(default_factory=list)
+    unknown: tuple[str, ...] = ()
+    drift: list[Drift] = field(default_factory=list)
+    missing_program: list[str] = field(default_factory=list)
+    missing_config: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unknown and bool(self.apps) and all(app.ok for app in self.apps)
+
+    @property
+    def errors(self) -> list[str]:
+        found = [f"unknown key: {token}" for token in self.unknown]
+        if not self.apps and not self.unknown:
+            found.append("no app selected")
+        for app in self.apps:
+            found.extend(app.errors)
+        return found

@@ -1,0 +1,269 @@
+"""Build an exact copy of a source tree in a staging directory, reusing unchanged files.
+
+A file whose size, mtime and mode equal the already published file at the same path is
+hard-linked from the published tree instead of copied: a sync where one file of thousands
+changed costs a walk and one copy. Sources are always read, never linked or modified.
+"""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger()
+
+_CHUNK = 1 << 30
+_OPEN_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_TARGET = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class ListedFileError(Exception):
+    """A type-2 config list names files that are missing or outside the source."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass
+class CopyStats:
+    """What building one tree did."""
+
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    copied: int = 0
+    linked: int = 0
+    bytes_copied: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "files": self.files,
+            "dirs": self.dirs,
+            "symlinks": self.symlinks,
+            "copied": self.copied,
+            "linked": self.linked,
+            "bytes_copied": self.bytes_copied,
+            "skipped": list(self.skipped),
+        }
+
+
+class Ignore:
+    """Glob patterns for upload temporaries: matched against a name and its relative path."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        joined = "|".join(fnmatch.translate(p) for p in self.patterns)
+        self._regex = re.compile(joined) if joined else None
+
+    def __call__(self, name: str, rel: str = "") -> bool:
+        if self._regex is None:
+            return False
+        return bool(self._regex.match(name) or (rel and self._regex.match(rel)))
+
+
+class TreeBuilder:
+    """Copies sources into a new staging tree, hard-linking files unchanged since `reuse`."""
+
+    def __init__(self, *, ignore: Ignore, reuse: Path | None, preserve_owner: bool) -> None:
+        self.ignore = ignore
+        self.reuse = reuse
+        self.preserve_owner = preserve_owner
+        self.stats = CopyStats()
+
+    # --- whole trees ---
+
+    def copy_tree(self, src: Path, dst: Path) -> None:
+        """Given a source directory and a staging path that does not exist, make dst an exact
+        copy of src (names matching the ignore patterns left out)."""
+        root_stat = os.stat(src)  # the source root may itself be a symlink to a directory
+        if not stat.S_ISDIR(root_stat.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(src))
+        os.mkdir(dst, 0o700)
+        self._fill_dir(str(src), str(dst), "")
+        self._finish_dir(str(dst), root_stat)
+
+    def _fill_dir(self, src: str, dst: str, rel: str) -> None:
+        with os.scandir(src) as entries:
+            listing = sorted(entries, key=lambda e: e.name)
+        for entry in listing:
+            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+            if self.ignore(entry.name, entry_rel):
+                continue
+            self._copy_entry(entry.path, os.path.join(dst, entry.name), entry_rel)
+
+    def _copy_entry(self, src: str, dst: str, rel: str) -> None:
+        st = os.lstat(src)
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            os.mkdir(dst, 0o700)
+            self._fill_dir(src, dst, rel)
+            self._finish_dir(dst, st)
+        elif stat.S_ISREG(mode):
+            self._copy_file(src, dst, rel, st)
+        elif stat.S_ISLNK(mode):
+            os.symlink(os.readlink(src), dst)
+            if self.preserve_owner:
+                os.lchown(dst, st.st_uid, st.st_gid)
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+            self.stats.symlinks += 1
+        else:
+            # FIFOs, sockets and devices are never opened: a FIFO would block the copy forever.
+            self.stats.skipped.append(rel)
+            log.warning("copy.special_file_skipped", path=src, kind=_kind(mode))
+
+    def _finish_dir(self, dst: str, st: os.stat_result) -> None:
+        # Metadata last: creating the children changed the directory's mtime.
+        if self.preserve_owner:
+            os.chown(dst, st.st_uid, st.st_gid)
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        self.stats.dirs += 1
+
+    # --- files ---
+
+    def _copy_file(self, src: str, dst: str, rel: str, st: os.stat_result) -> None:
+        self.stats.files += 1
+        if self._link_unchanged(dst, rel, st):
+            self.stats.linked += 1
+            return
+        fd_in = os.open(src, _OPEN_SOURCE)
+        try:
+            st_in = os.fstat(fd_in)
+            if not stat.S_ISREG(st_in.st_mode):
+                raise OSError(errno.ESTALE, "replaced by a non-regular file during the copy", src)
+            fd_out = os.open(dst, _OPEN_TARGET, 0o600)
+            try:
+                copied = _copy_bytes(fd_in, fd_out)
+                if self.preserve_owner:
+                    os.fchown(fd_out, st_in.st_uid, st_in.st_gid)
+                os.fchmod(fd_out, stat.S_IMODE(st_in.st_mode))
+                # The mtime read before copying: if the file changes under us, its newer mtime
+                # will differ from ours and the next sync copies it again.
+                os.utime(fd_out, ns=(st_in.st_atime_ns, st_in.st_mtime_ns))
+            finally:
+                os.close(fd_out)
+        finally:
+            os.close(fd_in)
+        self.stats.copied += 1
+        self.stats.bytes_copied += copied
+
+    def _link_unchanged(self, dst: str, rel: str, st: os.stat_result) -> bool:
+        if self.reuse is None:
+            return False
+        published = os.path.join(self.reuse, rel)
+        try:
+            old = os.lstat(published)
+        except OSError:
+            return False
+        same = (
+            old.st_mode == st.st_mode
+            and old.st_size == st.st_size
+            and old.st_mtime_ns == st.st_mtime_ns
+            and (not self.preserve_owner or (old.st_uid, old.st_gid) == (st.st_uid, st.st_gid))
+        )
+        if not same:
+            return False
+        try:
+            os.link(published, dst, follow_symlinks=False)
+        except OSError:
+            return False  # too many links, or hardlinks protected: copying still works
+        return True
+
+    # --- type-2 config: listed files only ---
+
+    def copy_listed(self, src: Path, entries: Iterable[str], dst: Path) -> None:
+        """Given a config source, its list of relative entries and a staging path, copy only
+        the listed entries to their relative paths. Raise ListedFileError naming every entry
+        that is absolute, escapes the source or is missing; nothing is copied then."""
+        real_root = os.path.realpath(src)
+        chosen: list[tuple[str, str]] = []
+        problems: list[str] = []
+        for entry in entries:
+            norm = os.path.normpath(entry)
+            if os.path.isabs(entry):
+                problems.append(f"listed config {entry!r} is an absolute path")
+                continue
+            if norm in (".", "..") or norm.startswith("../"):
+                problems.append(f"listed config {entry!r} escapes the config source {src}")
+                continue
+            full = os.path.join(real_root, norm)
+            real = os.path.realpath(full)
+            if real != real_root and not real.startswith(real_root + os.sep):
+                problems.append(
+                    f"listed config {entry!r} escapes the config source {src} through a symlink"
+                )
+                continue
+            if not os.path.exists(real):
+                problems.append(f"listed config file {src / norm} is missing")
+                continue
+            chosen.append((norm, real))
+        if problems:
+            raise ListedFileError(problems)
+        root_stat = os.stat(real_root)
+        os.mkdir(dst, 0o700)
+        made: list[tuple[str, os.stat_result]] = []
+        for norm, real in chosen:
+            parts = norm.split("/")
+            for depth in range(1, len(parts)):
+                sub = "/".join(parts[:depth])
+                target_dir = os.path.join(dst, sub)
+                if not os.path.isdir(target_dir):
+                    os.mkdir(target_dir, 0o700)
+                    made.append((target_dir, os.stat(os.path.join(real_root, sub))))
+            target = os.path.join(dst, norm)
+            if os.path.lexists(target):
+                continue  # listed twice, or inside a listed directory
+            st = os.stat(real)  # listed files are published as content, links resolved
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(target, 0o700)
+                self._fill_dir(real, target, norm)
+                made.append((target, st))
+            elif stat.S_ISREG(st.st_mode):
+                self._copy_file(real, target, norm, st)
+            else:
+                self.stats.skipped.append(norm)
+                log.warning("copy.special_file_skipped", path=real, kind=_kind(st.st_mode))
+        for path, st in sorted(made, key=lambda item: item[0].count("/"), reverse=True):
+            self._finish_dir(path, st)
+        self._finish_dir(str(dst), root_stat)
+
+
+def _copy_bytes(fd_in: int, fd_out: int) -> int:
+    total = 0
+    try:
+        while True:
+            n = os.copy_file_range(fd_in, fd_out, _CHUNK)
+            if n == 0:
+                return total
+            total += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    # Filesystems without copy_file_range: plain reads and writes from where we stopped.
+    while chunk := os.read(fd_in, 1 << 20):
+        view = memoryview(chunk)
+        while view:
+            written = os.write(fd_out, view)
+            view = view[written:]
+        total += len(chunk)
+    return total
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "unknown"

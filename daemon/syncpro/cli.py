@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--pretty", action="store_true", help="indent the response JSON")
 
     with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
+    with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
     return parser
 
 
@@ -52,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _sync(args)
         if args.command == "check-config":
             return _check_config(args)
+        if args.command == "serve":
+            return _serve(args)
     except ConfigError as exc:
         print(f"syncpro: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -89,6 +92,15 @@ def _sync(args: argparse.Namespace) -> int:
     print_document(response_document(result), args.pretty)
     sweep_later([config.dirs.softdir, config.dirs.configuredir])
     return EXIT_OK if result.ok else EXIT_UNSUCCESSFUL
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from syncpro import log
+    from syncpro.service import serve
+
+    load_config(args.config)  # a broken config is one message and exit 2, before logging
+    log.configure(sys.stdout, verbose=args.verbose)
+    return serve(args.config)
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -1,0 +1,515 @@
+"""The daemon: watch → debounce → sync by itself; signals, sd_notify and the control plane.
+
+startup() → run() → shutdown(timeout). Signal handlers only record the signal; the main loop
+acts on it. Everything a sync needs (config, inventory) is swapped as one snapshot on reload.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from syncpro import __version__, layout
+from syncpro.config import Config, load_config
+from syncpro.engine import run_sync
+from syncpro.errors import ConfigError, InventoryError, SyncproError
+from syncpro.inventories import load_inventory
+from syncpro.inventory import App, Inventory
+from syncpro.publish import next_expiry, sweep
+from syncpro.request import SyncRequest, Trigger
+from syncpro.response import response_document
+from syncpro.result import FAILED
+from syncpro.scheduler import Batch, Scheduler
+from syncpro.sdnotify import Notifier
+from syncpro.state import StateStore, fingerprint
+from syncpro.tree import Ignore
+from syncpro.watch import Watcher
+
+log = structlog.get_logger()
+
+_TICK = 1.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The config and inventory every sync of one moment uses together."""
+
+    config: Config
+    inventory: Inventory
+    ignore: Ignore
+
+    def app(self, app_key: str) -> App | None:
+        app = self.inventory.by_key().get(app_key)
+        return app if app is not None and app.auto_deploy else None
+
+
+class Service:
+    """The long-running `syncpro serve`."""
+
+    def __init__(self, config_path: str | None, notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.started = time.time()
+        self._snapshot_lock = threading.Lock()
+        self._snapshot: Snapshot | None = None
+        self._wake = threading.Event()
+        self._hup = False
+        self._term = False
+        self._interrupts = 0
+        self._rescan_reasons: list[str] = []
+        self._rescan_lock = threading.Lock()
+        self._rescan_wanted = threading.Event()
+        self._rescan_stop = threading.Event()
+        self._rescan_thread: threading.Thread | None = None
+        self._unmapped: set[str] = set()
+        self._last: dict[str, dict[str, Any]] = {}
+        self._last_lock = threading.Lock()
+        self.inventory_error: str | None = None
+        self.scheduler: Scheduler | None = None
+        self.watcher: Watcher | None = None
+        self.state: StateStore | None = None
+        self.control: Any = None
+        self.http: Any = None
+        self._previous_handlers: dict[int, Any] = {}
+
+    # --- snapshot of config and inventory ---
+
+    @property
+    def snapshot(self) -> Snapshot:
+        with self._snapshot_lock:
+            assert self._snapshot is not None, "startup() not called"
+            return self._snapshot
+
+    def _load(self, previous: Snapshot | None) -> Snapshot:
+        config = load_config(self.config_path)
+        try:
+            inventory = load_inventory(config)
+            self.inventory_error = None
+        except InventoryError as exc:
+            self.inventory_error = str(exc)
+            inventory = previous.inventory if previous is not None else Inventory(())
+            log.error("inventory.unavailable", error=str(exc), apps_kept=len(inventory.apps))
+        patterns = list(config.watch.ignore)
+        if config.watch.ready_marker:
+            patterns.append(config.watch.ready_marker)
+        return Snapshot(config, inventory, Ignore(patterns))
+
+    # --- lifecycle ---
+
+    def startup(self) -> None:
+        """Load config and inventory, sweep leftovers, start syncing, watching and serving."""
+        snap = self._load(None)
+        with self._snapshot_lock:
+            self._snapshot = snap
+        config = snap.config
+        self.state = StateStore(config.dirs.state)
+        for root in (config.dirs.softdir, config.dirs.configuredir):
+            root.mkdir(parents=True, exist_ok=True)
+            sweep(root)
+        self.scheduler = self._new_scheduler(config)
+        self.scheduler.start()
+        self._rescan_thread = threading.Thread(
+            target=self._rescan_loop, name="syncpro-rescan", daemon=False
+        )
+        self._rescan_thread.start()
+        self.watcher = self._new_watcher(config)
+        self.watcher.start()
+        self._start_servers(config)
+        # Catch up on whatever changed while we were down; READY may precede its end.
+        self.request_rescan("catch-up")
+        log.info(
+            "service.started",
+            version=__version__,
+            config=str(config.path),
+            apps=len(snap.inventory.apps),
+            roots=[str(r) for r in self.watcher.roots],
+            backends={str(k): v for k, v in self.watcher.backends.items()},
+        )
+        self.notifier.ready(self._status_line())
+
+    def _new_scheduler(self, config: Config) -> Scheduler:
+        return Scheduler(
+            self._run_batch,
+            settle=config.watch.settle,
+            max_wait=config.watch.max_wait,
+            workers=config.watch.workers,
+            group_of=self._group_of,
+        )
+
+    def _new_watcher(self, config: Config) -> Watcher:
+        return Watcher(
+            [config.dirs.remotecomdir, config.dirs.updatedir],
+            ignore=Ignore(config.watch.ignore),
+            on_change=self._on_change,
+            on_trouble=self.request_rescan,
+            poll_interval=config.watch.poll_interval,
+            force_polling=os.environ.get("SYNCPRO_WATCH_POLLING") == "1",
+        )
+
+    def _start_servers(self, config: Config) -> None:
+        from syncpro.control import ControlServer
+
+        self.control = ControlServer(config.control, self)
+        self.control.start()
+        if config.http.enabled:
+            from syncpro.http import HttpServer
+
+            self.http = HttpServer(config.http, self)
+            self.http.start()
+
+    def _stop_servers(self) -> None:
+        for server in (self.http, self.control):
+            if server is not None:
+                server.stop()
+        self.http = self.control = None
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; return the exit code."""
+        self._install_signals()
+        try:
+            snap = self.snapshot
+            next_rescan = time.monotonic() + snap.config.watch.rescan_interval
+            ping = self.notifier.watchdog_interval()
+            next_ping = time.monotonic()
+            next_status = 0.0
+            while not self._term:
+                now = time.monotonic()
+                wait = _TICK if ping is None else min(_TICK, max(0.0, next_ping - now))
+                self._wake.wait(wait)
+                self._wake.clear()
+                now = time.monotonic()
+                if ping is not None and now >= next_ping:
+                    self.notifier.watchdog()
+                    next_ping = now + ping
+                if self._term:
+                    break
+                if self._hup:
+                    self._hup = False
+                    self.reload_now()
+                    snap = self.snapshot
+                    next_rescan = now + snap.config.watch.rescan_interval
+                if self.watcher is not None:
+                    self.watcher.check()
+                if now >= next_rescan:
+                    self.request_rescan("rescan")
+                    next_rescan = now + snap.config.watch.rescan_interval
+                self._sweep_expired(snap.config)
+                if now >= next_status:
+                    self.notifier.status(self._status_line())
+                    next_status = now + 10
+        finally:
+            self._restore_signals()
+        return 0
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work, let running syncs finish (up to timeout), release everything."""
+        self.notifier.stopping("stopping: finishing running syncs")
+        log.info("service.stopping")
+        self._stop_servers()
+        if self.watcher is not None:
+            self.watcher.stop()
+        self._rescan_stop.set()
+        self._rescan_wanted.set()
+        if self._rescan_thread is not None:
+            self._rescan_thread.join(timeout)
+        if self.scheduler is not None:
+            abandoned = self.scheduler.stop(timeout)
+            if abandoned:
+                log.warning(
+                    "service.abandoned",
+                    batches=[{"app_keys": list(b.app_keys), "update": b.update} for b in abandoned],
+                )
+        if self.state is not None:
+            self.state.close()
+        log.info("service.stopped")
+        self.notifier.close()
+
+    # --- signals: handlers only record ---
+
+    def _install_signals(self) -> None:
+        for signum, handler in (
+            (signal.SIGHUP, self._on_hup),
+            (signal.SIGTERM, self._on_term),
+            (signal.SIGINT, self._on_int),
+        ):
+            self._previous_handlers[signum] = signal.signal(signum, handler)
+
+    def _restore_signals(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self._hup = True
+        self._wake.set()
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self._term = True
+        self._wake.set()
+
+    def _on_int(self, signum: int, frame: FrameType | None) -> None:
+        self._interrupts += 1
+        if self._interrupts > 1:
+            os._exit(130)  # a second Ctrl-C: the operator does not want to wait
+        self._term = True
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._hup = True
+        self._wake.set()
+
+    # --- reload ---
+
+    def reload_now(self) -> bool:
+        """Re-read config and inventory; on a broken config keep the running one."""
+        self.notifier.reloading("reloading configuration")
+        old = self.snapshot
+        try:
+            new = self._load(old)
+        except ConfigError as exc:
+            log.error("service.reload_failed", error=str(exc))
+            self.notifier.ready(f"reload failed, old config kept: {exc.problems[0]}")
+            return False
+        with self._snapshot_lock:
+            self._snapshot = new
+        if new.config.dirs != old.config.dirs or new.config.watch != old.config.watch:
+            self._restart_watching(old.config, new.config)
+        if new.config.control != old.config.control or new.config.http != old.config.http:
+            self._stop_servers()
+            self._start_servers(new.config)
+        log.info("service.reloaded", config=str(new.config.path), apps=len(new.inventory.apps))
+        self.request_rescan("reload")
+        self.notifier.ready(self._status_line())
+        return True
+
+    def _restart_watching(self, old: Config, config: Config) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        timing = ("settle", "max_wait", "workers")
+        if self.scheduler is not None and any(
+            getattr(old.watch, name) != getattr(config.watch, name) for name in timing
+        ):
+            self.scheduler.stop(60.0)
+            self.scheduler = self._new_scheduler(config)
+            self.scheduler.start()
+        if self.state is not None and self.state.path.parent != config.dirs.state:
+            self.state.close()
+            self.state = StateStore(config.dirs.state)
+        self.watcher = self._new_watcher(config)
+        self.watcher.start()
+
+    # --- events → scheduler ---
+
+    def _group_of(self, app_key: str) -> str | None:
+        app = self.snapshot.app(app_key)
+        return app.local_name if app is not None else None
+
+    def _on_change(self, path: Path) -> None:
+        snap = self.snapshot
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        owner = layout.owner_of(snap.config.dirs, path)
+        if owner is None:
+            return  # the roots and their softdir/configuredir folders themselves
+        keys: list[str] = []
+        if owner.app_key is not None:
+            app = snap.app(owner.app_key)
+            if app is not None and (owner.group is None or app.local_name == owner.group):
+                keys.append(app.app_key)
+        elif owner.group is not None:
+            keys = [a.app_key for a in snap.inventory.group(owner.group) if a.auto_deploy]
+        if not keys:
+            where = f"{'updatedir' if owner.update else 'remotecomdir'}:{owner.top}"
+            if where not in self._unmapped:
+                self._unmapped.add(where)
+                log.warning("watch.unknown_app", path=str(path), where=where)
+            return
+        for key in keys:
+            scheduler.submit(key, owner.update, str(path), "watcher")
+
+    # --- rescans: catch-up at start, periodic, after watcher trouble ---
+
+    def request_rescan(self, reason: str) -> None:
+        with self._rescan_lock:
+            self._rescan_reasons.append(reason)
+        self._rescan_wanted.set()
+
+    def _rescan_loop(self) -> None:
+        while not self._rescan_stop.is_set():
+            self._rescan_wanted.wait()
+            if self._rescan_stop.is_set():
+                return
+            self._rescan_wanted.clear()
+            with self._rescan_lock:
+                reasons, self._rescan_reasons = self._rescan_reasons, []
+            try:
+                self._rescan("catch-up" if "catch-up" in reasons else "rescan", reasons)
+            except Exception:
+                log.exception("service.rescan_failed", reasons=reasons)
+
+    def _rescan(self, trigger: str, reasons: list[str]) -> None:
+        snap = self.snapshot
+        state, scheduler = self.state, self.scheduler
+        if state is None or scheduler is None:
+            return
+        changed: list[tuple[float, str, bool]] = []
+        for app in snap.inventory.deployable:
+            for update in (False, True):
+                if self._rescan_stop.is_set():
+                    return
+                fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
+                if fp is None:
+                    continue
+                record = state.get(app.app_key, update)
+                if record is None or record.fingerprint != fp.digest:
+                    changed.append((fp.newest, app.app_key, update))
+        # Oldest change first, so that where both modes changed the newest arrival wins.
+        changed.sort()
+        for _, key, update in changed:
+            scheduler.submit(key, update, None, trigger, immediate=True)
+        log.info(
+            "service.rescanned",
+            trigger=trigger,
+            reasons=sorted(set(reasons)),
+            changed=[{"app_key": k, "update": u} for _, k, u in changed],
+        )
+
+    # --- running a batch (scheduler worker threads) ---
+
+    def _run_batch(self, batch: Batch) -> None:
+        snap = self.snapshot
+        state = self.state
+        apps = [app for key in batch.app_keys if (app := snap.app(key)) is not None]
+        apps = [app for app in apps if self._marker_ready(snap, app, batch.update)]
+        if not apps or state is None:
+            return
+        prints = {
+            app.app_key: fingerprint(snap.config.dirs, app, batch.update, snap.ignore)
+            for app in apps
+        }
+        request = SyncRequest(
+            k=" ".join(app.app_key for app in apps),
+            update=batch.update,
+            origin="watcher",
+            trigger=Trigger(batch.trigger, tuple(batch.paths)),
+        )
+        result = run_sync(request, snap.config, snap.inventory)
+        now = time.time()
+        for outcome in result.apps:
+            fp = prints.get(outcome.app_key)
+            failed = any(
+                t is not None and t.status == FAILED for t in (outcome.program, outcome.config)
+            )
+            if fp is not None and not failed:
+                state.record(outcome.app_key, batch.update, fp.digest, now)
+            self._remember(outcome.app_key, batch.update, outcome.ok, outcome.errors, now)
+
+    def _marker_ready(self, snap: Snapshot, app: App, update: bool) -> bool:
+        marker = snap.config.watch.ready_marker
+        if not marker or self.state is None:
+            return True
+        for source in (
+            layout.program_source(snap.config.dirs, app, update),
+            layout.config_source(snap.config.dirs, app, update),
+        ):
+            try:
+                mtime = (source / marker).stat().st_mtime
+            except OSError:
+                continue
+            record = self.state.get(app.app_key, update)
+            if record is None or mtime > record.published_at:
+                return True
+        log.info("sync.waiting_for_marker", app=app.app_key, update=update, marker=marker)
+        return False
+
+    def _remember(self, app_key: str, update: bool, ok: bool, errors: list[str], at: float) -> None:
+        with self._last_lock:
+            self._last[app_key] = {"update": update, "ok": ok, "errors": errors, "at": at}
+
+    # --- housekeeping ---
+
+    def _sweep_expired(self, config: Config) -> None:
+        now = time.time()
+        for root in (config.dirs.softdir, config.dirs.configuredir):
+            expiry = next_expiry(root)
+            if expiry is not None and expiry <= now:
+                sweep(root, now)
+
+    def _status_line(self) -> str:
+        snap = self.snapshot
+        parts = [f"watching {len(snap.inventory.apps)} apps"]
+        if self.inventory_error:
+            parts.append(f"inventory unavailable: {self.inventory_error}")
+        if self.scheduler is not None:
+            s = self.scheduler.snapshot()
+            parts.append(f"{len(s['running'])} syncing, {len(s['pending'])} pending")
+        return "; ".join(parts)
+
+    # --- the control plane's handler ---
+
+    def sync(self, request: SyncRequest) -> dict[str, Any]:
+        snap = self.snapshot
+        result = run_sync(request, snap.config, snap.inventory)
+        now = time.time()
+        for outcome in result.apps:
+            self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
+        return response_document(result)
+
+    def diff(self, request: SyncRequest) -> dict[str, Any]:
+        from syncpro.diff import diff
+
+        snap = self.snapshot
+        return diff(request, snap.config, snap.inventory)
+
+    def status(self) -> dict[str, Any]:
+        snap = self.snapshot
+        with self._last_lock:
+            last = {key: dict(value) for key, value in self._last.items()}
+        sched = self.scheduler.snapshot() if self.scheduler is not None else None
+        return {
+            "code": "0",
+            "msg": "ok",
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "config": str(snap.config.path),
+            "watched": {
+                str(root): backend
+                for root, backend in (self.watcher.backends.items() if self.watcher else [])
+            },
+            "inventory": {
+                "source": snap.config.inventory.source,
+                "apps": len(snap.inventory.apps),
+                "error": self.inventory_error,
+            },
+            "apps": {app.app_key: last.get(app.app_key) for app in snap.inventory.apps},
+            "pending": sched["pending"] if sched else [],
+            "running": sched["running"] if sched else [],
+        }
+
+    def reload(self) -> dict[str, Any]:
+        self.request_reload()
+        return {"code": "0", "msg": "reload requested"}
+
+
+def serve(config_path: str | None) -> int:
+    """Run the daemon in the foreground until stopped; return its exit code."""
+    service = Service(config_path)
+    try:
+        service.startup()
+    except SyncproError:
+        service.shutdown(5.0)
+        raise
+    try:
+        return service.run()
+    finally:
+        service.shutdown(timeout=float(os.environ.get("SYNCPRO_STOP_TIMEOUT", "30")))

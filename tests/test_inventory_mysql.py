@@ -1,0 +1,534 @@
+"""The inventory read from the original platform's MariaDB table (SPEC section 3)."""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import pymysql
+import pytest
+import structlog
+
+from syncpro.config import InventorySettings
+from syncpro.errors import InventoryError
+from syncpro.inventory import App
+from syncpro.inventory_mysql import (
+    PASSWORD_ENV,
+    MysqlTarget,
+    load_mysql_inventory,
+    parse_mysql_url,
+)
+
+TEST_URL_ENV = "SYNCPRO_TEST_MYSQL_URL"
+DEFAULT_TEST_URL = "mysql://root@127.0.0.1:3306"
+
+# The table as the original platform creates it, with a few of its many unrelated columns.
+ORIGINAL_TABLE = """
+CREATE TABLE pre_server_detail (
+    id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+    app_key VARCHAR(128) NULL,
+    server_name VARCHAR(128) NULL,
+    network_ip VARCHAR(64) NULL,
+    pro_dir VARCHAR(255) NULL,
+    config_dir VARCHAR(255) NULL,
+    local_name VARCHAR(128) NULL,
+    auto_deloy VARCHAR(2) NULL DEFAULT '0',
+    configure_file_status INT NULL,
+    configure_file_list TEXT NULL,
+    is_deloy_dir INT NULL
+) DEFAULT CHARSET = utf8mb4
+"""
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def connect(self, database: str | None = None) -> pymysql.connections.Connection[Any]:
+        return pymysql.connect(
+            host=self.host,
+            port=self.port,
+            user=self.user,
+            password=self.password,
+            database=database,
+            connect_timeout=3,
+            autocommit=True,
+            charset="utf8mb4",
+        )
+
+    def url(self, database: str, *, user: str | None = None, password: str | None = None) -> str:
+        credentials = quote(user or self.user, safe="")
+        secret = self.password if user is None else password
+        if secret:
+            credentials += ":" + quote(secret, safe="")
+        return f"mysql://{credentials}@{self.host}:{self.port}/{database}"
+
+
+@dataclass
+class Database:
+    """One throw-away database holding the original table."""
+
+    server: Server
+    name: str
+    table: str = "pre_server_detail"
+
+    def execute(self, sql: str, args: Any = None) -> None:
+        with self.server.connect(self.name) as conn, conn.cursor() as cursor:
+            cursor.execute(sql, args)
+
+    def add(self, *rows: Mapping[str, Any]) -> None:
+        with self.server.connect(self.name) as conn, conn.cursor() as cursor:
+            for row in rows:
+                columns = ", ".join(f"`{name}`" for name in row)
+                marks = ", ".join(["%s"] * len(row))
+                cursor.execute(
+                    f"INSERT INTO `{self.table}` ({columns}) VALUES ({marks})",  # noqa: S608
+                    list(row.values()),
+                )
+
+    def settings(self, **changes: Any) -> InventorySettings:
+        base = InventorySettings(
+            source="mysql", url=self.server.url(self.name), connect_timeout=3.0
+        )
+        return replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def server() -> Server:
+    url = os.environ.get(TEST_URL_ENV, DEFAULT_TEST_URL)
+    parts = urlsplit(url)
+    found = Server(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 3306,
+        user=unquote(parts.username or "root"),
+        password=unquote(parts.password or ""),
+    )
+    try:
+        found.connect().close()
+    except pymysql.MySQLError as exc:
+        message = (
+            f"no MySQL/MariaDB server for the inventory tests at {found.host}:{found.port}"
+            f" ({exc.args[-1]}); start one or point {TEST_URL_ENV} at one"
+            f" (mysql://user[:password]@host:port, a user that may create databases and users)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture
+def db(server: Server) -> Iterator[Database]:
+    name = f"syncpro_test_{uuid.uuid4().hex[:12]}"
+    with server.connect() as conn, conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+    database = Database(server, name)
+    try:
+        database.execute(ORIGINAL_TABLE)
+        yield database
+    finally:
+        with server.connect() as conn, conn.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture
+def db_user(server: Server, db: Database) -> Iterator[tuple[str, str]]:
+    """A user that may only read the test database, with a password of its own."""
+    user = f"syncpro_{uuid.uuid4().hex[:10]}"
+    password = f"pw-{uuid.uuid4().hex}"
+    with server.connect() as conn, conn.cursor() as cursor:
+        cursor.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (user, password))
+        cursor.execute(f"GRANT SELECT ON `{db.name}`.* TO %s@'%%'", (user,))
+    try:
+        yield user, password
+    finally:
+        with server.connect() as conn, conn.cursor() as cursor:
+            cursor.execute("DROP USER IF EXISTS %s@'%%'", (user,))
+
+
+@pytest.fixture(autouse=True)
+def _no_password_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+
+
+def keys(apps: tuple[App, ...]) -> list[str]:
+    return [app.app_key for app in apps]
+
+
+def app(key: str, name: str = "server", **fields: Any) -> dict[str, Any]:
+    return {"app_key": key, "local_name": name, "auto_deloy": "1", **fields}
+
+
+def assert_secret_absent(secret: str, exc: BaseException, logs: list[dict[str, Any]]) -> None:
+    texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc)), repr(logs)]
+    for text in texts:
+        assert secret not in text
+
+
+# --- reading the table ---
+
+
+@pytest.mark.mysql
+def test_rows_load_in_id_order_with_their_fields(db: Database) -> None:
+    db.add(
+        {"id": 30, **app("server2", configure_file_status=0, configure_file_list="conf/x.yml")},
+        {"id": 10, **app("server1", configure_file_status=None, configure_file_list=None)},
+        {
+            "id": 20,
+            **app("gate1", "gate", configure_file_status=1),
+            "configure_file_list": " conf/app.yml, ,bin/start.sh ,",
+            "network_ip": "10.0.0.1",
+            "pro_dir": "/data/www/gate",
+        },
+    )
+
+    inventory, warnings = load_mysql_inventory(db.settings())
+
+    assert warnings == []
+    assert inventory.apps == (
+        App("server1", "server", True, 0, ()),
+        App("gate1", "gate", True, 1, ("conf/app.yml", "bin/start.sh")),
+        App("server2", "server", True, 0, ("conf/x.yml",)),
+    )
+    assert inventory.apps[1].config_integrated
+
+
+@pytest.mark.mysql
+def test_only_auto_deloy_one_makes_an_app_deployable(db: Database) -> None:
+    db.add(
+        app("on", auto_deloy="1"),
+        app("off", auto_deloy="0"),
+        app("null", auto_deloy=None),
+        app("blank", auto_deloy=""),
+        app("yes", auto_deloy="y"),
+    )
+
+    inventory, warnings = load_mysql_inventory(db.settings())
+
+    assert warnings == []
+    assert keys(inventory.apps) == ["on", "off", "null", "blank", "yes"]
+    assert keys(inventory.deployable) == ["on"]
+
+
+@pytest.mark.mysql
+def test_empty_file_list_or_null_status_makes_no_type_two_app(db: Database) -> None:
+    db.add(
+        app("listed_empty", configure_file_status=1, configure_file_list=""),
+        app("listed_null", configure_file_status=1, configure_file_list=None),
+        app("status_null", configure_file_status=None, configure_file_list="conf/a.yml"),
+    )
+
+    inventory, _ = load_mysql_inventory(db.settings())
+
+    assert [a.config_integrated for a in inventory.apps] == [False, False, False]
+    assert [a.configure_file_status for a in inventory.apps] == [1, 1, 0]
+
+
+@pytest.mark.mysql
+def test_rows_without_app_key_are_skipped_without_a_warning(db: Database) -> None:
+    db.add(
+        app("server1"),
+        {"app_key": None, "local_name": "server", "auto_deloy": "1"},
+        {"app_key": "", "local_name": "server", "auto_deloy": "1"},
+        {"network_ip": "10.0.0.9"},
+    )
+
+    inventory, warnings = load_mysql_inventory(db.settings())
+
+    assert keys(inventory.apps) == ["server1"]
+    assert warnings == []
+
+
+@pytest.mark.mysql
+def test_unsafe_names_skip_their_row_with_a_warning_naming_its_id(db: Database) -> None:
+    db.add(
+        {"id": 1, **app("server1")},
+        {"id": 7, **app("../x")},
+        {"id": 8, **app("all")},
+        {"id": 9, **app("a/b")},
+        {"id": 10, **app("..")},
+        {"id": 11, **app("server3", "..")},
+        {"id": 12, **app("server4", None)},
+        {"id": 13, **app("server5", "all")},
+        {"id": 14, **app("server2")},
+    )
+
+    inventory, warnings = load_mysql_inventory(db.settings())
+
+    assert keys(inventory.apps) == ["server1", "server2"]
+    assert len(warnings) == 7
+    assert warnings[0] == (
+        "pre_server_detail id=7: app_key '../x' is not a safe path component (contains '/' or NUL)"
+    )
+    assert warnings[1] == "pre_server_detail id=8: app_key 'all' is reserved (it selects every app)"
+    expected = [("id=9", "app_key"), ("id=10", "app_key"), ("id=11", "local_name")]
+    expected += [("id=12", "local_name"), ("id=13", "local_name")]
+    for warning, (row_id, column) in zip(warnings[2:], expected, strict=True):
+        assert warning.startswith(f"pre_server_detail {row_id}: {column} ")
+
+
+@pytest.mark.mysql
+def test_sql_in_values_and_keys_is_plain_data(db: Database) -> None:
+    db.add(
+        {"id": 1, **app("server1' OR '1'='1")},
+        {"id": 2, **app("x`;DROP", "server", configure_file_list="a.yml');DROP TABLE x;--")},
+        {"id": 3, **app("server1", "x'); DROP TABLE pre_server_detail; --")},
+    )
+
+    inventory, warnings = load_mysql_inventory(db.settings())
+
+    assert inventory.apps == (App("x`;DROP", "server", True, 0, ("a.yml');DROP TABLE x;--",)),)
+    assert [w.split(":")[0] for w in warnings] == [
+        "pre_server_detail id=1",
+        "pre_server_detail id=3",
+    ]
+    again, _ = load_mysql_inventory(db.settings())
+    assert again == inventory
+
+
+@pytest.mark.mysql
+def test_duplicate_app_keys_keep_the_first_row_and_warn_about_the_others(db: Database) -> None:
+    db.add(
+        {"id": 4, **app("server1", "old", auto_deloy="0")},
+        {"id": 5, **app("server2")},
+        {"id": 6, **app("server1", "new")},
+        {"id": 9, **app("server1", "newer")},
+    )
+
+    inventory, warnings = load_mysql_inventory(db.settings())
+
+    assert inventory.apps == (App("server1", "old", False), App("server2", "server"))
+    assert warnings == [
+        "pre_server_detail id=6: app_key 'server1' duplicates id=4; the first row wins",
+        "pre_server_detail id=9: app_key 'server1' duplicates id=4; the first row wins",
+    ]
+
+
+@pytest.mark.mysql
+def test_a_table_without_an_id_column_loads_in_table_order(db: Database) -> None:
+    db.execute(
+        "CREATE TABLE apps_noid (app_key VARCHAR(64), local_name VARCHAR(64),"
+        " auto_deloy VARCHAR(2), configure_file_status INT, configure_file_list TEXT)"
+    )
+    db.table = "apps_noid"
+    db.add(app("b"), app("../bad"), app("a"), app("b", "other"))
+
+    inventory, warnings = load_mysql_inventory(db.settings(table="apps_noid"))
+
+    assert keys(inventory.apps) == ["b", "a"]
+    assert warnings[0].startswith("apps_noid row 2: app_key '../bad'")
+    assert warnings[1] == "apps_noid row 4: app_key 'b' duplicates row 1; the first row wins"
+
+
+@pytest.mark.mysql
+def test_column_names_match_regardless_of_case(db: Database) -> None:
+    db.execute(
+        "CREATE TABLE upper_case (ID INT PRIMARY KEY, APP_KEY VARCHAR(64), Local_Name VARCHAR(64),"
+        " AUTO_DELOY VARCHAR(2), Configure_File_Status INT, CONFIGURE_FILE_LIST TEXT)"
+    )
+    db.table = "upper_case"
+    db.add({"ID": 2, **app("second")}, {"ID": 1, **app("first")})
+
+    inventory, _ = load_mysql_inventory(db.settings(table="upper_case"))
+
+    assert keys(inventory.apps) == ["first", "second"]
+
+
+@pytest.mark.mysql
+def test_loading_logs_one_event_with_the_counts(db: Database) -> None:
+    db.add(app("server1"), app("../x"), {"app_key": None})
+
+    with structlog.testing.capture_logs() as logs:
+        load_mysql_inventory(db.settings())
+
+    loaded = [e for e in logs if e["event"] == "inventory.loaded"]
+    assert len(loaded) == 1
+    assert loaded[0]["apps"] == 1
+    assert loaded[0]["skipped"] == 1
+    assert loaded[0]["server"] == f"{db.server.host}:{db.server.port}/{db.name}"
+
+
+# --- failures: one line, naming the server, never the password ---
+
+
+@pytest.mark.mysql
+def test_a_missing_table_is_an_inventory_error_naming_the_server(db: Database) -> None:
+    with pytest.raises(InventoryError) as caught:
+        load_mysql_inventory(db.settings(table="no_such_table"))
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"cannot read inventory from mysql {db.server.host}:{db.server.port}/{db.name}: "
+    )
+    assert "no_such_table" in message
+    assert "doesn't exist" in message
+
+
+@pytest.mark.mysql
+def test_a_missing_column_is_an_inventory_error_naming_it(db: Database) -> None:
+    db.execute("ALTER TABLE pre_server_detail DROP COLUMN auto_deloy")
+
+    with pytest.raises(InventoryError, match="has no column auto_deloy") as caught:
+        load_mysql_inventory(db.settings())
+
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.mysql
+def test_an_unknown_database_is_an_inventory_error(db: Database) -> None:
+    settings = db.settings(url=db.server.url(f"{db.name}_missing"))
+
+    with pytest.raises(InventoryError, match=r"Unknown database .*_missing") as caught:
+        load_mysql_inventory(settings)
+
+    assert str(caught.value).startswith(f"cannot read inventory from mysql {db.server.host}:")
+
+
+def test_a_table_name_that_is_not_an_identifier_is_refused_before_connecting() -> None:
+    settings = InventorySettings(
+        source="mysql", url="mysql://root@127.0.0.1:1/autotask", table="t; DROP TABLE x"
+    )
+
+    with pytest.raises(
+        InventoryError, match=re.escape("inventory.table: 't; DROP TABLE x' is not a plain")
+    ):
+        load_mysql_inventory(settings)
+
+
+def test_an_unreachable_server_gives_one_line_naming_host_port_and_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret_file = f"file-secret-{uuid.uuid4().hex}"
+    secret_env = f"env-secret-{uuid.uuid4().hex}"
+    password_file = tmp_path / "db.password"
+    password_file.write_text(secret_file + "\n")
+    monkeypatch.setenv(PASSWORD_ENV, secret_env)
+    settings = InventorySettings(
+        source="mysql",
+        url="mysql://root@127.0.0.1:1/autotask",
+        password_file=password_file,
+        connect_timeout=2.0,
+    )
+
+    with structlog.testing.capture_logs() as logs, pytest.raises(InventoryError) as caught:
+        load_mysql_inventory(settings)
+
+    message = str(caught.value)
+    assert message == "cannot read inventory from mysql 127.0.0.1:1/autotask: connection refused"
+    for secret in (secret_file, secret_env):
+        assert_secret_absent(secret, caught.value, logs)
+
+
+def test_a_password_in_the_url_never_appears_when_the_server_is_unreachable() -> None:
+    secret = f"url-secret-{uuid.uuid4().hex}"
+    settings = InventorySettings(source="mysql", url=f"mysql://root:{secret}@127.0.0.1:1/autotask")
+
+    with structlog.testing.capture_logs() as logs, pytest.raises(InventoryError) as caught:
+        load_mysql_inventory(settings)
+
+    assert "127.0.0.1:1/autotask" in str(caught.value)
+    assert_secret_absent(secret, caught.value, logs)
+
+
+@pytest.mark.mysql
+def test_a_wrong_password_from_a_file_is_refused_without_showing_it(
+    db: Database, db_user: tuple[str, str], tmp_path: Path
+) -> None:
+    user, _ = db_user
+    wrong = f"wrong-{uuid.uuid4().hex}"
+    password_file = tmp_path / "db.password"
+    password_file.write_text(wrong)
+    settings = db.settings(url=db.server.url(db.name, user=user), password_file=password_file)
+
+    with structlog.testing.capture_logs() as logs, pytest.raises(InventoryError) as caught:
+        load_mysql_inventory(settings)
+
+    assert "Access denied" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert_secret_absent(wrong, caught.value, logs)
+
+
+@pytest.mark.mysql
+def test_the_password_comes_from_the_url_then_the_file_then_the_environment(
+    db: Database, db_user: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    user, password = db_user
+    db.add(app("server1"))
+    right_file, wrong_file = tmp_path / "right", tmp_path / "wrong"
+    right_file.write_text(f"{password}\n")
+    wrong_file.write_text("wrong")
+    bare_url = db.server.url(db.name, user=user)
+    url_with_password = db.server.url(db.name, user=user, password=password)
+
+    monkeypatch.setenv(PASSWORD_ENV, "wrong")
+    from_url, _ = load_mysql_inventory(db.settings(url=url_with_password, password_file=wrong_file))
+    from_file, _ = load_mysql_inventory(db.settings(url=bare_url, password_file=right_file))
+    monkeypatch.setenv(PASSWORD_ENV, password)
+    from_env, _ = load_mysql_inventory(db.settings(url=bare_url))
+
+    assert keys(from_url.apps) == keys(from_file.apps) == keys(from_env.apps) == ["server1"]
+    monkeypatch.delenv(PASSWORD_ENV)
+    with pytest.raises(InventoryError, match="Access denied"):
+        load_mysql_inventory(db.settings(url=bare_url))
+
+
+def test_an_unreadable_password_file_is_an_inventory_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.password"
+    settings = InventorySettings(
+        source="mysql", url="mysql://root@127.0.0.1:1/autotask", password_file=missing
+    )
+
+    with pytest.raises(
+        InventoryError, match=re.escape(f"inventory.password_file {missing}: No such file")
+    ):
+        load_mysql_inventory(settings)
+
+
+# --- the URL ---
+
+
+def test_a_url_names_user_host_port_database_and_maybe_a_password() -> None:
+    assert parse_mysql_url("mysql://deploy:s%40cret@db.example:3307/autotask") == MysqlTarget(
+        "db.example", 3307, "deploy", "autotask"
+    )
+    assert parse_mysql_url("mysql://deploy:s%40cret@db:3307/a").password == "s@cret"  # noqa: S105
+    assert parse_mysql_url("mariadb://root@127.0.0.1/autotask").port == 3306
+    assert parse_mysql_url("mysql://root@127.0.0.1/autotask").password is None
+    assert parse_mysql_url("mysql://root@[::1]:3306/autotask").where == "[::1]:3306/autotask"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgres://root:hunter2@h/db", "scheme must be mysql:// or mariadb://"),
+        ("mysql://root:hunter2@h:port/db", "the port is not a number"),
+        ("mysql://root:hunter2@h:3306", "names no database"),
+        ("mysql://root:hunter2@h:3306/db/extra", "names no database"),
+        ("mysql://:hunter2@h:3306/db", "names no user"),
+        ("mysql://root:hunter2@h/db?ssl=1", "takes no ?query"),
+    ],
+)
+def test_a_malformed_url_is_refused_without_repeating_it(url: str, problem: str) -> None:
+    with pytest.raises(InventoryError) as caught:
+        parse_mysql_url(url)
+
+    assert problem in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_target_never_shows_its_password_in_repr() -> None:
+    target = parse_mysql_url("mysql://root:hunter2@127.0.0.1:3306/autotask")
+
+    assert "hunter2" not in repr(target)
+    assert "hunter2" not in target.where

@@ -1,0 +1,285 @@
+"""The daemon as a real subprocess: watching, debouncing, catch-up, signals, sd_notify."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon_harness import Daemon, running, write_config
+
+APPS = [
+    {"app_key": "server1", "local_name": "server"},
+    {"app_key": "server2", "local_name": "server"},
+    {"app_key": "web1", "local_name": "web"},
+]
+
+
+def put(root: Path, files: dict[str, str]) -> None:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): p.read_text(encoding="utf-8")
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    put(tmp_path / "r/softdir/server1", {"bin/run.sh": "v1\n"})
+    put(tmp_path / "r/configuredir/server1", {"app.properties": "node=1\n"})
+    put(tmp_path / "r/softdir/web1", {"index.html": "web\n"})
+    put(tmp_path / "r/configuredir/web1", {"web.conf": "w\n"})
+    return tmp_path
+
+
+def test_ready_is_notified_and_the_catch_up_syncs_existing_sources(base: Path) -> None:
+    with running(write_config(base, APPS)) as daemon:
+        sync = daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        assert sync["response"]["trigger"]["by"] == "catch-up"
+        assert sync["response"]["param"] == {
+            "action": "Deploy:Core:syncpro",
+            "k": "server1",
+            "update": "0",
+        }
+        assert tree(base / "soft/server") == {"bin/run.sh": "v1\n"}
+        assert tree(base / "conf/server/server1") == {"app.properties": "node=1\n"}
+        assert daemon.stop() == 0
+
+
+def test_an_rsync_upload_is_published_by_itself(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    put(upload, {"bin/run.sh": "v2\n", "lib/app.jar": "jar v2\n"})
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        subprocess.run(
+            ["rsync", "-a", "--delete", f"{upload}/", str(base / "r/softdir/server1")],
+            check=True,
+        )
+        sync = daemon.wait_sync("server1", count=2)
+        assert sync["response"]["trigger"]["by"] == "watcher"
+        daemon.wait(lambda: tree(base / "soft/server") == tree(upload), what="published upload")
+        assert daemon.stop() == 0
+
+
+def test_a_slow_rsync_upload_is_never_published_half_written(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    big = upload / "lib/big.bin"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(os.urandom(300_000))
+    published = base / "soft/server/lib/big.bin"
+    seen_sizes: set[int] = set()
+    done = threading.Event()
+
+    def watch_target() -> None:
+        while not done.is_set():
+            with contextlib.suppress(FileNotFoundError):
+                seen_sizes.add(published.stat().st_size)
+            done.wait(0.02)
+
+    with running(write_config(base, APPS, watch={"settle": 0.2})) as daemon:
+        daemon.wait_sync("server1")
+        watcher = threading.Thread(target=watch_target)
+        watcher.start()
+        try:
+            # ~3 s at 100 KiB/s: many settle periods pass while rsync writes its temp file.
+            subprocess.run(
+                ["rsync", "-a", "--bwlimit=100", f"{upload}/", str(base / "r/softdir/server1")],
+                check=True,
+            )
+            daemon.wait(
+                lambda: published.exists() and published.read_bytes() == big.read_bytes(),
+                what="the whole file published",
+            )
+        finally:
+            done.set()
+            watcher.join()
+        assert seen_sizes <= {big.stat().st_size}, f"half-written sizes seen: {seen_sizes}"
+        assert daemon.stop() == 0
+
+
+def test_a_burst_of_300_files_costs_one_sync(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    put(upload, {f"data/{i:03d}.txt": f"{i}\n" for i in range(300)})
+    with running(write_config(base, APPS, watch={"settle": 1.5, "max_wait": 30})) as daemon:
+        daemon.wait_sync("server1")
+        subprocess.run(["cp", "-a", f"{upload}/data", str(base / "r/softdir/server1/")], check=True)
+        sync = daemon.wait_sync("server1", count=2)
+        assert len(sync["response"]["apps"][0]["program"]) > 0
+        assert sync["response"]["apps"][1 - 1]["app_key"] == "server1"
+        # A marker change in another app, made after the burst, syncs after it; by then any
+        # second run of server1 would have been due long before.
+        put(base / "r/softdir/web1", {"marker": "m\n"})
+        daemon.wait_sync("web1", count=2)
+        assert len(daemon.syncs("server1")) == 2
+        assert len(tree(base / "soft/server/data")) == 300
+        assert daemon.stop() == 0
+
+
+def test_a_restart_syncs_only_what_changed_while_down(base: Path) -> None:
+    config = write_config(base, APPS)
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        assert daemon.stop() == 0
+    put(base / "r/softdir/server1", {"bin/run.sh": "v3 while down\n"})
+    with running(config) as daemon:
+        rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
+        assert rescan["changed"] == [{"app_key": "server1", "update": False}]
+        daemon.wait_sync("server1")
+        assert tree(base / "soft/server") == {"bin/run.sh": "v3 while down\n"}
+        assert daemon.syncs("web1") == []
+        assert daemon.stop() == 0
+
+
+def test_both_modes_changed_while_down_apply_oldest_first(base: Path) -> None:
+    put(base / "u/softdir/web", {"index.html": "newer build\n"})
+    put(base / "u/configuredir/web/web1", {"web.conf": "w2\n"})
+    old = base / "r/softdir/web1/index.html"
+    os.utime(old, (1_000_000, 1_000_000))
+    os.utime(base / "r/configuredir/web1/web.conf", (1_000_000, 1_000_000))
+    os.utime(base / "r/softdir/web1", (1_000_000, 1_000_000))
+    os.utime(base / "r/configuredir/web1", (1_000_000, 1_000_000))
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("web1", update=True)
+        daemon.wait_sync("web1", update=False)
+        order = [e["update"] for e in daemon.syncs("web1")]
+        assert order == [False, True]
+        assert tree(base / "soft/web") == {"index.html": "newer build\n"}
+        assert daemon.stop() == 0
+
+
+def test_a_program_build_in_updatedir_syncs_the_whole_group_once(base: Path) -> None:
+    put(base / "u/configuredir/server/server1", {"a.conf": "1\n"})
+    put(base / "u/configuredir/server/server2", {"a.conf": "2\n"})
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1 server2", update=True)
+        put(base / "u/softdir/server", {"bin/run.sh": "build 2\n"})
+        daemon.wait_sync("server1 server2", update=True, count=2)
+        assert tree(base / "soft/server") == {"bin/run.sh": "build 2\n"}
+        assert daemon.syncs("server1", update=True) == []
+        assert daemon.stop() == 0
+
+
+def test_sighup_adds_an_app_and_syncs_it(base: Path) -> None:
+    config = write_config(base, APPS)
+    put(base / "r/softdir/api1", {"api.bin": "api\n"})
+    put(base / "r/configuredir/api1", {"api.conf": "a\n"})
+    with running(config) as daemon:
+        daemon.wait_sync("web1")
+        assert daemon.find("watch.unknown_app")  # api1's files were there before it was known
+        write_config(base, [*APPS, {"app_key": "api1", "local_name": "api"}])
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_note("RELOADING=1")
+        daemon.wait_sync("api1")
+        assert tree(base / "soft/api") == {"api.bin": "api\n"}
+        assert daemon.notes.count("READY=1") >= 2
+        assert daemon.stop() == 0
+
+
+def test_a_broken_config_on_sighup_keeps_the_old_one_running(base: Path) -> None:
+    config = write_config(base, APPS)
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        config.write_text("dirs: [unclosed\n", encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        failed = daemon.wait_event("service.reload_failed")
+        assert str(config) in failed["error"]
+        put(base / "r/softdir/server1", {"bin/run.sh": "after bad reload\n"})
+        daemon.wait_sync("server1", count=2)
+        assert tree(base / "soft/server") == {"bin/run.sh": "after bad reload\n"}
+        assert daemon.stop() == 0
+
+
+def test_sigterm_says_stopping_and_exits_zero(base: Path) -> None:
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        assert daemon.stop() == 0
+        assert "STOPPING=1" in daemon.notes
+        assert daemon.find("service.stopped")
+
+
+def test_watchdog_keepalives_follow_watchdog_usec(base: Path) -> None:
+    env = {"WATCHDOG_USEC": "400000"}
+    with running(write_config(base, APPS), env=env) as daemon:
+        daemon.wait_note("WATCHDOG=1", count=3, timeout=20)
+        assert daemon.stop() == 0
+
+
+def test_paths_of_no_known_app_are_logged_once_and_ignored(base: Path) -> None:
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        put(base / "r/softdir/ghost", {"a": "1\n"})
+        daemon.wait_event("watch.unknown_app", where="remotecomdir:ghost")
+        put(base / "r/softdir/ghost", {"b": "2\n"})
+        put(base / "r/softdir/server1", {"bin/run.sh": "v4\n"})
+        daemon.wait_sync("server1", count=2)
+        assert len(daemon.find("watch.unknown_app", where="remotecomdir:ghost")) == 1
+        assert daemon.stop() == 0
+
+
+def test_temporary_upload_files_neither_trigger_nor_get_published(base: Path) -> None:
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        put(base / "r/softdir/server1", {".run.sh.AbC123": "partial", "x.part": "p", "y.tmp": "t"})
+        put(base / "r/softdir/web1", {"after.txt": "a\n"})
+        daemon.wait_sync("web1", count=2)
+        assert len(daemon.syncs("server1")) == 1
+        put(base / "r/softdir/server1", {"real.txt": "r\n"})
+        daemon.wait_sync("server1", count=2)
+        assert tree(base / "soft/server") == {"bin/run.sh": "v1\n", "real.txt": "r\n"}
+        assert daemon.stop() == 0
+
+
+def test_a_ready_marker_holds_the_sync_until_it_is_written(base: Path) -> None:
+    config = write_config(base, APPS, watch={"ready_marker": "READY"})
+    with running(config) as daemon:
+        daemon.wait_event("sync.waiting_for_marker", app="server1")
+        assert daemon.syncs("server1") == []
+        put(base / "r/softdir/server1", {"READY": ""})
+        daemon.wait_sync("server1")
+        assert tree(base / "soft/server") == {"bin/run.sh": "v1\n"}
+        assert daemon.stop() == 0
+
+
+def test_a_polling_fallback_still_publishes(base: Path) -> None:
+    env = {"SYNCPRO_WATCH_POLLING": "1"}
+    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), env=env) as daemon:
+        started = daemon.wait_event("service.started")
+        assert set(started["backends"].values()) == {"polling"}
+        daemon.wait_sync("server1")
+        put(base / "r/softdir/server1", {"bin/run.sh": "polled\n"})
+        daemon.wait_sync("server1", count=2)
+        assert tree(base / "soft/server") == {"bin/run.sh": "polled\n"}
+        assert daemon.stop() == 0
+
+
+def test_a_broken_config_at_start_is_one_message_and_exit_2(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"dirs": {"softdir": "s"}, "apps": []}), encoding="utf-8")
+    daemon = Daemon(config)
+    try:
+        assert daemon.proc.wait(30) == 2
+        daemon.wait(lambda: any("dirs.remotecomdir" in line for line in daemon.raw), 10)
+        assert not any("Traceback" in line for line in daemon.raw)
+    finally:
+        daemon.close()

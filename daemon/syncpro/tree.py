@@ -212,7 +212,9 @@ class TreeBuilder:
         root_stat = os.stat(real_root)
         os.mkdir(dst, 0o700)
         made: list[tuple[str, os.stat_result]] = []
-        for norm, real in chosen:
+        # Shallow entries first: a listed directory is copied whole before any file inside it
+        # that is listed too (which then is already there).
+        for norm, real in sorted(chosen, key=lambda item: item[0].count("/")):
             parts = norm.split("/")
             for depth in range(1, len(parts)):
                 sub = "/".join(parts[:depth])

@@ -17,7 +17,8 @@ DEFAULT_PATHS = (Path("config.yml"), Path("/etc/syncpro/config.yml"))
 ENV_VAR = "SYNCPRO_CONFIG"
 
 DEFAULT_IGNORE = (
-    ".*.??????",  # rsync's temporary .name.XXXXXX (checked precisely in watch.ignore matching)
+    # rsync's temporary .<name>.XXXXXX: a dot, a name, a dot, exactly six letters or digits.
+    ".*." + "[A-Za-z0-9]" * 6,
     "*.part",
     "*.tmp",
     "*.swp",

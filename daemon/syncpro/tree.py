@@ -58,17 +58,23 @@ class CopyStats:
 
 
 class Ignore:
-    """Glob patterns for upload temporaries: matched against a name and its relative path."""
+    """Glob patterns for upload temporaries. A pattern without '/' matches a name; one with
+    '/' matches the path relative to the source root."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns = tuple(patterns)
-        joined = "|".join(fnmatch.translate(p) for p in self.patterns)
-        self._regex = re.compile(joined) if joined else None
+        self._names = _compile(p for p in self.patterns if "/" not in p)
+        self._paths = _compile(p for p in self.patterns if "/" in p)
 
     def __call__(self, name: str, rel: str = "") -> bool:
-        if self._regex is None:
-            return False
-        return bool(self._regex.match(name) or (rel and self._regex.match(rel)))
+        if self._names is not None and self._names.match(name):
+            return True
+        return bool(rel and self._paths is not None and self._paths.match(rel))
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    joined = "|".join(fnmatch.translate(p) for p in patterns)
+    return re.compile(joined) if joined else None
 
 
 class TreeBuilder:

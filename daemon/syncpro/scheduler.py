@@ -1,0 +1,422 @@
+"""Debounce change events per (app, mode) and run them in batches, never one group twice at once.
+
+The scheduler knows nothing of files or syncing. It is given keys — an app and a mode — with
+the paths and the cause that triggered them, and calls one function with a `Batch`:
+
+- a key becomes due `settle` seconds after its last event, but at the latest `max_wait` seconds
+  after the first event of its burst (a quiet period *and* a maximum delay, as watchfiles does;
+  a steady stream is flushed, never postponed for ever), or at once when submitted `immediate`;
+- a burst of any number of events costs one run;
+- a group (an app's local name) is never run twice at once: events arriving while it runs are
+  kept and give exactly one more run afterwards, so every event is followed by a run that
+  started after it;
+- different groups run in parallel on at most `workers` threads of the scheduler's own.
+
+One dispatcher thread decides what runs, the worker threads only run what it hands them; all
+state lives under one lock, with one condition for each kind of waiter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self, TypedDict
+
+import structlog
+
+log = structlog.get_logger()
+
+Key = tuple[str, bool]
+"""An app key and its mode (`update`)."""
+
+PATHS_LIMIT = 20
+"""How many triggering paths a key and a batch remember; a log line, not an inventory."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One run: due keys of one group and one mode, and what triggered them."""
+
+    group: str
+    update: bool
+    app_keys: tuple[str, ...]
+    """Every due key of the group with this mode, in the order their bursts began."""
+    paths: tuple[str, ...]
+    """Paths that triggered the run, deduplicated, the first `PATHS_LIMIT` of them."""
+    trigger: str
+    """The cause of the oldest key's burst ("watcher", "catch-up", "rescan", …); a key
+    submitted `immediate` takes the cause of that submission, which is what made it run."""
+    first_event: float
+    """Clock time of the first event of the oldest burst in the batch."""
+    events: int = 0
+    """How many events the batch covers."""
+
+
+class PendingInfo(TypedDict):
+    app_key: str
+    update: bool
+    group: str | None
+    due_in: float
+    events: int
+
+
+class RunningInfo(TypedDict):
+    group: str
+    update: bool
+    app_keys: list[str]
+    since: float
+    started: bool
+
+
+class Snapshot(TypedDict):
+    pending: list[PendingInfo]
+    running: list[RunningInfo]
+
+
+@dataclass
+class _Burst:
+    """The events of one key not yet handed to a run."""
+
+    app_key: str
+    update: bool
+    seq: int
+    first: float
+    last: float
+    trigger: str
+    events: int = 0
+    paths: dict[str, None] = field(default_factory=dict)
+    forced: float = math.inf
+    """Clock time from which the key is due whatever its settle time (immediate submission)."""
+
+    def due(self, settle: float, max_wait: float) -> float:
+        return min(self.last + settle, self.first + max_wait, self.forced)
+
+    def age(self) -> tuple[float, int]:
+        return (self.first, self.seq)
+
+
+@dataclass
+class _Running:
+    batch: Batch
+    since: float
+    started: bool = False
+
+
+class Scheduler:
+    """Debounce keys and run them as batches on a pool of worker threads.
+
+    `run` is called with one `Batch` at a time per group; an exception it raises is logged and
+    the group released. `group_of` maps an app key to its group, or to None for an app no
+    longer known (its events are dropped); it is called with the scheduler's lock held, so it
+    must be quick and must not call back into the scheduler. `clock` timestamps events (it
+    must advance like `time.monotonic`, since waits are real time).
+    """
+
+    def __init__(
+        self,
+        run: Callable[[Batch], None],
+        *,
+        settle: float,
+        max_wait: float,
+        workers: int,
+        group_of: Callable[[str], str | None],
+        clock: Callable[[], float] = time.monotonic,
+        stop_timeout: float = 30.0,
+    ) -> None:
+        if not (settle >= 0 and max_wait >= 0):
+            raise ValueError(f"settle and max_wait must be >= 0, not {settle!r}, {max_wait!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers!r}")
+        self._run = run
+        self._settle = settle
+        self._max_wait = max_wait
+        self._workers = workers
+        self._group_of = group_of
+        self._clock = clock
+        self._stop_timeout = stop_timeout
+
+        self._lock = threading.Lock()
+        self._dispatcher_cv = threading.Condition(self._lock)
+        self._workers_cv = threading.Condition(self._lock)
+        self._idle_cv = threading.Condition(self._lock)
+        self._stop_event = threading.Event()
+        self._started = False
+        self._threads: list[threading.Thread] = []
+
+        self._pending: dict[Key, _Burst] = {}
+        self._running: dict[str, _Running] = {}
+        self._ready: deque[str] = deque()
+        self._seq = itertools.count()
+        self._dirty = False
+        # When the dispatcher will look again on its own: a submission that is due earlier
+        # wakes it, any later one need not (most events only push a due time further out).
+        self._wake_at = math.inf
+
+    # -- public API ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        app_key: str,
+        update: bool,
+        path: str | None = None,
+        trigger: str = "watcher",
+        *,
+        immediate: bool = False,
+    ) -> None:
+        """Given an event for (app_key, update), schedule a run after it.
+
+        `immediate` makes the key due now (catch-up, a manual trigger) instead of after the
+        settle time. Ignored, with a warning, once the scheduler is stopping.
+        """
+        with self._lock:
+            if self._stop_event.is_set():
+                log.warning(
+                    "scheduler.submit_after_stop", app_key=app_key, update=update, path=path
+                )
+                return
+            now = self._clock()
+            key = (app_key, update)
+            burst = self._pending.get(key)
+            fresh = burst is None
+            if burst is None:
+                burst = _Burst(app_key, update, next(self._seq), now, now, trigger)
+                self._pending[key] = burst
+            burst.last = now
+            burst.events += 1
+            if path is not None and len(burst.paths) < PATHS_LIMIT:
+                burst.paths.setdefault(path)
+            if immediate:
+                if burst.forced == math.inf:
+                    burst.trigger = trigger
+                burst.forced = min(burst.forced, now)
+            if (fresh or immediate) and burst.due(self._settle, self._max_wait) < self._wake_at:
+                self._dirty = True
+                self._dispatcher_cv.notify()
+
+    def snapshot(self) -> Snapshot:
+        """Return the pending keys (soonest due first) and the batches running, for status."""
+        with self._lock:
+            now = self._clock()
+            bursts = sorted(
+                self._pending.values(), key=lambda b: b.due(self._settle, self._max_wait)
+            )
+            pending: list[PendingInfo] = [
+                {
+                    "app_key": b.app_key,
+                    "update": b.update,
+                    "group": self._resolve(b, log_failure=False),
+                    "due_in": max(0.0, b.due(self._settle, self._max_wait) - now),
+                    "events": b.events,
+                }
+                for b in bursts
+            ]
+            running: list[RunningInfo] = [
+                {
+                    "group": r.batch.group,
+                    "update": r.batch.update,
+                    "app_keys": list(r.batch.app_keys),
+                    "since": r.since,
+                    "started": r.started,
+                }
+                for r in self._running.values()
+            ]
+        return {"pending": pending, "running": running}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Return True once nothing is pending or running, False if `timeout` passes first."""
+        with self._lock:
+            return self._idle_cv.wait_for(
+                lambda: not self._pending and not self._running, timeout=timeout
+            )
+
+    def start(self) -> None:
+        """Start the dispatcher and worker threads. Raise RuntimeError if started before."""
+        with self._lock:
+            if self._started or self._stop_event.is_set():
+                raise RuntimeError("a scheduler can be started only once")
+            self._started = True
+            # Not daemons: a sync must never be cut off half way by the interpreter exiting.
+            self._threads = [
+                threading.Thread(
+                    target=self._dispatch_loop, name="syncpro-scheduler-dispatch", daemon=False
+                )
+            ] + [
+                threading.Thread(
+                    target=self._work_loop, name=f"syncpro-scheduler-worker-{n}", daemon=False
+                )
+                for n in range(1, self._workers + 1)
+            ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float) -> list[Batch]:
+        """Stop taking work, let running batches finish for up to `timeout` seconds.
+
+        Return what was abandoned: batches still running when the time was up, then the
+        pending keys that never started, grouped into the batches they would have made.
+        Calling it again waits again and returns what is still abandoned.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._stop_event.set()
+            self._dispatcher_cv.notify_all()
+            self._workers_cv.notify_all()
+            self._idle_cv.notify_all()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            abandoned = [r.batch for r in self._running.values()] + self._pending_batches()
+        alive = [t.name for t in self._threads if t.is_alive()]
+        log.info("scheduler.stopped", abandoned=len(abandoned), threads_still_running=alive)
+        return abandoned
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop(self._stop_timeout)
+
+    # -- threads --------------------------------------------------------------------------
+
+    def _dispatch_loop(self) -> None:
+        with self._lock:
+            while not self._stop_event.is_set():
+                self._dirty = False
+                delay = self._dispatch(self._clock())
+                self._dispatcher_cv.wait_for(
+                    lambda: self._dirty or self._stop_event.is_set(), timeout=delay
+                )
+
+    def _work_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._workers_cv.wait_for(lambda: self._ready or self._stop_event.is_set())
+                if self._stop_event.is_set():
+                    return
+                group = self._ready.popleft()
+                running = self._running[group]
+                running.started = True
+                running.since = self._clock()
+                batch = running.batch
+            try:
+                self._run(batch)
+            except Exception:
+                log.exception(
+                    "scheduler.run_failed",
+                    group=batch.group,
+                    update=batch.update,
+                    app_keys=list(batch.app_keys),
+                    trigger=batch.trigger,
+                )
+            finally:
+                with self._lock:
+                    del self._running[group]
+                    self._dirty = True
+                    self._dispatcher_cv.notify()
+                    self._idle_cv.notify_all()
+
+    # -- decisions, all with the lock held -----------------------------------------------
+
+    def _dispatch(self, now: float) -> float | None:
+        """Hand every runnable group to a free worker; return how long to wait before next."""
+        by_group: dict[str, list[_Burst]] = {}
+        for key, burst in list(self._pending.items()):
+            group = self._resolve(burst)
+            if group is None:
+                del self._pending[key]
+                log.warning(
+                    "scheduler.unknown_app_dropped",
+                    app_key=burst.app_key,
+                    update=burst.update,
+                    events=burst.events,
+                )
+                self._idle_cv.notify_all()
+                continue
+            by_group.setdefault(group, []).append(burst)
+
+        candidates: list[tuple[_Burst, str, list[_Burst]]] = []
+        next_due = math.inf
+        for group, bursts in by_group.items():
+            if group in self._running:
+                continue  # its release wakes the dispatcher
+            dues = [(b.due(self._settle, self._max_wait), b) for b in bursts]
+            ready = [b for due, b in dues if due <= now]
+            if ready:
+                candidates.append((min(ready, key=_Burst.age), group, ready))
+            else:
+                next_due = min(next_due, min(due for due, _ in dues))
+
+        candidates.sort(key=lambda c: c[0].age())
+        free = max(0, self._workers - len(self._running))
+        for oldest, group, ready in candidates[:free]:
+            self._hand_out(group, oldest, ready, now)
+        if len(self._running) >= self._workers:
+            self._wake_at = math.inf  # nothing can start before a worker frees up
+            return None
+        self._wake_at = next_due
+        return None if next_due == math.inf else max(0.0, next_due - now)
+
+    def _hand_out(self, group: str, oldest: _Burst, ready: list[_Burst], now: float) -> None:
+        chosen = sorted((b for b in ready if b.update == oldest.update), key=lambda b: b.seq)
+        paths: dict[str, None] = {}
+        for burst in chosen:
+            del self._pending[(burst.app_key, burst.update)]
+            for path in burst.paths:
+                if len(paths) < PATHS_LIMIT:
+                    paths.setdefault(path)
+        batch = Batch(
+            group=group,
+            update=oldest.update,
+            app_keys=tuple(b.app_key for b in chosen),
+            paths=tuple(paths),
+            trigger=oldest.trigger,
+            first_event=oldest.first,
+            events=sum(b.events for b in chosen),
+        )
+        self._running[group] = _Running(batch, since=now)
+        self._ready.append(group)
+        self._workers_cv.notify()
+
+    def _resolve(self, burst: _Burst, *, log_failure: bool = True) -> str | None:
+        try:
+            return self._group_of(burst.app_key)
+        except Exception:
+            if log_failure:
+                log.exception("scheduler.group_of_failed", app_key=burst.app_key)
+            return None
+
+    def _pending_batches(self) -> list[Batch]:
+        """Group the pending keys into the batches they would make, oldest first."""
+        grouped: dict[tuple[str, bool], list[_Burst]] = {}
+        for burst in sorted(self._pending.values(), key=_Burst.age):
+            group = self._resolve(burst, log_failure=False)
+            if group is not None:
+                grouped.setdefault((group, burst.update), []).append(burst)
+        batches = []
+        for (group, update), bursts in grouped.items():
+            paths = dict.fromkeys(p for b in bursts for p in b.paths)
+            batches.append(
+                Batch(
+                    group=group,
+                    update=update,
+                    app_keys=tuple(b.app_key for b in bursts),
+                    paths=tuple(paths)[:PATHS_LIMIT],
+                    trigger=bursts[0].trigger,
+                    first_event=bursts[0].first,
+                    events=sum(b.events for b in bursts),
+                )
+            )
+        return batches

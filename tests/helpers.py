@@ -1,0 +1,255 @@
+"""Builders shared by the engine, publish, tree, CLI and property tests."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from syncpro import layout
+from syncpro.config import Config, load_config
+from syncpro.engine import run_sync
+from syncpro.request import SyncRequest
+from syncpro.result import SyncResult
+
+T = TypeVar("T")
+
+# A fixed past time, so copied mtimes can never be confused with "now".
+BASE_NS = 1_600_000_000_000_000_000
+
+
+@dataclass(frozen=True)
+class Symlink:
+    """A symbolic link to `target`, written as is (it may dangle or point outside)."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class File:
+    """A regular file with optional mode and mtime (ns)."""
+
+    content: str | bytes = ""
+    mode: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Dir:
+    """A directory (possibly empty) with optional mode and mtime (ns), applied last."""
+
+    mode: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Fifo:
+    """A named pipe: a copy that opened it would block for ever."""
+
+
+Entry = str | bytes | File | Dir | Symlink | Fifo
+
+
+def app(
+    app_key: str,
+    local_name: str,
+    *,
+    auto_deploy: bool = True,
+    status: int = 0,
+    files: list[str] | str | None = None,
+) -> dict[str, Any]:
+    """Return one `apps:` row of config.yml."""
+    return {
+        "app_key": app_key,
+        "local_name": local_name,
+        "auto_deploy": auto_deploy,
+        "configure_file_status": status,
+        "configure_file_list": [] if files is None else files,
+    }
+
+
+SERVER_GROUP = (app("server1", "server"), app("server2", "server"))
+
+
+def config_dict(
+    apps: Iterable[Mapping[str, Any]],
+    *,
+    grace: float = 10,
+    fsync: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Return a config.yml document with every dir under `var/` next to the file."""
+    doc: dict[str, Any] = {
+        "dirs": {
+            "remotecomdir": "var/remotecomdir",
+            "updatedir": "var/updatedir",
+            "softdir": "var/softdir",
+            "configuredir": "var/configuredir",
+            "state": "var/state",
+        },
+        "publish": {"grace": grace, "fsync": fsync},
+        "apps": [dict(a) for a in apps],
+    }
+    doc.update(extra or {})
+    return doc
+
+
+def write_config(path: Path, doc: Mapping[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dict(doc), allow_unicode=True, sort_keys=False))
+    return path
+
+
+def make_config(
+    tmp_path: Path,
+    apps: Iterable[Mapping[str, Any]],
+    *,
+    grace: float = 10,
+    fsync: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> Config:
+    """Write `tmp_path/config.yml` for `apps` and return it loaded, as the CLI would."""
+    doc = config_dict(apps, grace=grace, fsync=fsync, extra=extra)
+    return load_config(write_config(tmp_path / "config.yml", doc))
+
+
+def sync(config: Config, k: str, *, update: bool = False) -> SyncResult:
+    """Run the engine in-process on the config's own inventory."""
+    return run_sync(SyncRequest(k=k, update=update), config, config.config_inventory)
+
+
+def _app(config: Config, key: str) -> Any:
+    return config.config_inventory.by_key()[key]
+
+
+def program_source(config: Config, key: str, *, update: bool = False) -> Path:
+    return layout.program_source(config.dirs, _app(config, key), update)
+
+
+def config_source(config: Config, key: str, *, update: bool = False) -> Path:
+    return layout.config_source(config.dirs, _app(config, key), update)
+
+
+def program_target(config: Config, key: str) -> Path:
+    return layout.program_target(config.dirs, _app(config, key)).path
+
+
+def config_target(config: Config, key: str) -> Path:
+    return layout.config_target(config.dirs, _app(config, key)).path
+
+
+def write_tree(root: Path, spec: Mapping[str, Entry]) -> Path:
+    """Create `root` and the entries of spec (relative path → content or entry). Parents are
+    made as needed; Dir metadata is applied after every entry is written."""
+    root.mkdir(parents=True, exist_ok=True)
+    dirs: list[tuple[Path, Dir]] = []
+    for rel, entry in spec.items():
+        path = root / rel
+        if isinstance(entry, Dir):
+            path.mkdir(parents=True, exist_ok=True)
+            dirs.append((path, entry))
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(entry, Symlink):
+            os.symlink(entry.target, path)
+        elif isinstance(entry, Fifo):
+            os.mkfifo(path)
+        else:
+            file = entry if isinstance(entry, File) else File(entry)
+            data = file.content.encode() if isinstance(file.content, str) else file.content
+            path.write_bytes(data)
+            if file.mode is not None:
+                os.chmod(path, file.mode)
+            if file.mtime_ns is not None:
+                os.utime(path, ns=(file.mtime_ns, file.mtime_ns))
+    for path, entry in sorted(dirs, key=lambda d: len(d[0].parts), reverse=True):
+        if entry.mode is not None:
+            os.chmod(path, entry.mode)
+        if entry.mtime_ns is not None:
+            os.utime(path, ns=(entry.mtime_ns, entry.mtime_ns))
+    return root
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    return "other"
+
+
+def snapshot(root: Path, *, identity: bool = False) -> dict[str, tuple[Any, ...]]:
+    """Return rel path → (type, mode, content or link target, mtime_ns, uid, gid) for root
+    ("." is root itself) and everything under it, never following links or opening specials.
+    With identity, add (inode, link count, ctime_ns): proof that nothing was linked, moved
+    or modified."""
+    found: dict[str, tuple[Any, ...]] = {}
+
+    def record(rel: str, path: str) -> os.stat_result:
+        st = os.lstat(path)
+        kind = _kind(st.st_mode)
+        data: Any = None
+        if kind == "file":
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as handle:
+                data = handle.read()
+        elif kind == "link":
+            data = os.readlink(path)
+        row: tuple[Any, ...] = (
+            kind,
+            stat.S_IMODE(st.st_mode),
+            data,
+            st.st_mtime_ns,
+            st.st_uid,
+            st.st_gid,
+        )
+        if identity:
+            row += (st.st_ino, st.st_nlink, st.st_ctime_ns)
+        found[rel] = row
+        return st
+
+    record(".", str(root))
+    stack = [("", str(root))]
+    while stack:
+        rel, path = stack.pop()
+        for name in os.listdir(path):
+            entry_rel = f"{rel}/{name}" if rel else name
+            entry_path = os.path.join(path, name)
+            st = record(entry_rel, entry_path)
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((entry_rel, entry_path))
+    return found
+
+
+def inodes(root: Path) -> dict[str, int]:
+    """Return rel path → inode of every regular file under root."""
+    found: dict[str, int] = {}
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                found[os.path.relpath(path, root)] = st.st_ino
+    return found
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01) -> T:
+    """Poll predicate until it returns something truthy; return that. Fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)

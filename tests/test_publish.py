@@ -1,0 +1,475 @@
+"""SPEC section 8: atomic swaps, the grace period, leftovers swept, one publisher per target."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncpro import publish as publish_module
+from syncpro.errors import PublishError
+from syncpro.layout import Target
+from syncpro.publish import publish, sweep, target_lock, work_area
+
+from helpers import (
+    SERVER_GROUP,
+    app,
+    config_dict,
+    config_source,
+    make_config,
+    program_source,
+    program_target,
+    snapshot,
+    sync,
+    wait_until,
+    write_config,
+    write_tree,
+)
+
+SYNCPRO = str(Path(sys.executable).parent / "syncpro")
+
+
+def _read_by_fd(fd: int, prefix: str = "") -> dict[str, Any]:
+    """Read a whole tree through an open directory descriptor, never through its path."""
+    found: dict[str, Any] = {}
+    for name in sorted(os.listdir(fd)):
+        rel = prefix + name
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            try:
+                found.update(_read_by_fd(sub, rel + "/"))
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            file_fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(file_fd, "rb") as handle:
+                found[rel] = (handle.read(), st.st_mode, st.st_mtime_ns)
+        else:
+            found[rel] = ("link", os.readlink(name, dir_fd=fd))
+    return found
+
+
+def _change(source: Path, round_no: int) -> None:
+    """Modify, delete and add files, and add a directory: a new build."""
+    for i in range(round_no, 100, 10):
+        path = source / f"d{i % 5}" / f"f{i}"
+        if path.exists():
+            path.write_text(f"round {round_no} " * 40)
+    for i in range(round_no + 5, 100, 20):
+        (source / f"d{i % 5}" / f"f{i}").unlink(missing_ok=True)
+    write_tree(source, {f"new{round_no}/f": f"added in {round_no}"})
+
+
+class _Reader(threading.Thread):
+    """Reads a tree again and again until stopped, counting whole reads, keeping problems."""
+
+    def __init__(self, read: Any, check: Any) -> None:
+        super().__init__(name="tree-reader")
+        self.read, self.check = read, check
+        self.stop_event = threading.Event()
+        self.reads = 0
+        self.problems: list[str] = []
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                problem = self.check(self.read())
+            except OSError as exc:
+                problem = f"read failed: {exc!r}"
+            if problem:
+                self.problems.append(problem)
+                return
+            with self.cond:
+                self.reads += 1
+                self.cond.notify_all()
+
+    def wait_reads(self, count: int, timeout: float = 10) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: self.reads >= count or self.problems, timeout)
+        assert ok, "the reader made no progress"
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def test_a_reader_holding_the_old_tree_never_sees_it_change_or_vanish(tmp_path: Path) -> None:
+    config = make_config(tmp_path, SERVER_GROUP, grace=60)
+    source = program_source(config, "server1")
+    write_tree(source, {f"d{i % 5}/f{i}": f"v0-{i} " * 50 for i in range(100)})
+    write_tree(config_source(config, "server1"), {"c": "1"})
+    assert sync(config, "server1").ok
+    target = program_target(config, "server1")
+    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
+    expected = _read_by_fd(fd)
+    reader = _Reader(lambda: _read_by_fd(fd), lambda seen: "changed" if seen != expected else "")
+    reader.start()
+    try:
+        for round_no in range(1, 6):
+            before = reader.reads
+            _change(source, round_no)
+            assert sync(config, "server1").ok
+            assert snapshot(target) == snapshot(source)
+            reader.wait_reads(before + 2)  # at least one whole read after this swap
+    finally:
+        reader.stop()
+
+    assert reader.problems == []
+    assert _read_by_fd(fd) == expected
+    trash = work_area(config.dirs.softdir) / "trash"
+    assert len(os.listdir(trash)) == 5
+    assert sweep(config.dirs.softdir) == []  # within the grace period every old tree stays
+    assert _read_by_fd(fd) == expected
+    removed = sweep(config.dirs.softdir, now=time.time() + 61)
+    assert len(removed) == 5
+    assert os.listdir(trash) == []
+    os.close(fd)
+
+
+def test_a_reader_by_path_always_finds_a_whole_tree_old_or_new(tmp_path: Path) -> None:
+    config = make_config(tmp_path, SERVER_GROUP, grace=60)
+    source = program_source(config, "server1")
+    write_tree(source, {f"d{i % 5}/f{i}": f"v0-{i} " * 50 for i in range(100)})
+    write_tree(config_source(config, "server1"), {"c": "1"})
+    assert sync(config, "server1").ok
+    target = program_target(config, "server1")
+    versions = [_read_by_fd_path(target)]
+    lock = threading.Lock()
+
+    def check(seen: dict[str, Any]) -> str:
+        with lock:
+            return "" if seen in versions else f"a tree that was never published: {sorted(seen)}"
+
+    reader = _Reader(lambda: _read_by_fd_path(target), check)
+    reader.start()
+    try:
+        for round_no in range(1, 6):
+            _change(source, round_no)
+            with lock:
+                versions.append(_read_by_fd_path(source))
+            before = reader.reads
+            assert sync(config, "server1").ok
+            reader.wait_reads(before + 2)
+    finally:
+        reader.stop()
+
+    assert reader.problems == []
+
+
+def _read_by_fd_path(path: Path) -> dict[str, Any]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)  # ENOENT here: the target was missing
+    try:
+        return _read_by_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_replaced_tree_is_kept_for_the_grace_period_then_swept(tmp_path: Path) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=10, durable=False)
+
+    done = publish(target, lambda s, c: write_tree(s, {"v": "2"}), grace=10, durable=False)
+
+    assert done.replaced is not None
+    assert done.expires is not None
+    assert (done.replaced / "v").read_text() == "1"
+    assert (target.path / "v").read_text() == "2"
+    assert sweep(target.root, now=done.expires - 1) == []
+    assert done.replaced.exists()
+    assert sweep(target.root, now=done.expires) == [done.replaced]
+    assert not done.replaced.exists()
+    assert (target.path / "v").read_text() == "2"
+
+
+def test_a_new_tree_is_durable_before_the_swap_when_fsync_is_on(tmp_path: Path) -> None:
+    config = make_config(tmp_path, SERVER_GROUP, fsync=True)
+    write_tree(program_source(config, "server1"), {"a": "1", "d/b": "2"})
+    write_tree(config_source(config, "server1"), {"c": "1"})
+
+    assert sync(config, "server1").ok
+    assert snapshot(program_target(config, "server1")) == snapshot(
+        program_source(config, "server1")
+    )
+
+
+def test_leftover_staging_of_a_dead_process_is_swept_and_the_target_is_intact(
+    tmp_path: Path,
+) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    published = snapshot(target.path)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staging = work_area(target.root) / "staging"
+    leftover = write_tree(staging / f"{dead.pid}.0badc0de.server", {"half": "x", "d/e": "y"})
+    os.chmod(leftover / "d", 0o500)
+    live = write_tree(staging / f"{os.getppid()}.1234abcd.server", {"busy": "z"})
+
+    removed = sweep(target.root)
+
+    assert removed == [leftover]
+    assert not leftover.exists()
+    assert live.exists()  # another process that still runs is building it
+    assert snapshot(target.path) == published
+
+
+def test_leftovers_are_swept_when_a_sync_starts(tmp_path: Path) -> None:
+    config = make_config(tmp_path, SERVER_GROUP)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staging = work_area(config.dirs.configuredir) / "staging"
+    leftover = write_tree(staging / f"{dead.pid}.0badc0de.server%2Fserver1", {"half": "x"})
+    trash = work_area(config.dirs.softdir) / "trash"
+    expired = write_tree(trash / f"{time.time() - 5:.3f}.server.0badc0de", {"old": "x"})
+
+    sync(config, "server1")
+
+    assert not leftover.exists()
+    assert not expired.exists()
+
+
+def test_a_build_that_raises_leaves_the_old_target_and_no_staging(tmp_path: Path) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1", "d/x": "2"}), grace=0, durable=False)
+    old = snapshot(target.path)
+
+    def half_then_fail(staging: Path, current: Path | None) -> None:
+        write_tree(staging, {"v": "2"})
+        raise RuntimeError("crash mid-build")
+
+    with pytest.raises(RuntimeError):
+        publish(target, half_then_fail, grace=0, durable=False)
+
+    def disk_full(staging: Path, current: Path | None) -> None:
+        write_tree(staging, {"v": "2"})
+        raise OSError(errno.ENOSPC, "No space left on device", str(staging / "v"))
+
+    with pytest.raises(PublishError, match="No space left"):
+        publish(target, disk_full, grace=0, durable=False)
+
+    assert snapshot(target.path) == old
+    assert os.listdir(work_area(target.root) / "staging") == []
+
+
+_CRASHER = """
+import sys
+from pathlib import Path
+from syncpro.layout import Target
+from syncpro.publish import publish
+
+def build(staging, current):
+    staging.mkdir()
+    (staging / "v").write_text("half")
+    print(staging, flush=True)
+    sys.stdin.readline()  # killed here
+
+publish(Target(Path(sys.argv[1]), "server"), build, grace=0, durable=False)
+"""
+
+
+def test_a_kill_9_mid_build_leaves_the_old_target_and_the_next_start_sweeps(
+    tmp_path: Path,
+) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    old = snapshot(target.path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHER, str(target.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    staging = Path(proc.stdout.readline().strip())
+    assert (staging / "v").read_text() == "half"
+
+    proc.kill()
+    proc.wait(timeout=10)
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.stdout.close()
+
+    assert snapshot(target.path) == old
+    assert sweep(target.root) == [staging]
+    # The dead process's lock went with it: the next publish does not wait.
+    publish(target, lambda s, c: write_tree(s, {"v": "3"}), grace=0, durable=False)
+    assert (target.path / "v").read_text() == "3"
+
+
+def test_without_rename_exchange_two_renames_still_publish_and_park_the_old_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(a: Path, b: Path) -> None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+
+    monkeypatch.setattr(publish_module, "exchange", unsupported)
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=10, durable=False)
+
+    done = publish(target, lambda s, c: write_tree(s, {"v": "2"}), grace=10, durable=False)
+
+    assert (target.path / "v").read_text() == "2"
+    assert done.replaced is not None
+    assert (done.replaced / "v").read_text() == "1"
+    assert os.listdir(work_area(target.root) / "staging") == []
+
+
+# --- one publisher per target, across processes ---
+
+_HOLDER = """
+import sys
+from pathlib import Path
+from syncpro.layout import Target
+from syncpro.publish import target_lock
+
+root, rel, order = sys.argv[1:4]
+with target_lock(Target(Path(root), rel)):
+    print("locked", flush=True)
+    sys.stdin.readline()
+    with open(order, "a") as f:
+        f.write("holder\\n")
+"""
+
+_PUBLISHER = """
+import sys
+from pathlib import Path
+from syncpro.layout import Target
+from syncpro.publish import publish
+
+root, rel, order = sys.argv[1:4]
+
+def build(staging, current):
+    with open(order, "a") as f:
+        f.write("publisher\\n")
+    staging.mkdir()
+    (staging / "by").write_text("publisher")
+
+publish(Target(Path(root), rel), build, grace=0, durable=False)
+"""
+
+
+def _blocked_on_flock(pid: int) -> bool:
+    """True once the kernel lists pid as waiting for an flock (a `->` line in /proc/locks)."""
+    with open("/proc/locks") as handle:
+        return any("->" in line and "FLOCK" in line and str(pid) in line.split() for line in handle)
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Any:
+    """Start a process holding the lock of softdir/server; yield (process, order file)."""
+    if not os.path.exists("/proc/locks"):
+        pytest.skip("needs /proc/locks to see a blocked waiter")
+    order = tmp_path / "order"
+    order.touch()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path / "var/softdir"), "server", str(order)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdin is not None
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc, order
+    proc.stdin.close()
+    proc.stdout.close()
+    proc.wait(timeout=10)
+
+
+def _release(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+
+
+def test_a_publish_waits_while_another_process_holds_the_target_lock(
+    tmp_path: Path, holder: Any
+) -> None:
+    proc, order = holder
+    second = subprocess.Popen(
+        [sys.executable, "-c", _PUBLISHER, str(tmp_path / "var/softdir"), "server", str(order)]
+    )
+    wait_until(lambda: _blocked_on_flock(second.pid))
+    assert order.read_text() == ""
+
+    _release(proc)
+
+    assert second.wait(timeout=10) == 0
+    assert order.read_text().split() == ["holder", "publisher"]
+    assert (tmp_path / "var/softdir/server/by").read_text() == "publisher"
+
+
+def test_a_syncpro_sync_waits_for_the_lock_then_publishes(tmp_path: Path, holder: Any) -> None:
+    proc, _ = holder
+    config_path = write_config(tmp_path / "config.yml", config_dict(SERVER_GROUP, grace=0))
+    write_tree(tmp_path / "var/remotecomdir/softdir/server1", {"v": "new"})
+    write_tree(tmp_path / "var/remotecomdir/configuredir/server1", {"c": "1"})
+    write_tree(tmp_path / "var/softdir/server", {"v": "old"})
+    cli = subprocess.Popen(
+        [SYNCPRO, "sync", "-k", "server1", "--config", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    wait_until(lambda: _blocked_on_flock(cli.pid))
+    assert (tmp_path / "var/softdir/server/v").read_text() == "old"
+
+    _release(proc)
+
+    _, err = cli.communicate(timeout=30)
+    assert cli.returncode == 0, err
+    assert (tmp_path / "var/softdir/server/v").read_text() == "new"
+
+
+def test_the_target_lock_excludes_threads_of_one_process_too(tmp_path: Path) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    entered = threading.Event()
+    order: list[str] = []
+
+    def second() -> None:
+        entered.set()
+        with target_lock(target):
+            order.append("second")
+
+    with target_lock(target):
+        worker = threading.Thread(target=second)
+        worker.start()
+        entered.wait(timeout=10)
+        wait_until(lambda: _blocked_on_flock(os.getpid()))
+        order.append("first")
+    worker.join(timeout=10)
+
+    assert order == ["first", "second"]
+
+
+def test_two_processes_syncing_one_group_at_once_both_succeed_and_leave_an_exact_copy(
+    tmp_path: Path,
+) -> None:
+    apps = [app("server1", "server"), app("server2", "server")]
+    config_path = write_config(tmp_path / "config.yml", config_dict(apps, grace=0))
+    source = tmp_path / "var/updatedir/softdir/server"
+    write_tree(source, {f"d{i % 40}/f{i}": f"content {i}\n" * (i % 7) for i in range(3000)})
+    for key in ("server1", "server2"):
+        write_tree(tmp_path / f"var/updatedir/configuredir/server/{key}", {"app.conf": key})
+    command = [SYNCPRO, "sync", "-k", "server", "--update", "--config", str(config_path)]
+
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
+    assert snapshot(tmp_path / "var/softdir/server") == snapshot(source)
+    for key in ("server1", "server2"):
+        assert (tmp_path / f"var/configuredir/server/{key}/app.conf").read_text() == key
+    staging = tmp_path / "var/softdir/.syncpro/staging"
+    assert os.listdir(staging) == []

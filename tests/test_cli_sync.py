@@ -1,0 +1,249 @@
+"""`syncpro sync` and friends as a real subprocess: exit codes, one JSON document, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from syncpro import __version__
+
+from helpers import SERVER_GROUP, app, config_dict, snapshot, write_config, write_tree
+
+SYNCPRO = str(Path(sys.executable).parent / "syncpro")
+
+
+def run(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "SYNCPRO_CONFIG"}
+    environ.update(env or {})
+    return subprocess.run(
+        [SYNCPRO, *args],
+        cwd=cwd,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_document(stdout: str) -> dict[str, object]:
+    """Parse stdout as exactly one JSON document (json.loads refuses trailing data)."""
+    doc = json.loads(stdout)
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.fixture
+def demo(tmp_path: Path) -> Path:
+    """A config with the server group synced from complete sources; return its path."""
+    for key in ("server1", "server2"):
+        write_tree(tmp_path / f"var/remotecomdir/softdir/{key}", {"bin/run": "v1"})
+        write_tree(tmp_path / f"var/remotecomdir/configuredir/{key}", {"app.conf": key})
+    write_tree(tmp_path / "var/updatedir/softdir/server", {"bin/run": "v2"})
+    for key in ("server1", "server2"):
+        write_tree(tmp_path / f"var/updatedir/configuredir/server/{key}", {"app.conf": key})
+    return write_config(tmp_path / "config.yml", config_dict(SERVER_GROUP, grace=0))
+
+
+def test_sync_exits_0_and_prints_exactly_one_json_document_when_all_is_good(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run("sync", "-k", "server", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1  # one compact line when stdout is not a terminal
+    doc = one_document(proc.stdout)
+    assert doc["code"] == "0"
+    assert doc["data"] == {"code": "0", "data": {"0": "1", "1": "", "2": ""}, "msg": "成功"}
+    assert doc["param"] == {"action": "Deploy:Core:syncpro", "k": "server", "update": "0"}
+    assert (tmp_path / "var/softdir/server/bin/run").read_text() == "v1"
+    assert "Traceback" not in proc.stderr
+
+
+def test_sync_logs_one_json_event_per_sync_on_stderr_carrying_the_response(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run("sync", "-k", "server1", "--config", str(demo), cwd=tmp_path)
+
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    finished = [e for e in events if e.get("event") == "sync.finished"]
+    assert len(finished) == 1
+    assert finished[0]["response"]["param"]["k"] == "server1"
+
+
+def test_sync_with_update_publishes_from_updatedir(demo: Path, tmp_path: Path) -> None:
+    proc = run("sync", "-k", "server", "--update", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert one_document(proc.stdout)["param"]["update"] == "1"
+    assert (tmp_path / "var/softdir/server/bin/run").read_text() == "v2"
+
+
+def test_pretty_output_is_still_exactly_one_json_document(demo: Path, tmp_path: Path) -> None:
+    proc = run("sync", "-k", "server1", "--pretty", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") > 1
+    assert one_document(proc.stdout)["code"] == "0"
+
+
+def test_sync_exits_1_for_an_unknown_key_and_still_syncs_the_known_ones(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run("sync", "-k", "server1,nosuch", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 1
+    doc = one_document(proc.stdout)
+    assert doc["code"] == "0"
+    assert doc["data"]["data"]["0"] == "0"
+    assert "nosuch" in doc["data"]["msg"]
+    assert (tmp_path / "var/softdir/server/bin/run").read_text() == "v1"
+
+
+def test_sync_exits_1_when_a_source_is_missing(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict([app("a1", "a")], grace=0))
+    write_tree(tmp_path / "var/remotecomdir/softdir/a1", {"p": "1"})
+
+    proc = run("sync", "-k", "a1", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == 1
+    doc = one_document(proc.stdout)
+    assert doc["data"]["data"]["2"] == str(tmp_path / "var/remotecomdir/configuredir/a1")
+
+
+@pytest.mark.parametrize("k", ["", " , ", "''"])
+def test_sync_exits_2_for_an_empty_k_and_runs_nothing(demo: Path, tmp_path: Path, k: str) -> None:
+    proc = run("sync", "-k", k, "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "k" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "var/softdir/server").exists()
+
+
+def test_sync_without_k_is_a_usage_error(demo: Path, tmp_path: Path) -> None:
+    proc = run("sync", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert "-k" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        (
+            "dirs: {remotecomdir: r, updatedir: u, softdir: s, configuredir: c}\n"
+            "apps:\n  - {app_key: '../x', local_name: server}\n",
+            ["apps[0].app_key", "../x"],
+        ),
+        (
+            "dirs: {remotecomdir: r, updatedir: u, softdir: s, configuredir: c}\n"
+            "apps:\n  - {app_key: all, local_name: server}\n",
+            ["apps[0].app_key", "all"],
+        ),
+        (
+            "dirs: {remotecomdir: r, updatedir: u, softdir: s, configuredir: c}\n"
+            "apps:\n  - {app_key: a, local_name: g}\n  - {app_key: a, local_name: h}\n",
+            ["apps[1].app_key", "duplicate"],
+        ),
+        (
+            "dirs: {remotecomdir: r, updatedir: u, softdir: s, configuredir: c}\n"
+            "publish: {grace: 10, colour: blue}\n",
+            ["publish.colour", "unknown"],
+        ),
+        ("dirs: [unclosed\n", ["YAML"]),
+    ],
+)
+def test_a_broken_config_exits_2_with_one_clear_message_and_no_traceback(
+    tmp_path: Path, text: str, words: list[str]
+) -> None:
+    config = tmp_path / "broken.yml"
+    config.write_text(text)
+
+    for command in (["sync", "-k", "server"], ["check-config"]):
+        proc = run(*command, "--config", str(config), cwd=tmp_path)
+
+        assert proc.returncode == 2, command
+        assert proc.stdout == ""
+        assert str(config) in proc.stderr
+        for word in words:
+            assert word in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_config_file_exits_2_naming_it(tmp_path: Path) -> None:
+    proc = run("sync", "-k", "server", "--config", str(tmp_path / "nope.yml"), cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert "nope.yml" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_without_any_config_the_error_says_where_it_looked(tmp_path: Path) -> None:
+    if Path("/etc/syncpro/config.yml").exists():
+        pytest.skip("this machine has a system-wide config")
+
+    proc = run("check-config", cwd=tmp_path)
+
+    assert proc.returncode == 2
+    assert "SYNCPRO_CONFIG" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_config_is_found_through_syncpro_config_then_the_working_directory(
+    demo: Path, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    by_env = run("check-config", cwd=elsewhere, env={"SYNCPRO_CONFIG": str(demo)})
+    by_cwd = run("check-config", cwd=tmp_path)
+
+    assert by_env.returncode == 0, by_env.stderr
+    assert str(demo) in by_env.stdout
+    assert by_cwd.returncode == 0, by_cwd.stderr
+    assert "config.yml" in by_cwd.stdout
+
+
+def test_check_config_validates_and_summarises(demo: Path, tmp_path: Path) -> None:
+    proc = run("check-config", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    assert "valid" in proc.stdout
+    assert str(tmp_path / "var/softdir") in proc.stdout
+    assert "server" in proc.stdout
+
+
+def test_version_prints_the_package_version(tmp_path: Path) -> None:
+    proc = run("--version", cwd=tmp_path)
+
+    assert proc.returncode == 0
+    assert proc.stdout.strip() == f"syncpro {__version__}"
+
+
+def test_help_lists_sync_and_check_config(tmp_path: Path) -> None:
+    proc = run("--help", cwd=tmp_path)
+
+    assert proc.returncode == 0
+    assert "sync" in proc.stdout
+    assert "check-config" in proc.stdout
+
+
+def test_a_cli_sync_leaves_sources_untouched_and_targets_exact(demo: Path, tmp_path: Path) -> None:
+    before = snapshot(tmp_path / "var/remotecomdir", identity=True)
+
+    for _ in range(2):
+        assert run("sync", "-k", "all", "--config", str(demo), cwd=tmp_path).returncode == 0
+
+    assert snapshot(tmp_path / "var/remotecomdir", identity=True) == before
+    assert snapshot(tmp_path / "var/softdir/server") == snapshot(
+        tmp_path / "var/remotecomdir/softdir/server2"
+    )

@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
+
+    imp = sub.add_parser(
+        "import-config", help="print a syncpro config.yml made from the original platform's"
+    )
+    imp.add_argument("path", help="the original platform's config/config.yml")
+    imp.add_argument("--base", help="the original install dir (default: the file's grandparent)")
+    imp.add_argument("--env", help="the environment section (default: the file's env.key)")
     return parser
 
 
@@ -55,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "import-config":
+            return _import_config(args)
     except ConfigError as exc:
         print(f"syncpro: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -101,6 +110,18 @@ def _serve(args: argparse.Namespace) -> int:
     load_config(args.config)  # a broken config is one message and exit 2, before logging
     log.configure(sys.stdout, verbose=args.verbose)
     return serve(args.config)
+
+
+def _import_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from syncpro import log
+    from syncpro.import_config import import_original_config
+
+    log.configure(sys.stderr)  # stdout carries the generated config alone
+    base = Path(args.base) if args.base else None
+    print(import_original_config(Path(args.path), base, args.env), end="")
+    return EXIT_OK
 
 
 def _check_config(args: argparse.Namespace) -> int:

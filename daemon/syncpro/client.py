@@ -1,0 +1,190 @@
+"""`syncpro ctl`: send one request to the daemon's control socket and print its answer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from syncpro.config import ControlSettings, find_config, load_config
+from syncpro.errors import ConfigError, ControlError
+from syncpro.protocol import DIFF_ACTION, MAX_REQUEST, NEEDS_K, RELOAD_ACTION, STATUS_ACTION
+from syncpro.request import SYNC_ACTION
+
+EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
+ACTIONS = {
+    "sync": SYNC_ACTION,
+    "diff": DIFF_ACTION,
+    "status": STATUS_ACTION,
+    "reload": RELOAD_ACTION,
+}
+DEFAULT_TIMEOUT = 600.0
+
+
+def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Given the `syncpro` command's subparsers, add `ctl` to them."""
+    ctl = subparsers.add_parser(
+        "ctl",
+        help="drive the running daemon through its control socket",
+        description="Send one request to the daemon's control socket and print the response"
+        " JSON. Exit 0 when it succeeded, 1 when the sync ran unsuccessfully, 2 when the"
+        " request was refused or the daemon cannot be reached.",
+        usage="syncpro ctl [sync|diff] -k K [--update] | syncpro ctl {status,reload} [options]",
+    )
+    ctl.add_argument(
+        "ctl_action",
+        nargs="?",
+        choices=tuple(ACTIONS),
+        default="sync",
+        metavar="ACTION",
+        help="sync (the default), diff (what a sync would change), status or reload",
+    )
+    ctl.add_argument("-k", help="app keys, group names (local_name) or all")
+    ctl.add_argument(
+        "--update", action="store_true", help="sync from updatedir (default: remotecomdir)"
+    )
+    ctl.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file naming control.socket (default: $SYNCPRO_CONFIG, ./config.yml,"
+        " /etc/syncpro/config.yml)",
+    )
+    ctl.add_argument("--socket", metavar="PATH", help="the control socket (overrides --config)")
+    ctl.add_argument("--pretty", action="store_true", help="indent the response JSON")
+    ctl.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long to wait for the answer (default {DEFAULT_TIMEOUT:g})",
+    )
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    """Given the parsed `ctl` arguments, send the request, print the response document and
+    return the exit code: 0 success, 1 sync unsuccessful, 2 refused or daemon unreachable."""
+    action = ACTIONS[args.ctl_action]
+    if action in NEEDS_K and not (args.k or "").strip():
+        return _fail(f"ctl {args.ctl_action} needs -k: an app_key, a local_name or all")
+    if action not in NEEDS_K and (args.k is not None or args.update):
+        return _fail(f"ctl {args.ctl_action} takes no -k or --update")
+    try:
+        path = socket_path(args.socket, args.config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    fields = {"action": action}
+    if action in NEEDS_K:
+        fields.update(k=args.k, update="1" if args.update else "0")
+    try:
+        doc = send_request(path, fields, args.timeout)
+    except ControlError as exc:
+        return _fail(str(exc))
+    _print(doc, args.pretty)
+    return exit_code(action, doc)
+
+
+def socket_path(explicit: str | None, config: str | None) -> Path:
+    """Given --socket and --config, return the control socket's path: --socket, else the
+    config's control.socket, else (no config file anywhere) the default. Raise ConfigError if
+    the config is invalid."""
+    if explicit:
+        return Path(explicit)
+    try:
+        found = find_config(config)
+    except ConfigError:
+        return ControlSettings().socket
+    return load_config(found).control.socket
+
+
+def send_request(path: Path, fields: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Given the socket path and the request's fields, send them as one JSON line and return
+    the response document. Raise ControlError, naming the path, when the daemon cannot be
+    reached, does not answer within `timeout` s, or answers something else."""
+    line = json.dumps(fields, ensure_ascii=False).encode("utf-8") + b"\n"
+    if len(line) > MAX_REQUEST:
+        raise ControlError(f"request over {MAX_REQUEST // 1024} KiB: shorten -k")
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(line)
+            reply = _read_line(sock, deadline)
+        except FileNotFoundError:
+            raise ControlError(
+                f"no control socket at {path}: the daemon is not running"
+                " (start it with syncpro serve) or control.socket names another path"
+            ) from None
+        except ConnectionRefusedError:
+            raise ControlError(
+                f"the daemon is not running: nothing listens on the control socket {path}"
+            ) from None
+        except PermissionError:
+            raise ControlError(
+                f"permission denied on the control socket {path}: run as a user that"
+                " control.mode and control.group let in"
+            ) from None
+        except TimeoutError:
+            raise ControlError(
+                f"no answer from the daemon on the control socket {path} within {timeout:g} s"
+            ) from None
+        except OSError as exc:
+            raise ControlError(
+                f"cannot talk to the daemon on the control socket {path}: {exc.strerror or exc}"
+            ) from None
+    if not reply:
+        raise ControlError(f"the daemon closed the control socket {path} without answering")
+    try:
+        doc = json.loads(reply)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise ControlError(
+            f"the daemon on the control socket {path} answered something that is not a"
+            " response document"
+        )
+    return doc
+
+
+def _read_line(sock: socket.socket, deadline: float) -> bytes:
+    buffer = bytearray()
+    while b"\n" not in buffer:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        buffer += chunk
+    return bytes(buffer.partition(b"\n")[0])
+
+
+def exit_code(action: str, doc: dict[str, Any]) -> int:
+    """Given the action and its response document, return the exit code as `syncpro sync`
+    does: 2 when the request was refused, else 0 when it fully succeeded, 1 when not."""
+    if str(doc.get("code")) != "0":
+        return EXIT_USAGE
+    if action not in NEEDS_K:
+        return EXIT_OK
+    data = doc.get("data")
+    inner = data.get("data") if isinstance(data, dict) else None
+    ok = isinstance(inner, dict) and inner.get("0") == "1"
+    return EXIT_OK if ok else EXIT_UNSUCCESSFUL
+
+
+def _print(doc: dict[str, Any], pretty: bool) -> None:
+    if pretty or sys.stdout.isatty():
+        text = json.dumps(doc, ensure_ascii=False, indent=2)
+    else:
+        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+    print(text, flush=True)
+
+
+def _fail(message: str) -> int:
+    print(f"syncpro ctl: {message}", file=sys.stderr)
+    return EXIT_USAGE

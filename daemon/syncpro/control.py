@@ -1,0 +1,471 @@
+"""The daemon's control socket: peers checked by SO_PEERCRED, one request line in, one out."""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import json
+import os
+import pwd
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import structlog
+
+from syncpro.config import ControlSettings
+from syncpro.errors import ControlError, RequestError
+from syncpro.protocol import (
+    DIFF_ACTION,
+    MAX_REQUEST,
+    NEEDS_K,
+    STATUS_ACTION,
+    ControlRequest,
+    ProtocolError,
+    parse_request,
+    to_sync_request,
+)
+from syncpro.request import SYNC_ACTION, SyncRequest
+from syncpro.response import refusal_document
+
+log = structlog.get_logger()
+
+REFUSED_CODE = "403"
+BUSY_CODE = "503"
+FAILED_CODE = "500"
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+_SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+_MAX_GROUPS = 1024
+
+
+class ControlHandler(Protocol):
+    """What the control socket and the HTTP endpoint drive: the daemon, or a test double."""
+
+    def sync(self, request: SyncRequest) -> dict[str, Any]: ...
+
+    def diff(self, request: SyncRequest) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def reload(self) -> dict[str, Any]: ...
+
+
+def dispatch(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str, Any]:
+    """Given a parsed request, run it on the handler and return its response document. A
+    handler that raises yields a refusal document naming the error class; it never escapes."""
+    try:
+        if req.action == SYNC_ACTION:
+            doc = handler.sync(to_sync_request(req, origin))
+        elif req.action == DIFF_ACTION:
+            doc = handler.diff(to_sync_request(req, origin))
+        elif req.action == STATUS_ACTION:
+            doc = handler.status()
+        else:
+            doc = handler.reload()
+    except RequestError as exc:
+        return refusal_document(req.echo(), str(exc))
+    except Exception as exc:
+        log.exception("control.handler_failed", action=req.action, error=type(exc).__name__)
+        reason = f"internal error while running {req.action}: {type(exc).__name__}: {exc}"
+        return refusal_document(req.echo(), reason, FAILED_CODE)
+    if "param" not in doc:
+        doc = {**doc, "param": req.echo()}
+    return doc
+
+
+def succeeded(doc: dict[str, Any], action: str | None) -> bool:
+    """Given a response document and its action, return whether the request ran and (for a
+    sync or diff) every selected app succeeded."""
+    if str(doc.get("code")) != "0":
+        return False
+    if action not in NEEDS_K:
+        return True
+    data = doc.get("data")
+    inner = data.get("data") if isinstance(data, dict) else None
+    return isinstance(inner, dict) and inner.get("0") == "1"
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    """Return a response document as one line of UTF-8 JSON."""
+    return json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a unix socket, as the kernel saw it at connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] | None = None  # supplementary groups, when the kernel says
+
+
+def peer_of(conn: socket.socket) -> Peer:
+    """Given a connected unix socket, return its peer's credentials (SO_PEERCRED)."""
+    pid, uid, gid = _UCRED.unpack(
+        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    groups: tuple[int, ...] | None
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * _MAX_GROUPS)
+        groups = struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])
+    except OSError:
+        groups = None  # an old kernel, or more groups than we asked for: ask the user database
+    return Peer(pid, uid, gid, groups)
+
+
+class _Dropped(Exception):
+    """The client sent no whole request line: it left, stalled, or the server is stopping."""
+
+
+class _TooLong(Exception):
+    """The request line is over the limit."""
+
+
+class ControlServer:
+    """Serves the control socket in its own thread, one thread per connection.
+
+    Use as a context manager, or call start() and stop(). Peers are checked against
+    ControlSettings.allow_uids / allow_gids (root and this process's user always allowed);
+    others are answered a refusal and nothing runs.
+    """
+
+    def __init__(
+        self,
+        settings: ControlSettings,
+        handler: ControlHandler,
+        *,
+        read_timeout: float = 10.0,
+        write_timeout: float = 60.0,
+        max_clients: int = 64,
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.max_clients = max_clients
+        self._listener: socket.socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._inode: int | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._clients: set[threading.Thread] = set()
+        self._reading: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._count = 0
+
+    @property
+    def path(self) -> Path:
+        return self.settings.socket
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        """Bind the socket with its mode and group and start serving. Raise ControlError if
+        the group is unknown, another server answers on the path, or the path cannot be bound."""
+        gid = self._group_id()
+        path = self.path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ControlError(
+                f"cannot create {path.parent} for the control socket: {exc}"
+            ) from None
+        self._clear_stale(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            listener.bind(str(path))
+            bound = True
+            # Permissions before listen(): nobody can connect to a socket that is not listening.
+            os.chmod(path, self.settings.mode)
+            if gid is not None:
+                os.chown(path, -1, gid)
+            listener.listen(128)
+            listener.setblocking(False)
+            self._inode = os.stat(path).st_ino
+        except OSError as exc:
+            listener.close()
+            if bound:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise ControlError(f"cannot serve the control socket {path}: {exc}") from None
+        self._listener = listener
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._serve, name="syncpro-control", daemon=False)
+        self._thread.start()
+        log.info(
+            "control.listening",
+            socket=str(path),
+            mode=f"{self.settings.mode:04o}",
+            group=self.settings.group,
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, drop clients still sending their request, wait up to `timeout` s
+        for running requests to be answered, and remove the socket."""
+        if self._thread is None:
+            return
+        deadline = time.monotonic() + timeout
+        self._stopping.set()
+        if self._wake_w is not None:
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._close_listener()
+        with self._lock:
+            for conn in self._reading:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+            clients = list(self._clients)
+        for thread in clients:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        abandoned = [t.name for t in clients if t.is_alive()]
+        if abandoned:
+            log.warning("control.stop_abandoned", clients=abandoned)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._wake_r = self._wake_w = None
+        self._thread = None
+        log.info("control.stopped", socket=str(self.path))
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _group_id(self) -> int | None:
+        group = self.settings.group
+        if group is None:
+            return None
+        if group.isdigit():
+            return int(group)
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ControlError(
+                f"control.group: no group named {group!r} for the control socket {self.path}"
+            ) from None
+
+    def _clear_stale(self, path: Path) -> None:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(
+                f"{path} exists and is not a socket: remove it or choose another control.socket"
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(2.0)
+        try:
+            probe.connect(str(path))
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: left over by a daemon that died
+            log.info("control.stale_socket_removed", socket=str(path))
+            return
+        except OSError as exc:
+            raise ControlError(f"cannot probe the existing control socket {path}: {exc}") from None
+        finally:
+            probe.close()
+        raise ControlError(
+            f"another server is listening on the control socket {path}: is syncpro serve"
+            " already running? Stop it or choose another control.socket"
+        )
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.close()
+        # Only our own socket file: a successor may already have bound the path again.
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
+
+    # --- accepting ---
+
+    def _serve(self) -> None:
+        assert self._listener is not None and self._wake_r is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._listener, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in selector.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self._accept()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # Out of file descriptors, most likely: back off instead of spinning on select().
+            log.error("control.accept_failed", socket=str(self.path), error=str(exc))
+            self._stopping.wait(0.5)
+            return
+        with self._lock:
+            self._clients = {t for t in self._clients if t.is_alive()}
+            busy = len(self._clients) >= self.max_clients
+            if not busy:
+                self._count += 1
+                thread = threading.Thread(
+                    target=self._client,
+                    args=(conn,),
+                    name=f"syncpro-control-{self._count}",
+                    daemon=False,
+                )
+                self._clients.add(thread)
+                self._reading.add(conn)
+                thread.start()
+        if busy:
+            with conn:
+                reason = f"busy: {self.max_clients} requests already in progress; retry later"
+                self._send(conn, refusal_document({}, reason, BUSY_CODE), 1.0)
+            log.warning("control.busy", clients=self.max_clients)
+
+    # --- one client ---
+
+    def _client(self, conn: socket.socket) -> None:
+        started = time.monotonic()
+        with conn:
+            try:
+                peer = peer_of(conn)
+                line = self._read_line(conn)
+            except _Dropped as exc:
+                log.info("control.dropped", socket=str(self.path), reason=str(exc))
+                return
+            except _TooLong:
+                line = None
+            except OSError as exc:
+                log.info("control.dropped", socket=str(self.path), reason=str(exc))
+                return
+            finally:
+                with self._lock:
+                    self._reading.discard(conn)
+            doc, action, param, error = self._answer(peer, line)
+            delivered = self._send(conn, doc, self.write_timeout)
+        log.info(
+            "control.request",
+            action=action,
+            k=param.get("k"),
+            update=param.get("update"),
+            uid=peer.uid,
+            pid=peer.pid,
+            ok=succeeded(doc, action),
+            code=doc.get("code"),
+            error=error,
+            delivered=delivered,
+            seconds=round(time.monotonic() - started, 6),
+        )
+
+    def _answer(
+        self, peer: Peer, line: bytes | None
+    ) -> tuple[dict[str, Any], str | None, dict[str, str], str | None]:
+        if not self.allowed(peer):
+            reason = (
+                f"uid {peer.uid} (pid {peer.pid}) is not allowed on the control socket"
+                f" {self.path}: add it to control.allow_uids or its group to control.allow_gids"
+            )
+            return refusal_document({}, reason, REFUSED_CODE), None, {}, reason
+        if line is None:
+            reason = f"request over {MAX_REQUEST // 1024} KiB"
+            return refusal_document({}, reason), None, {}, reason
+        try:
+            req = parse_request(line)
+        except ProtocolError as exc:
+            return (
+                refusal_document(exc.param, exc.reason),
+                exc.param.get("action"),
+                exc.param,
+                exc.reason,
+            )
+        doc = dispatch(self.handler, req, "control")
+        error = None if str(doc.get("code")) == "0" else _msg(doc)
+        return doc, req.action, req.echo(), error
+
+    def allowed(self, peer: Peer) -> bool:
+        """Given a peer, return whether it may use the socket: root, this process's user, a
+        listed uid, or a member (primary or supplementary group) of a listed gid."""
+        settings = self.settings
+        if peer.uid in (0, os.geteuid()) or peer.uid in settings.allow_uids:
+            return True
+        if not settings.allow_gids:
+            return False
+        if peer.gid in settings.allow_gids:
+            return True
+        groups = peer.groups if peer.groups is not None else _user_groups(peer.uid)
+        return any(gid in settings.allow_gids for gid in groups)
+
+    def _read_line(self, conn: socket.socket) -> bytes:
+        deadline = time.monotonic() + self.read_timeout
+        buffer = bytearray()
+        limit = MAX_REQUEST + 2  # the line, an optional \r, and its \n
+        while True:
+            end = buffer.find(b"\n")
+            if end >= 0:
+                if end + 1 > limit:
+                    raise _TooLong
+                return bytes(buffer[: end + 1])
+            if len(buffer) > limit:
+                raise _TooLong
+            if self._stopping.is_set():
+                raise _Dropped("the server is stopping")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Dropped(f"no whole request line within {self.read_timeout:g} s")
+            conn.settimeout(remaining)
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                raise _Dropped(f"no whole request line within {self.read_timeout:g} s") from None
+            if not chunk:
+                # A request is only whole with its newline: a client that left mid-line may have
+                # meant something else entirely (update=1 cut off), so nothing runs.
+                what = "closed mid-request" if buffer else "closed without a request"
+                raise _Dropped(what)
+            buffer += chunk
+
+    @staticmethod
+    def _send(conn: socket.socket, doc: dict[str, Any], timeout: float) -> bool:
+        try:
+            conn.settimeout(timeout)
+            conn.sendall(encode(doc))
+        except OSError:
+            return False  # the client left before its answer: nothing to tell it
+        return True
+
+
+def _msg(doc: dict[str, Any]) -> str | None:
+    data = doc.get("data")
+    if isinstance(data, dict) and isinstance(data.get("msg"), str):
+        return str(data["msg"])
+    return str(doc.get("msg")) if doc.get("msg") is not None else None
+
+
+def _user_groups(uid: int) -> list[int]:
+    try:
+        user = pwd.getpwuid(uid)
+    except KeyError:
+        return []
+    return os.getgrouplist(user.pw_name, user.pw_gid)

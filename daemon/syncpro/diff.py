@@ -1,0 +1,339 @@
+"""What a sync would change in each selected app's targets, computed without writing anything.
+
+Per app and target the answer is the original's `differcount`, "total,changed,deleted,added",
+and the relative paths in each class: `total` counts the entries the sync would publish,
+`changed` those present in both trees that differ (type, size, mtime, mode, link target, and
+the owner when running as root, since the sync keeps it then), `deleted` those only in the
+target, `added` those only in the source. A directory's own mtime follows its children and is
+not compared.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from syncpro import layout
+from syncpro.config import Config
+from syncpro.inventory import App, Inventory
+from syncpro.request import SyncRequest
+from syncpro.response import FAIL_MSG, OK_MSG, PARSE_OK_MSG, RUN_DONE_MSG, param_of, request_cmd
+from syncpro.selection import select
+from syncpro.tree import Ignore
+
+OK, MISSING, FAILED = "ok", "missing", "failed"
+DEFAULT_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What the sync compares of one path: its type and the metadata it would publish."""
+
+    kind: int  # stat.S_IFMT
+    mode: int
+    size: int
+    mtime_ns: int
+    owner: tuple[int, int]
+    link: str | None
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> _Entry:
+        kind = stat.S_IFMT(st.st_mode)
+        return cls(
+            kind,
+            stat.S_IMODE(st.st_mode),
+            st.st_size,
+            st.st_mtime_ns,
+            (st.st_uid, st.st_gid),
+            os.readlink(path) if kind == stat.S_IFLNK else None,
+        )
+
+    def differs(self, other: _Entry, owners: bool) -> bool:
+        if self.kind != other.kind:
+            return True
+        if self.kind == stat.S_IFLNK:
+            return self.link != other.link
+        if self.mode != other.mode or (owners and self.owner != other.owner):
+            return True
+        if self.kind == stat.S_IFDIR:
+            return False
+        return self.size != other.size or self.mtime_ns != other.mtime_ns
+
+
+@dataclass
+class TargetDiff:
+    """The difference between what one target holds and what a sync would publish there."""
+
+    kind: str  # "program" or "config"
+    source: str
+    target: str
+    status: str = OK
+    total: int = 0
+    changed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    error: str | None = None
+    winner: str | None = None
+
+    @property
+    def differcount(self) -> str:
+        return f"{self.total},{len(self.changed)},{len(self.deleted)},{len(self.added)}"
+
+    def as_dict(self, limit: int) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "status": self.status,
+            "source": self.source,
+            "target": self.target,
+            "differcount": self.differcount,
+        }
+        truncated = False
+        for name in ("changed", "deleted", "added"):
+            paths: list[str] = getattr(self, name)
+            doc[name] = paths[:limit]
+            truncated = truncated or len(paths) > limit
+        if truncated:
+            doc["truncated"] = limit
+        if self.error:
+            doc["error"] = self.error
+        if self.winner:
+            doc["winner"] = self.winner
+        return doc
+
+
+def diff(
+    request: SyncRequest, config: Config, inventory: Inventory, *, limit: int = DEFAULT_LIMIT
+) -> dict[str, Any]:
+    """Given a sync request, the config and the inventory, return a response document whose
+    `diff` key says, per selected app, what syncing it would change in its program and config
+    targets. Nothing is written. `data.data["0"]` is "1" when every app could be compared in
+    full (both sources present, listed config files valid) and no token of `k` is unknown; at
+    most `limit` paths are listed per class (the counts stay exact)."""
+    started, clock = time.time(), time.monotonic()
+    selection = select(request.tokens, inventory)
+    ignore = Ignore(config.watch.ignore)
+    owners = os.geteuid() == 0
+    per_app: dict[str, dict[str, TargetDiff]] = {app.app_key: {} for app in selection.apps}
+    missing_program: list[str] = []
+    missing_config: list[str] = []
+
+    groups: dict[str, list[App]] = {}
+    for app in selection.apps:
+        groups.setdefault(app.local_name, []).append(app)
+    for apps in groups.values():
+        programs = _program_diffs(config, request.update, apps, ignore, owners)
+        for app in apps:
+            per_app[app.app_key]["program"] = programs[app.app_key]
+            if programs[app.app_key].status == MISSING:
+                _append_once(missing_program, programs[app.app_key].source)
+    for app in selection.apps:
+        found = _config_diff(config, request.update, app, ignore, owners)
+        per_app[app.app_key]["config"] = found
+        if found.status == MISSING:
+            missing_config.append(found.source)
+
+    errors = [f"unknown key: {token}" for token in selection.unknown]
+    if not selection.apps and not selection.unknown:
+        errors.append("no app selected")
+    for key, targets in per_app.items():
+        for found in targets.values():
+            if found.status == MISSING:
+                errors.append(f"{key}: {found.kind} source {found.source} is missing")
+            elif found.error:
+                errors.append(f"{key}: {found.error}")
+    ok = not errors
+    seconds = time.monotonic() - clock
+    param = param_of(request)
+    return {
+        "code": "0",
+        "data": {
+            "code": "0" if ok else "1",
+            "data": {
+                "0": "1" if ok else "0",
+                "1": ",".join(missing_program),
+                "2": ",".join(missing_config),
+            },
+            "msg": OK_MSG if ok else f"{FAIL_MSG}: " + "; ".join(errors),
+        },
+        "param": param,
+        "parseparameters": {
+            "code": "0",
+            "msg": PARSE_OK_MSG,
+            "precmd": "",
+            "requestCmd": request_cmd(param),
+        },
+        "print_stdout": "0",
+        "respon": {
+            "chdir": os.getcwd(),
+            "cmd": _command_line(request),
+            "code": "1",
+            "msg": RUN_DONE_MSG,
+            "ret": "0" if ok else "1",
+            "stderr": "\n".join(errors),
+            "stdout": "",
+        },
+        "take": str(round(seconds)),
+        "seconds": round(seconds, 6),
+        "started": started,
+        "origin": request.origin,
+        "unknown": list(selection.unknown),
+        "diff": {
+            key: {kind: found.as_dict(limit) for kind, found in targets.items()}
+            for key, targets in per_app.items()
+        },
+    }
+
+
+def _append_once(items: list[str], item: str) -> None:
+    if item not in items:
+        items.append(item)
+
+
+def _command_line(request: SyncRequest) -> str:
+    parts = ["syncpro", "ctl", "diff", "-k", request.normalised_k]
+    if request.update:
+        parts.append("--update")
+    return shlex.join(parts)
+
+
+def _program_diffs(
+    config: Config, update: bool, apps: list[App], ignore: Ignore, owners: bool
+) -> dict[str, TargetDiff]:
+    """The group's program target receives the last app's (inventory order) existing source;
+    every app whose source exists is told that difference, the others that theirs is missing."""
+    target = str(layout.program_target(config.dirs, apps[0]).path)
+    sources = {app.app_key: layout.program_source(config.dirs, app, update) for app in apps}
+    existing = [app for app in apps if sources[app.app_key].is_dir()]
+    found: dict[str, TargetDiff] = {}
+    for app in apps:
+        if app not in existing:
+            found[app.app_key] = TargetDiff("program", str(sources[app.app_key]), target, MISSING)
+    if not existing:
+        return found
+    winner = existing[-1]
+    group_diff = TargetDiff("program", str(sources[winner.app_key]), target)
+    _compare(group_diff, lambda: _listing(sources[winner.app_key], ignore), owners)
+    for app in existing:
+        found[app.app_key] = replace(
+            group_diff,
+            source=str(sources[app.app_key]),
+            winner=None if app is winner else winner.app_key,
+        )
+    return found
+
+
+def _config_diff(
+    config: Config, update: bool, app: App, ignore: Ignore, owners: bool
+) -> TargetDiff:
+    source = layout.config_source(config.dirs, app, update)
+    target = str(layout.config_target(config.dirs, app).path)
+    found = TargetDiff("config", str(source), target)
+    if not source.is_dir():
+        found.status = MISSING
+        return found
+    if app.config_integrated:
+        _compare(found, lambda: _listed(source, app.configure_file_list, ignore), owners)
+    else:
+        _compare(found, lambda: _listing(source, ignore), owners)
+    return found
+
+
+class _ListedError(Exception):
+    """A type-2 list names entries that are missing or outside the source."""
+
+
+def _compare(found: TargetDiff, expected: Callable[[], dict[str, _Entry]], owners: bool) -> None:
+    try:
+        wanted = expected()
+        present = _listing(Path(found.target), None) if os.path.isdir(found.target) else {}
+    except _ListedError as exc:
+        found.status, found.error = FAILED, str(exc)
+        return
+    except OSError as exc:
+        found.status, found.error = FAILED, f"cannot compare {found.kind}: {exc}"
+        return
+    found.total = len(wanted)
+    for rel in sorted(wanted.keys() | present.keys()):
+        if rel not in present:
+            found.added.append(rel)
+        elif rel not in wanted:
+            found.deleted.append(rel)
+        elif wanted[rel].differs(present[rel], owners):
+            found.changed.append(rel)
+
+
+def _listing(root: Path, ignore: Ignore | None, prefix: str = "") -> dict[str, _Entry]:
+    """Every entry under root by relative path, never following links. Names the copy would
+    leave out (ignore patterns; FIFOs, sockets and devices) are not listed. The target is
+    listed whole: whatever lies there that the source lacks, the sync would delete."""
+    found: dict[str, _Entry] = {}
+    stack = [(prefix, str(root))]
+    while stack:
+        rel, path = stack.pop()
+        with os.scandir(path) as entries:
+            for entry in entries:
+                entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+                if ignore is not None and ignore(entry.name, entry_rel):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if ignore is not None and not _copied(st.st_mode):
+                    continue
+                found[entry_rel] = _Entry.of(entry.path, st)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((entry_rel, entry.path))
+    return found
+
+
+def _copied(mode: int) -> bool:
+    return stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)
+
+
+def _listed(source: Path, entries: tuple[str, ...], ignore: Ignore) -> dict[str, _Entry]:
+    """What a type-2 config target would hold: the listed entries (links resolved, a listed
+    directory whole) and the directories leading to them. Raise _ListedError with every entry
+    that is absolute, escapes the source or is missing, as the copy would."""
+    real_root = os.path.realpath(source)
+    chosen: list[tuple[str, str]] = []
+    problems: list[str] = []
+    for entry in entries:
+        norm = os.path.normpath(entry)
+        if os.path.isabs(entry):
+            problems.append(f"listed config {entry!r} is an absolute path")
+        elif norm in (".", "..") or norm.startswith("../"):
+            problems.append(f"listed config {entry!r} escapes the config source {source}")
+        else:
+            real = os.path.realpath(os.path.join(real_root, norm))
+            if real != real_root and not real.startswith(real_root + os.sep):
+                problems.append(
+                    f"listed config {entry!r} escapes the config source {source} through a symlink"
+                )
+            elif not os.path.exists(real):
+                problems.append(f"listed config file {source / norm} is missing")
+            else:
+                chosen.append((norm, real))
+    if problems:
+        raise _ListedError("; ".join(problems))
+    found: dict[str, _Entry] = {}
+    # Shallow entries first, as the copy does: a listed directory is taken whole before any
+    # listed file inside it.
+    for norm, real in sorted(chosen, key=lambda item: item[0].count("/")):
+        parts = norm.split("/")
+        for depth in range(1, len(parts)):
+            sub = "/".join(parts[:depth])
+            if sub not in found:
+                path = os.path.join(real_root, sub)
+                found[sub] = _Entry.of(path, os.stat(path))
+        if norm in found:
+            continue
+        st = os.stat(real)
+        if stat.S_ISDIR(st.st_mode):
+            found[norm] = _Entry.of(real, st)
+            found.update(_listing(Path(real), ignore, norm))
+        elif stat.S_ISREG(st.st_mode):
+            found[norm] = _Entry.of(real, st)
+    return found

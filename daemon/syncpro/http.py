@@ -1,0 +1,301 @@
+"""The original platform's HTTP endpoint: `POST /rex?token=...` with the seed's form body."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hmac
+import json
+import re
+import socket
+import socketserver
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+
+from syncpro import __version__
+from syncpro.config import HttpSettings
+from syncpro.control import FAILED_CODE, REFUSED_CODE, ControlHandler, dispatch, succeeded
+from syncpro.errors import ControlError
+from syncpro.protocol import ControlRequest, ProtocolError, parse_request
+from syncpro.response import REDACTED, refusal_document
+
+log = structlog.get_logger()
+
+_TOKEN_IN_TEXT = re.compile(r"(token(?:=|%3[dD]))[^&\s'\"]*")
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 16 << 20
+
+
+class HttpServer:
+    """Serves POST /rex and GET /healthz in its own thread, one thread per request."""
+
+    def __init__(
+        self, settings: HttpSettings, handler: ControlHandler, *, timeout: float = 10.0
+    ) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.timeout = timeout
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound host and port (the real port when the settings asked for port 0)."""
+        if self._server is None:
+            return self.settings.host_port
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        """Bind the listen address and start serving. Raise ControlError if it cannot be bound."""
+        host, port = self.settings.host_port
+        cls = _Server6 if ":" in host else _Server
+        try:
+            server = cls((host, port), _Handler)
+        except OSError as exc:
+            raise ControlError(
+                f"cannot serve HTTP on {self.settings.listen}: {exc.strerror or exc}"
+            ) from None
+        server.syncpro = self
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="syncpro-http",
+            daemon=False,
+        )
+        self._thread.start()
+        host, port = self.address
+        log.info("http.listening", host=host, port=port)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, wait for running requests to be answered, and close the socket."""
+        server, self._server = self._server, None
+        if server is None or self._thread is None:
+            return
+        server.shutdown()
+        self._thread.join(timeout)
+        server.server_close()  # joins the request threads
+        self._thread = None
+        log.info("http.stopped", listen=self.settings.listen)
+
+    def __enter__(self) -> HttpServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def token_ok(self, given: str | None) -> bool:
+        """Given the token a client sent, return whether it is the configured one, compared
+        in constant time. Without a configured token nothing is allowed."""
+        expected = self.settings.token
+        if not expected or given is None:
+            return False
+        return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+
+    def redact(self, text: str) -> str:
+        """Return text with every token value replaced, for logs."""
+        text = _TOKEN_IN_TEXT.sub(rf"\g<1>{REDACTED}", text)
+        if self.settings.token:
+            text = text.replace(self.settings.token, REDACTED)
+        return text
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+    syncpro: HttpServer
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the host's FQDN, which can stall on a broken resolver.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that leaves mid-answer is not the server's failure: one log line, no traceback.
+        log.warning("http.connection_error", client=str(client_address[0]), exc_info=True)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    server_version = f"syncpro/{__version__}"
+    sys_version = ""
+    protocol_version = "HTTP/1.0"
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def setup(self) -> None:
+        self._started = time.monotonic()
+        super().setup()
+        # A client that stalls mid-request holds its thread at most this long.
+        self.connection.settimeout(self.server.syncpro.timeout)
+
+    @property
+    def _app(self) -> HttpServer:
+        return self.server.syncpro
+
+    # --- routes ---
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path == "/healthz":
+            self._answer(200, {"status": "ok"})
+        elif path == "/rex":
+            self._refuse(405, "use POST /rex?token=... with a form body", extra={"Allow": "POST"})
+        else:
+            self._refuse(404, f"no such endpoint: {path} (POST /rex, GET /healthz)")
+
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        if url.path != "/rex":
+            self._refuse(404, f"no such endpoint: {url.path} (POST /rex, GET /healthz)")
+            return
+        body = self._read_body()
+        if body is None:
+            return
+        query = parse_qs(url.query, keep_blank_values=True)
+        tokens = query.get("token", [])
+        try:
+            req: ControlRequest | None = parse_request(body)
+            error: ProtocolError | None = None
+        except ProtocolError as exc:
+            req, error = None, exc
+        if not tokens and req is not None and req.token is not None:
+            tokens = [req.token]  # the original also took the token from the form body
+        given = tokens[0] if len(tokens) == 1 else None
+        param = req.echo() if req is not None else (error.param if error is not None else {})
+        if tokens:
+            param["token"] = REDACTED
+        if not self._app.token_ok(given):
+            reason = "token missing" if not tokens else "token invalid"
+            if len(tokens) > 1:
+                reason = "token given more than once"
+            self._answer(403, refusal_document(param, reason, REFUSED_CODE), param=param)
+            return
+        if error is not None or req is None:
+            reason = error.reason if error is not None else "invalid request"
+            # As the original: the request was heard, the document's code says it failed.
+            self._answer(200, refusal_document(param, reason), param=param)
+            return
+        req = dataclasses.replace(req, token=given)
+        doc = dispatch(self._app.handler, req, "http")
+        status = 500 if str(doc.get("code")) == FAILED_CODE else 200
+        self._answer(status, doc, param=req.echo(), pretty=req.pretty, action=req.action)
+
+    def _read_body(self) -> bytes | None:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self._refuse(411, "send the body with a Content-Length, not chunked")
+            return None
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            self._refuse(411, "Content-Length required")
+            return None
+        if not raw_length.strip().isdigit():
+            self._refuse(400, "Content-Length must be a number of bytes")
+            return None
+        length = int(raw_length)
+        limit = self._app.settings.max_body
+        if length > limit:
+            self._refuse(413, f"request body over {limit} bytes ({length})")
+            self._linger(length)
+            return None
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self._refuse(400, f"request body ended after {len(body)} of {length} bytes")
+            return None
+        return body
+
+    def _linger(self, length: int) -> None:
+        # Closing with the unread body pending would reset the connection and could destroy the
+        # answer before the client reads it: say we are done, then read what it still sends.
+        with contextlib.suppress(OSError):
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + _LINGER_SECONDS
+            left = min(length, _LINGER_BYTES)
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(remaining)
+                chunk = self.connection.recv(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
+
+    # --- answers ---
+
+    def _refuse(self, status: int, reason: str, extra: dict[str, str] | None = None) -> None:
+        self._answer(status, refusal_document({}, reason, str(status)), extra=extra)
+
+    def _answer(
+        self,
+        status: int,
+        doc: dict[str, Any],
+        *,
+        param: dict[str, str] | None = None,
+        pretty: bool = False,
+        action: str | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        text = json.dumps(doc, ensure_ascii=False, indent=2 if pretty else None, default=str)
+        body = text.encode("utf-8") + b"\n"
+        delivered = True
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            for name, value in (extra or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            delivered = False
+        self.close_connection = True
+        param = param or {}
+        log.info(
+            "http.request",
+            method=getattr(self, "command", None) or "",
+            path=urlsplit(getattr(self, "path", "")).path,
+            status=status,
+            client=self.client_address[0],
+            action=action or param.get("action"),
+            k=param.get("k"),
+            update=param.get("update"),
+            ok=status == 200 and succeeded(doc, action) if action else status == 200,
+            code=doc.get("code"),
+            delivered=delivered,
+            seconds=round(time.monotonic() - self._started, 6),
+        )
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # Malformed request lines, unsupported methods, URIs too long: a JSON document too.
+        reason = self._app.redact(message or self.responses.get(code, ("error",))[0])
+        self._answer(code, refusal_document({}, reason, str(code)))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # each request is logged once, by _answer, without its query string
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.warning(
+            "http.message",
+            message=self._app.redact(format % args),
+            client=self.client_address[0],
+        )

@@ -1,0 +1,232 @@
+"""Parse one control request (form-encoded like the seed, or JSON) into a typed value."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_plus
+
+from syncpro.errors import RequestError
+from syncpro.request import SYNC_ACTION, SyncRequest, parse_update, split_k, validate_k
+from syncpro.response import REDACTED
+
+DIFF_ACTION = "Deploy:Core:diff"
+STATUS_ACTION = "status"
+RELOAD_ACTION = "reload"
+ACTIONS = (SYNC_ACTION, DIFF_ACTION, STATUS_ACTION, RELOAD_ACTION)
+NEEDS_K = frozenset({SYNC_ACTION, DIFF_ACTION})
+
+MAX_REQUEST = 64 * 1024
+FIELDS = ("action", "k", "update", "w", "token", "pretty")
+_QUOTES = "'\""
+# An echoed value is a hint for the operator, not a copy of whatever was sent.
+_ECHO_LIMIT = 200
+
+
+class ProtocolError(RequestError):
+    """A control request could not be parsed or validated; nothing ran.
+
+    `param` echoes the fields that were understood (a token only ever as REDACTED), so the
+    caller can answer `refusal_document(error.param, error.reason)`.
+    """
+
+    def __init__(self, reason: str, param: dict[str, str] | None = None) -> None:
+        self.reason = reason
+        self.param = dict(param or {})
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """One understood request: which action, and the sync fields it carries."""
+
+    action: str
+    k: str | None = None
+    update: bool = False
+    w: str | None = None
+    token: str | None = field(default=None, repr=False, compare=False)
+    pretty: bool = False
+
+    @property
+    def token_given(self) -> bool:
+        return self.token is not None
+
+    @property
+    def normalised_k(self) -> str | None:
+        return None if self.k is None else " ".join(split_k(self.k))
+
+    def echo(self) -> dict[str, str]:
+        """Return the request as the response's `param`: k normalised, a token redacted."""
+        param = {"action": self.action}
+        if self.k is not None:
+            param["k"] = self.normalised_k or ""
+        if self.action in NEEDS_K:
+            param["update"] = "1" if self.update else "0"
+        if self.w is not None:
+            param["w"] = self.w
+        if self.token_given:
+            param["token"] = REDACTED
+        return param
+
+
+def parse_request(raw: bytes) -> ControlRequest:
+    """Given one request line (its trailing newline optional), return the request it makes.
+    Raise ProtocolError saying why when it is too large, not UTF-8, empty, neither a form nor
+    a JSON object, repeats or misses a field, names an unknown field or action, or carries a
+    `k` or `update` the action cannot run with."""
+    if len(raw) > MAX_REQUEST + 2:
+        raise ProtocolError(f"request over {MAX_REQUEST // 1024} KiB ({len(raw)} bytes)")
+    line = raw[:-1] if raw.endswith(b"\n") else raw
+    line = line[:-1] if line.endswith(b"\r") else line
+    if len(line) > MAX_REQUEST:
+        raise ProtocolError(f"request over {MAX_REQUEST // 1024} KiB ({len(line)} bytes)")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"request is not valid UTF-8 (byte {exc.start})") from None
+    text = text.strip()
+    if not text:
+        raise ProtocolError("empty request: send action=Deploy:Core:syncpro&k=... or JSON")
+    pairs = _json_pairs(text) if _looks_like_json(text) else _form_pairs(text)
+    return _validate(pairs)
+
+
+def _looks_like_json(text: str) -> bool:
+    if text[0] in '{["':
+        return True
+    if "=" in text:
+        return False
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return True  # a bare number or constant: JSON, but not an object
+
+
+def _json_pairs(text: str) -> list[tuple[str, Any]]:
+    try:
+        document = json.loads(text, object_pairs_hook=_Pairs)
+    except RecursionError:
+        raise ProtocolError("request is not valid JSON: nested too deeply") from None
+    except ValueError as exc:
+        raise ProtocolError(f"request is not valid JSON: {exc}") from None
+    if not isinstance(document, _Pairs):
+        kind = "array" if isinstance(document, list) else type(document).__name__
+        raise ProtocolError(f"a JSON request must be an object of fields, not {kind}")
+    return list(document)
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object kept as its (key, value) pairs, so a repeated key can be refused."""
+
+
+def _form_pairs(text: str) -> list[tuple[str, Any]]:
+    pairs: list[tuple[str, Any]] = []
+    for piece in text.split("&"):
+        if not piece:
+            continue  # a stray '&' (trailing or doubled) carries nothing
+        name, sep, value = piece.partition("=")
+        if not sep or not name:
+            raise ProtocolError(
+                f"request is neither form-encoded (action=...&k=...) nor a JSON object:"
+                f" {_shorten(piece)!r} is not a name=value field"
+            )
+        try:
+            pairs.append(
+                (unquote_plus(name, errors="strict"), unquote_plus(value, errors="strict"))
+            )
+        except UnicodeDecodeError:
+            raise ProtocolError("request is not valid UTF-8 once %XX-decoded") from None
+    if not pairs:
+        raise ProtocolError("empty request: send action=Deploy:Core:syncpro&k=... or JSON")
+    return pairs
+
+
+def _validate(pairs: list[tuple[str, Any]]) -> ControlRequest:
+    fields: dict[str, Any] = {}
+    echo: dict[str, str] = {}
+    problems: list[str] = []
+    for name, value in pairs:
+        shown = _shorten(name)
+        if name in fields:
+            problems.append(f"field {shown!r} is given more than once")
+            continue
+        fields[name] = value
+        echo[shown] = REDACTED if name == "token" else _shorten(_text(value))
+        if name not in FIELDS:
+            problems.append(f"unknown field {shown!r} (known: {', '.join(FIELDS)})")
+    if problems:
+        raise ProtocolError("; ".join(problems), echo)
+
+    values: dict[str, str | None] = {}
+    for name in FIELDS:
+        value = fields.get(name)
+        if value is None or isinstance(value, str):
+            values[name] = None if value is None else _unquote(value)
+        elif name in ("update", "pretty") and type(value) is int:
+            values[name] = str(value)
+        else:
+            raise ProtocolError(f"{name} must be a string, not {_text(value)}", echo)
+
+    action = values["action"]
+    if not action:
+        known = ", ".join(ACTIONS)
+        what = "missing" if action is None else "empty"
+        raise ProtocolError(f"action is {what}: give one of {known}", echo)
+    if action not in ACTIONS:
+        known = ", ".join(ACTIONS)
+        raise ProtocolError(f"unknown action {_shorten(action)!r} (known: {known})", echo)
+    update, pretty = (_flag(name, values[name], echo) for name in ("update", "pretty"))
+    k = values["k"]
+    if action in NEEDS_K:
+        try:
+            validate_k(k)
+        except RequestError as exc:
+            raise ProtocolError(str(exc), echo) from None
+    return ControlRequest(
+        action=action, k=k, update=update, w=values["w"], token=values["token"], pretty=pretty
+    )
+
+
+def _flag(name: str, value: str | None, echo: dict[str, str]) -> bool:
+    try:
+        return parse_update(value)
+    except RequestError:
+        raise ProtocolError(f"{name} must be 0 or 1, not {echo.get(name)!r}", echo) from None
+
+
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in _QUOTES:
+        return value[1:-1].strip()
+    return value
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, _Pairs):
+        return "{...}"
+    if isinstance(value, list):
+        return "[...]"
+    return json.dumps(value)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _ECHO_LIMIT else text[:_ECHO_LIMIT] + "…"
+
+
+def to_sync_request(req: ControlRequest, origin: str) -> SyncRequest:
+    """Given a sync or diff request, return the engine's SyncRequest, marked with its origin
+    (control, http). Raise ProtocolError if the request carries no `k` (status, reload)."""
+    if req.k is None:
+        raise ProtocolError(f"{req.action} takes no k: it is not a sync", req.echo())
+    return SyncRequest(
+        k=req.k,
+        update=req.update,
+        action=req.action,
+        w=req.w,
+        token_given=req.token_given,
+        origin=origin,
+    )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,7 @@ class HttpSettings:
 @dataclass(frozen=True)
 class InventorySettings:
     source: str = "config"
-    url: str | None = None
+    url: str | None = field(default=None, repr=False)  # may hold the database password
     table: str = "pre_server_detail"
     password_file: Path | None = None
     refresh: float = 60.0
@@ -136,10 +138,32 @@ def _bool(value: Any, base: Path) -> bool:
     raise ValueError(f"must be true or false, not {value!r}")
 
 
-def _positive(value: Any, base: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"must be a number of seconds >= 0, not {value!r}")
+def _secret(value: Any, base: Path) -> str:
+    # The message never repeats the value: it may be a token or hold a password.
+    if not isinstance(value, str) or value == "":
+        raise ValueError(f"must be a non-empty string (quote it), not a {type(value).__name__}")
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"must be a number of seconds, not {value!r}")
     return float(value)
+
+
+def _positive(value: Any, base: Path) -> float:
+    seconds = _seconds(value)
+    if seconds < 0:
+        raise ValueError(f"must be a number of seconds >= 0, not {value!r}")
+    return seconds
+
+
+def _interval(value: Any, base: Path) -> float:
+    # A period of 0 would make the daemon spin: rescan or poll on every tick.
+    seconds = _seconds(value)
+    if seconds <= 0:
+        raise ValueError(f"must be a number of seconds > 0, not {value!r}")
+    return seconds
 
 
 def _count(value: Any, base: Path) -> int:
@@ -196,9 +220,42 @@ def _choice(*choices: str) -> Converter:
 
 def _marker(value: Any, base: Path) -> str:
     text = _str(value, base)
-    if path_component_problem(text) is not None:
+    if "/" in text or "\0" in text or text in (".", ".."):
         raise ValueError(f"must be a plain file name, not {value!r}")
     return text
+
+
+_TABLE = re.compile(r"[A-Za-z0-9_]{1,64}")
+
+
+def _table(value: Any, base: Path) -> str:
+    # The name is spliced into SQL (it cannot be a query parameter), hence this strictness.
+    text = _str(value, base)
+    if not _TABLE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a plain table name (letters, digits and _ only)")
+    return text
+
+
+def _component(value: Any, base: Path) -> str:
+    problem = path_component_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return str(value)
+
+
+def _status(value: Any, base: Path) -> int:
+    # The original table holds 0, 1 or NULL (read as 0); it is often typed as text.
+    if isinstance(value, bool) or value not in (None, 0, 1, "0", "1"):
+        raise ValueError(f"must be 0 or 1, not {value!r}")
+    return int(value or 0)
+
+
+def _file_list(value: Any, base: Path) -> tuple[str, ...]:
+    if value is None or isinstance(value, str):
+        return split_file_list(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return split_file_list(value)
+    raise ValueError(f"must be a list of paths or a comma-separated string, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +272,9 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
     "dirs": (
         Dirs,
         {
-            "remotecomdir": Opt(_path, "programs and config downloaded from servers", required=True),
+            "remotecomdir": Opt(
+                _path, "programs and config downloaded from servers", required=True
+            ),
             "updatedir": Opt(_path, "new builds: program and config", required=True),
             "softdir": Opt(_path, "pending-release programs, one tree per group", required=True),
             "configuredir": Opt(_path, "pending-release config, one tree per app", required=True),
@@ -234,11 +293,13 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
         {
             "settle": Opt(_positive, "quiet seconds before an app syncs", 3.0),
             "max_wait": Opt(_positive, "latest sync after a burst's first event", 60.0),
-            "ignore": Opt(_patterns, "globs that never trigger nor get published", list(DEFAULT_IGNORE)),
+            "ignore": Opt(
+                _patterns, "globs that never trigger nor get published", list(DEFAULT_IGNORE)
+            ),
             "ready_marker": Opt(_optional(_marker), "file that must exist and be newer", None),
-            "rescan_interval": Opt(_positive, "seconds between full re-checks", 300.0),
+            "rescan_interval": Opt(_interval, "seconds between full re-checks", 300.0),
             "workers": Opt(_count, "groups synced in parallel", 4),
-            "poll_interval": Opt(_positive, "seconds between polls when inotify fails", 2.0),
+            "poll_interval": Opt(_interval, "seconds between polls when inotify fails", 2.0),
         },
     ),
     "control": (
@@ -256,7 +317,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
         {
             "enabled": Opt(_bool, "serve the original POST /rex endpoint", False),
             "listen": Opt(_listen, "host:port of the HTTP endpoint", "127.0.0.1:3000"),
-            "token": Opt(_optional(_str), "token clients pass as ?token=", None),
+            "token": Opt(_optional(_secret), "token clients pass as ?token=", None),
             "token_file": Opt(_optional(_path), "file holding the token", None),
             "max_body": Opt(_count, "largest accepted request body in bytes", 65536),
         },
@@ -265,21 +326,21 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
         InventorySettings,
         {
             "source": Opt(_choice("config", "mysql"), "where the apps come from", "config"),
-            "url": Opt(_optional(_str), "mysql://user@host:port/database", None),
-            "table": Opt(_str, "the inventory table", "pre_server_detail"),
+            "url": Opt(_optional(_secret), "mysql://user@host:port/database", None),
+            "table": Opt(_table, "the inventory table", "pre_server_detail"),
             "password_file": Opt(_optional(_path), "file holding the database password", None),
-            "refresh": Opt(_positive, "seconds between re-reads by the daemon", 60.0),
+            "refresh": Opt(_interval, "seconds between re-reads by the daemon", 60.0),
             "connect_timeout": Opt(_positive, "seconds to wait for the database", 5.0),
         },
     ),
 }
 
 APP_KEYS: dict[str, Opt] = {
-    "app_key": Opt(_str, "unique key of the app", required=True),
-    "local_name": Opt(_str, "the group: apps sharing one program", required=True),
+    "app_key": Opt(_component, "unique key of the app", required=True),
+    "local_name": Opt(_component, "the group: apps sharing one program", required=True),
     "auto_deploy": Opt(_bool, "only auto-deploy apps can be synced", True),
-    "configure_file_status": Opt(_choice("0", "1"), "1: type-2 app, config listed", 0),
-    "configure_file_list": Opt(lambda v, b: v, "listed config files (type 2)", []),
+    "configure_file_status": Opt(_status, "1: type-2 app, config listed", 0),
+    "configure_file_list": Opt(_file_list, "listed config files (type 2)", []),
 }
 
 TOP_KEYS = ("dirs", "apps", *[name for name in SECTIONS if name != "dirs"])
@@ -290,50 +351,78 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
+    seen: dict[Any, yaml.Mark] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node)
+        if not isinstance(key, Hashable):
+            continue  # construct_mapping below refuses it with its own message
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {key!r} (first given on line {seen[key].line + 1})",
+                key_node.start_mark,
             )
-        seen.add(key)
+        seen[key] = key_node.start_mark
     return loader.construct_mapping(node)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
-)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Given a YAML error, return it on one line: where, then what (yaml's own is 5 lines)."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        what = "; ".join(part for part in (exc.context, exc.problem) if part) or "invalid"
+        if mark is not None:
+            return f"not valid YAML: line {mark.line + 1}, column {mark.column + 1}: {what}"
+        return f"not valid YAML: {what}"
+    return f"not valid YAML: {exc}"
+
+
+def _locate(explicit: str | os.PathLike[str] | None) -> tuple[Path, str]:
+    """Return the config path and where it came from, for messages."""
+    if explicit:
+        return Path(explicit), "--config"
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]), f"${ENV_VAR}"
+    for candidate in DEFAULT_PATHS:
+        if candidate.exists():
+            return candidate, "default"
+    tried = ", ".join(str(p.absolute()) for p in DEFAULT_PATHS)
+    raise ConfigError(
+        "(none found)",
+        [
+            f"no configuration file: --config not given, ${ENV_VAR} not set, and none of"
+            f" {tried} exists; pass --config PATH"
+        ],
+    )
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Given the --config value, return the config path: --config, $SYNCPRO_CONFIG, ./config.yml,
-    /etc/syncpro/config.yml. Raise ConfigError if none exists."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR])
-    for candidate in DEFAULT_PATHS:
-        if candidate.exists():
-            return candidate
-    tried = ", ".join(str(p) for p in DEFAULT_PATHS)
-    raise ConfigError(
-        "config.yml", [f"no configuration found (tried --config, ${ENV_VAR}, {tried})"]
-    )
+    /etc/syncpro/config.yml. Raise ConfigError, saying what was tried, if none exists."""
+    return _locate(explicit)[0]
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     """Given a config path (or None to search), return the validated Config.
     Raise ConfigError listing every problem, each with its dotted key."""
-    config_path = find_config(path)
+    config_path, origin = _locate(path)
     try:
         text = config_path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(config_path, [f"cannot read: {exc}"]) from None
+    except OSError as exc:
+        given = "" if origin == "default" else f" (given by {origin})"
+        raise ConfigError(config_path, [f"cannot read{given}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(config_path, ["cannot read: not UTF-8 text"]) from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
+        raise ConfigError(config_path, [_yaml_problem(exc)]) from None
+    except ValueError as exc:
+        # yaml's constructors let some ValueErrors through, e.g. a date like 2024-13-45.
         raise ConfigError(config_path, [f"not valid YAML: {exc}"]) from None
     return parse_config(raw, config_path)
 
@@ -341,24 +430,32 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def parse_config(raw: Any, config_path: Path) -> Config:
     """Given the parsed YAML document, return the Config. Raise ConfigError with all problems."""
     base = config_path.resolve().parent
-    problems: list[str] = []
+    if raw is None:
+        raise ConfigError(config_path, ["the file is empty; it needs at least dirs"])
     if not isinstance(raw, Mapping):
-        raise ConfigError(config_path, ["the document must be a mapping of sections"])
+        raise ConfigError(
+            config_path,
+            [
+                f"the document must be a mapping of sections ({', '.join(TOP_KEYS)}),"
+                f" not a {type(raw).__name__}"
+            ],
+        )
+    problems: list[str] = []
     for key in raw:
         if key not in TOP_KEYS:
             problems.append(f"{key}: unknown section (known: {', '.join(TOP_KEYS)})")
     sections: dict[str, Any] = {}
     for name, (cls, opts) in SECTIONS.items():
-        section_raw = raw.get(name, {} if name != "dirs" else None)
+        section_raw = raw.get(name)
         if section_raw is None and name == "dirs":
             problems.append("dirs: missing (remotecomdir, updatedir, softdir, configuredir)")
             continue
-        if section_raw is None:
-            section_raw = {}
-        values = _parse_section(name, section_raw, opts, base, problems)
+        values = _parse_fields(
+            name, {} if section_raw is None else section_raw, opts, base, problems
+        )
         if values is not None:
             sections[name] = cls(**values)
-    apps = _parse_apps(raw.get("apps", []), base, problems)
+    apps = _parse_apps(raw.get("apps"), base, problems)
     if "http" in sections:
         sections["http"] = _resolve_token(sections["http"], problems)
     _cross_checks(sections, apps, problems)
@@ -367,29 +464,32 @@ def parse_config(raw: Any, config_path: Path) -> Config:
     return Config(path=config_path, apps=apps, **sections)
 
 
-def _parse_section(
-    name: str, raw: Any, opts: dict[str, Opt], base: Path, problems: list[str]
+def _parse_fields(
+    where: str, raw: Any, opts: dict[str, Opt], base: Path, problems: list[str]
 ) -> dict[str, Any] | None:
+    """Given one section (or app row), return its converted values, or None if any key is wrong
+    (each wrong key appended to problems)."""
     if not isinstance(raw, Mapping):
-        problems.append(f"{name}: must be a mapping, not {type(raw).__name__}")
+        problems.append(f"{where}: must be a mapping, not {type(raw).__name__}")
         return None
     values: dict[str, Any] = {}
     before = len(problems)
     for key in raw:
         if key not in opts:
-            problems.append(f"{name}.{key}: unknown key (known: {', '.join(opts)})")
+            problems.append(f"{where}.{key}: unknown key (known: {', '.join(opts)})")
     for key, opt in opts.items():
         if key not in raw:
             if opt.required:
-                problems.append(f"{name}.{key}: missing ({opt.doc})")
+                problems.append(f"{where}.{key}: missing ({opt.doc})")
                 continue
             value = opt.default
         else:
             value = raw[key]
         try:
-            values[key] = value if value is None else opt.convert(value, base)
+            # An explicit null goes through the converter too: only optional keys accept it.
+            values[key] = opt.convert(value, base)
         except ValueError as exc:
-            problems.append(f"{name}.{key}: {exc}")
+            problems.append(f"{where}.{key}: {exc}")
     return values if len(problems) == before else None
 
 
@@ -403,55 +503,16 @@ def _parse_apps(raw: Any, base: Path, problems: list[str]) -> tuple[App, ...]:
     seen: dict[str, int] = {}
     for index, row in enumerate(raw):
         where = f"apps[{index}]"
-        if not isinstance(row, Mapping):
-            problems.append(f"{where}: must be a mapping with app_key and local_name")
-            continue
-        before = len(problems)
-        for key in row:
-            if key not in APP_KEYS:
-                problems.append(f"{where}.{key}: unknown key (known: {', '.join(APP_KEYS)})")
-        for key in ("app_key", "local_name"):
-            if key not in row:
-                problems.append(f"{where}.{key}: missing")
-            elif (problem := path_component_problem(row[key])) is not None:
-                problems.append(f"{where}.{key}: {problem}")
-        try:
-            auto_deploy = _bool(row.get("auto_deploy", True), base)
-        except ValueError as exc:
-            problems.append(f"{where}.auto_deploy: {exc}")
-            auto_deploy = True
-        status = row.get("configure_file_status", 0)
-        if status in (None, 0, 1, "0", "1") and not isinstance(status, bool):
-            status = int(status or 0)
-        else:
-            problems.append(f"{where}.configure_file_status: must be 0 or 1, not {status!r}")
-            status = 0
-        listed = row.get("configure_file_list", [])
-        if listed is not None and not (
-            isinstance(listed, str)
-            or (isinstance(listed, list) and all(isinstance(v, str) for v in listed))
-        ):
-            problems.append(
-                f"{where}.configure_file_list: must be a list of paths or a comma-separated"
-                f" string, not {listed!r}"
-            )
-            listed = []
-        if len(problems) != before:
-            continue
-        key = row["app_key"]
-        if key in seen:
-            problems.append(f"{where}.app_key: {key!r} duplicates apps[{seen[key]}]")
-            continue
-        seen[key] = index
-        apps.append(
-            App(
-                app_key=key,
-                local_name=row["local_name"],
-                auto_deploy=auto_deploy,
-                configure_file_status=status,
-                configure_file_list=split_file_list(listed),
-            )
-        )
+        values = _parse_fields(where, row, APP_KEYS, base, problems)
+        # A duplicate is reported even when the row has other problems: one pass, all of them.
+        key = row.get("app_key") if isinstance(row, Mapping) else None
+        if isinstance(key, str) and path_component_problem(key) is None:
+            if key in seen:
+                problems.append(f"{where}.app_key: {key!r} duplicates apps[{seen[key]}].app_key")
+                continue
+            seen[key] = index
+        if values is not None:
+            apps.append(App(**values))
     return tuple(apps)
 
 
@@ -463,24 +524,21 @@ def _resolve_token(http: HttpSettings, problems: list[str]) -> HttpSettings:
         return http
     try:
         token = http.token_file.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        problems.append(f"http.token_file: cannot read {http.token_file}: {exc.__class__.__name__}")
+    except OSError as exc:
+        problems.append(f"http.token_file: cannot read {http.token_file}: {exc.strerror or exc}")
+        return http
+    except UnicodeDecodeError:
+        problems.append(f"http.token_file: {http.token_file} is not UTF-8 text")
         return http
     if not token:
         problems.append(f"http.token_file: {http.token_file} is empty")
         return http
-    return HttpSettings(
-        enabled=http.enabled,
-        listen=http.listen,
-        token=token,
-        token_file=http.token_file,
-        max_body=http.max_body,
-    )
+    return replace(http, token=token)
 
 
-def _inside(inner: Path, outer: Path) -> bool:
-    inner, outer = inner.resolve(), outer.resolve()
-    return inner == outer or outer in inner.parents
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
 
 
 def _cross_checks(sections: dict[str, Any], apps: tuple[App, ...], problems: list[str]) -> None:
@@ -489,20 +547,30 @@ def _cross_checks(sections: dict[str, Any], apps: tuple[App, ...], problems: lis
         for target in ("softdir", "configuredir"):
             for source in ("remotecomdir", "updatedir"):
                 t, s = getattr(dirs, target), getattr(dirs, source)
-                if _inside(t, s) or _inside(s, t):
+                if _overlap(t, s):
                     problems.append(
                         f"dirs.{target}: {t} overlaps dirs.{source} {s}; publishing into a"
                         " watched source would loop"
                     )
-        if _inside(dirs.softdir, dirs.configuredir) or _inside(dirs.configuredir, dirs.softdir):
-            problems.append(f"dirs.softdir: {dirs.softdir} overlaps dirs.configuredir")
+        if _overlap(dirs.softdir, dirs.configuredir):
+            problems.append(
+                f"dirs.softdir: {dirs.softdir} overlaps dirs.configuredir {dirs.configuredir}"
+            )
+        for other in ("remotecomdir", "updatedir", "softdir", "configuredir"):
+            # In a source, every state write would wake the watcher; in a target it would be
+            # taken for (or swept as) a published tree.
+            if _overlap(dirs.state, getattr(dirs, other)):
+                problems.append(
+                    f"dirs.state: {dirs.state} overlaps dirs.{other} {getattr(dirs, other)}"
+                )
     watch: WatchSettings | None = sections.get("watch")
     if watch is not None and watch.max_wait < watch.settle:
         problems.append(
-            f"watch.max_wait: {watch.max_wait} is shorter than watch.settle {watch.settle}"
+            f"watch.max_wait: {watch.max_wait:g} is shorter than watch.settle {watch.settle:g}"
         )
     http: HttpSettings | None = sections.get("http")
-    if http is not None and http.enabled and not http.token:
+    # A token_file that could not be read is reported already, on its own key.
+    if http is not None and http.enabled and not http.token and http.token_file is None:
         problems.append("http.token: required when http.enabled is true (or http.token_file)")
     inventory: InventorySettings | None = sections.get("inventory")
     if inventory is not None and inventory.source == "mysql":

@@ -288,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # Malformed request lines, unsupported methods, URIs too long: a JSON document too.
         reason = self._app.redact(message or self.responses.get(code, ("error",))[0])
-        self._answer(code, refusal_document({}, reason, str(code)))
+        self._answer(int(code), refusal_document({}, reason, str(int(code))))
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # each request is logged once, by _answer, without its query string

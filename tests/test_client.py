@@ -1,0 +1,206 @@
+"""`syncpro ctl` in-process against a real control socket with a recording handler."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from control_fakes import FakeHandler, document, short_dir
+from syncpro.client import add_ctl_parser, run_ctl
+from syncpro.config import ControlSettings
+from syncpro.control import ControlServer
+from syncpro.errors import RequestError
+from syncpro.request import SyncRequest
+
+from helpers import SERVER_GROUP, make_config
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="syncpro")
+    add_ctl_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def ctl(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = run_ctl(parse(["ctl", *argv]))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def _quiet_server() -> Iterator[None]:
+    # The server logs to stdout by default; only the client's output is under test here.
+    with structlog.testing.capture_logs():
+        yield
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def handler() -> FakeHandler:
+    return FakeHandler()
+
+
+@pytest.fixture
+def server(sock_dir: Path, handler: FakeHandler) -> Iterator[ControlServer]:
+    with ControlServer(ControlSettings(socket=sock_dir / "c.sock"), handler) as running:
+        yield running
+
+
+def test_the_arguments_mirror_syncpro_sync() -> None:
+    args = parse(["ctl", "-k", "server", "--update"])
+    assert (args.command, args.ctl_action, args.k, args.update) == ("ctl", "sync", "server", True)
+    assert parse(["ctl", "diff", "-k", "server"]).ctl_action == "diff"
+    assert parse(["ctl", "status"]).ctl_action == "status"
+    assert parse(["ctl", "reload", "--socket", "/x"]).socket == "/x"
+    assert parse(["ctl", "status"]).timeout == 600
+
+
+def test_a_successful_sync_prints_one_line_and_exits_0(
+    server: ControlServer, handler: FakeHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = ctl(
+        ["-k", "server1,server2", "--update", "--socket", str(server.path)], capsys
+    )
+    assert code == 0
+    assert err == ""
+    assert out.count("\n") == 1
+    assert json.loads(out)["data"]["data"]["0"] == "1"
+    [(name, request)] = handler.calls
+    assert name == "sync"
+    assert isinstance(request, SyncRequest)
+    assert (request.normalised_k, request.update, request.origin) == (
+        "server1 server2",
+        True,
+        "control",
+    )
+
+
+def test_an_unsuccessful_sync_exits_1(
+    server: ControlServer, handler: FakeHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    handler.ok = False
+    code, out, _ = ctl(["-k", "server1", "--socket", str(server.path)], capsys)
+    assert code == 1
+    assert json.loads(out)["data"]["data"]["0"] == "0"
+
+
+def test_a_refused_request_exits_2(
+    server: ControlServer, handler: FakeHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(request: SyncRequest) -> dict[str, Any]:
+        raise RequestError("k selects nothing")
+
+    handler.on_sync = refuse
+    code, out, _ = ctl(["-k", "x", "--socket", str(server.path)], capsys)
+    assert code == 2
+    assert json.loads(out)["data"]["msg"] == "k selects nothing"
+
+
+def test_diff_sends_the_diff_action(
+    server: ControlServer, handler: FakeHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, _ = ctl(["diff", "-k", "server", "--socket", str(server.path)], capsys)
+    assert code == 0
+    [(name, request)] = handler.calls
+    assert name == "diff"
+    assert request is not None and request.action == "Deploy:Core:diff"
+
+
+@pytest.mark.parametrize("action", ["status", "reload"])
+def test_status_and_reload_exit_0_and_pretty_prints_on_request(
+    server: ControlServer, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    code, out, _ = ctl([action, "--pretty", "--socket", str(server.path)], capsys)
+    assert code == 0
+    assert out.startswith("{\n  ")
+    assert json.loads(out)["code"] == "0"
+
+
+def test_a_missing_k_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = ctl(["--socket", "/nonexistent.sock"], capsys)
+    assert (code, out) == (2, "")
+    assert "-k" in err
+
+
+def test_status_with_a_k_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = ctl(["status", "-k", "x", "--socket", "/nonexistent.sock"], capsys)
+    assert code == 2
+    assert "takes no -k" in err
+
+
+def test_no_daemon_at_the_socket_path_exits_2_naming_the_path(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "missing.sock"
+    code, out, err = ctl(["status", "--socket", str(path)], capsys)
+    assert (code, out) == (2, "")
+    assert str(path) in err
+    assert "not running" in err
+    assert err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_a_socket_nobody_listens_on_exits_2_naming_the_path(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "dead.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(path))
+    code, _, err = ctl(["-k", "server", "--socket", str(path)], capsys)
+    assert code == 2
+    assert str(path) in err
+    assert "connection refused" in err or "not running" in err
+
+
+def test_a_daemon_that_never_answers_times_out_with_exit_2(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "mute.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as mute:
+        mute.bind(str(path))
+        mute.listen(1)
+        code, _, err = ctl(["status", "--timeout", "0.3", "--socket", str(path)], capsys)
+    assert code == 2
+    assert "no answer" in err
+    assert str(path) in err
+
+
+def test_the_socket_is_found_through_the_config(
+    tmp_path: Path, sock_dir: Path, handler: FakeHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "from-config.sock"
+    config = make_config(tmp_path, SERVER_GROUP, extra={"control": {"socket": str(path)}})
+    with ControlServer(config.control, handler):
+        code, out, _ = ctl(["status", "--config", str(config.path)], capsys)
+    assert code == 0
+    assert json.loads(out)["msg"] == "ok"
+
+
+def test_an_invalid_config_exits_2_with_its_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "config.yml"
+    bad.write_text("dirs: 3\n")
+    code, _, err = ctl(["status", "--config", str(bad)], capsys)
+    assert code == 2
+    assert str(bad) in err
+
+
+def test_a_canned_failure_document_maps_to_exit_1_not_2() -> None:
+    from syncpro.client import exit_code
+
+    assert exit_code("Deploy:Core:syncpro", document(False)) == 1
+    assert exit_code("Deploy:Core:syncpro", {"code": "403"}) == 2
+    assert exit_code("status", {"code": "0"}) == 0

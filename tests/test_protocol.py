@@ -1,0 +1,297 @@
+"""The control request parser: the seed's form, JSON, and every way a request is refused."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote, urlencode
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncpro.errors import RequestError
+from syncpro.protocol import (
+    ACTIONS,
+    DIFF_ACTION,
+    MAX_REQUEST,
+    NEEDS_K,
+    ControlRequest,
+    ProtocolError,
+    parse_request,
+    to_sync_request,
+)
+from syncpro.request import SYNC_ACTION
+from syncpro.response import REDACTED
+
+SECRET = "1527669337mxchcptwhwevbwgyiahtilfadcycyfxm"  # noqa: S105 - the seed's example
+
+
+def refused(raw: bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse_request(raw)
+    assert info.value.reason
+    assert str(info.value) == info.value.reason
+    return info.value
+
+
+# --- what is understood ---
+
+
+def test_the_seeds_first_example_syncs_the_group_from_remotecomdir() -> None:
+    req = parse_request(b"action=Deploy:Core:syncpro&k='server'\n")
+    assert (req.action, req.k, req.update) == (SYNC_ACTION, "server", False)
+
+
+def test_the_seeds_second_example_syncs_from_updatedir() -> None:
+    req = parse_request(b"action=Deploy:Core:syncpro&k='server'&update='1'\n")
+    assert (req.k, req.update) == ("server", True)
+
+
+def test_the_seeds_request_example_with_commas_normalises_k() -> None:
+    req = parse_request(b"action=Deploy:Core:syncpro&k=server1,server2")
+    assert req.echo() == {"action": SYNC_ACTION, "k": "server1 server2", "update": "0"}
+
+
+def test_plus_and_percent_escapes_are_decoded_and_double_quotes_stripped() -> None:
+    raw = b"action=Deploy%3ACore%3Asyncpro&k=%22server1+server2%22&update=%221%22\r\n"
+    req = parse_request(raw)
+    assert (req.action, req.k, req.update) == (SYNC_ACTION, "server1 server2", True)
+
+
+def test_a_json_object_with_the_same_fields_is_understood() -> None:
+    req = parse_request(json.dumps({"action": DIFF_ACTION, "k": "server1", "update": "1"}).encode())
+    assert (req.action, req.k, req.update) == (DIFF_ACTION, "server1", True)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, False), (1, True), ("0", False), ("", False)])
+def test_json_update_may_be_the_number_0_or_1(value: object, expected: bool) -> None:
+    raw = json.dumps({"action": SYNC_ACTION, "k": "a", "update": value}).encode()
+    assert parse_request(raw).update is expected
+
+
+def test_status_and_reload_need_no_k() -> None:
+    assert parse_request(b"action=status").action == "status"
+    assert parse_request(b'{"action": "reload"}').action == "reload"
+
+
+def test_w_and_token_are_accepted_and_the_token_is_only_ever_echoed_redacted() -> None:
+    req = parse_request(f"action=Deploy:Core:syncpro&k=server&w=1&token={SECRET}".encode())
+    assert req.w == "1"
+    assert req.token_given
+    assert req.echo()["token"] == REDACTED
+    assert SECRET not in repr(req)
+    assert SECRET not in json.dumps(req.echo())
+
+
+def test_stray_ampersands_are_harmless() -> None:
+    assert parse_request(b"action=status&&").action == "status"
+
+
+def test_a_request_of_exactly_64_kib_is_accepted() -> None:
+    head = b"action=Deploy:Core:syncpro&k="
+    raw = head + b"a" * (MAX_REQUEST - len(head))
+    assert len(raw) == MAX_REQUEST
+    assert parse_request(raw + b"\n").k == "a" * (MAX_REQUEST - len(head))
+
+
+def test_to_sync_request_carries_every_field_and_the_origin() -> None:
+    req = parse_request(f"action=Deploy:Core:diff&k=server&update=1&w=1&token={SECRET}".encode())
+    sync = to_sync_request(req, "control")
+    assert (sync.action, sync.k, sync.update, sync.w, sync.token_given, sync.origin) == (
+        DIFF_ACTION,
+        "server",
+        True,
+        "1",
+        True,
+        "control",
+    )
+
+
+def test_to_sync_request_refuses_a_request_without_k() -> None:
+    with pytest.raises(ProtocolError):
+        to_sync_request(parse_request(b"action=status"), "control")
+
+
+# --- what is refused, and why ---
+
+
+def test_a_protocol_error_is_a_request_error() -> None:
+    assert issubclass(ProtocolError, RequestError)
+
+
+def test_a_request_over_64_kib_is_refused() -> None:
+    raw = b"action=Deploy:Core:syncpro&k=" + b"a" * MAX_REQUEST
+    assert "64 KiB" in refused(raw).reason
+
+
+def test_invalid_utf8_is_refused() -> None:
+    assert "UTF-8" in refused(b"action=Deploy:Core:syncpro&k=\xff\xfe").reason
+
+
+def test_percent_encoded_invalid_utf8_is_refused() -> None:
+    assert "UTF-8" in refused(b"action=Deploy:Core:syncpro&k=%ff").reason
+
+
+@pytest.mark.parametrize("raw", [b"", b"\n", b"  \r\n", b"&&"])
+def test_an_empty_request_is_refused(raw: bytes) -> None:
+    assert "empty" in refused(raw).reason
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"), [(b"[1, 2]", "array"), (b'"x"', "str"), (b"42", "int"), (b"null", "None")]
+)
+def test_json_that_is_not_an_object_is_refused(raw: bytes, kind: str) -> None:
+    reason = refused(raw).reason
+    assert "object" in reason
+    assert kind in reason
+
+
+def test_broken_json_is_refused() -> None:
+    assert "not valid JSON" in refused(b'{"action": "status"').reason
+
+
+def test_deeply_nested_json_is_refused_not_crashed() -> None:
+    assert "JSON" in refused(b"[" * 60000).reason
+
+
+def test_text_that_is_neither_form_nor_json_is_refused() -> None:
+    assert "neither form-encoded" in refused(b"Deploy:Core:syncpro server").reason
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"action=status&action=status", b'{"action": "status", "action": "reload"}'],
+)
+def test_a_repeated_field_is_refused(raw: bytes) -> None:
+    assert "more than once" in refused(raw).reason
+
+
+@pytest.mark.parametrize("raw", [b"k=server", b'{"k": "server"}', b"action=&k=server"])
+def test_a_missing_or_empty_action_is_refused(raw: bytes) -> None:
+    error = refused(raw)
+    assert "action is" in error.reason
+    assert "Deploy:Core:syncpro" in error.reason
+
+
+def test_an_unknown_action_is_refused_and_echoed() -> None:
+    error = refused(b"action=Deploy:Core:rm&k=server")
+    assert "unknown action 'Deploy:Core:rm'" in error.reason
+    assert error.param == {"action": "Deploy:Core:rm", "k": "server"}
+
+
+@pytest.mark.parametrize("action", sorted(NEEDS_K))
+@pytest.mark.parametrize("k", [None, "", "''", " , "])
+def test_sync_and_diff_without_a_k_are_refused(action: str, k: str | None) -> None:
+    raw = f"action={action}" + ("" if k is None else f"&k={quote(k)}")
+    assert "k " in refused(raw.encode()).reason
+
+
+@pytest.mark.parametrize("update", ["2", "yes", "'true'", "-1"])
+def test_an_update_other_than_0_or_1_is_refused(update: str) -> None:
+    error = refused(f"action=Deploy:Core:syncpro&k=server&update={update}".encode())
+    assert "update must be 0 or 1" in error.reason
+
+
+@pytest.mark.parametrize("update", ["true", "2", "1.0", "[1]"])
+def test_a_json_update_other_than_0_or_1_is_refused(update: str) -> None:
+    raw = f'{{"action": "Deploy:Core:syncpro", "k": "a", "update": {update}}}'.encode()
+    assert "update must" in refused(raw).reason
+
+
+def test_a_json_k_that_is_not_a_string_is_refused() -> None:
+    assert "k must be a string" in refused(b'{"action": "Deploy:Core:syncpro", "k": ["a"]}').reason
+
+
+def test_an_unknown_field_is_refused_and_named() -> None:
+    error = refused(b"action=Deploy:Core:syncpro&k=server&force=1")
+    assert "unknown field 'force'" in error.reason
+
+
+def test_a_refusal_never_echoes_the_token_in_clear() -> None:
+    error = refused(f"action=nope&token={SECRET}".encode())
+    assert error.param["token"] == REDACTED
+    assert SECRET not in repr(error.param) + error.reason
+
+
+def test_an_echoed_value_is_kept_short() -> None:
+    error = refused(b"action=" + b"x" * 5000)
+    assert len(error.param["action"]) < 300
+    assert len(error.reason) < 500
+
+
+# --- fuzz ---
+
+FUZZ = settings(max_examples=400, deadline=None)
+
+
+def _never_wrong(raw: bytes) -> None:
+    try:
+        req = parse_request(raw)
+    except ProtocolError:
+        return
+    assert isinstance(req, ControlRequest)
+    assert req.action in ACTIONS
+    if req.action in NEEDS_K:
+        assert req.k is not None and req.normalised_k
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_random_bytes_are_refused_or_understood_never_crash(raw: bytes) -> None:
+    _never_wrong(raw)
+
+
+@FUZZ
+@given(st.text(max_size=200))
+def test_random_text_is_refused_or_understood_never_crash(text: str) -> None:
+    _never_wrong(text.encode("utf-8", "surrogatepass"))
+
+
+FIELD = st.sampled_from(["action", "k", "update", "w", "token", "pretty", "x", "K", ""])
+VALUE = st.one_of(
+    st.sampled_from([*ACTIONS, "Deploy:Core:nope", "0", "1", "'1'", "server", "all", ""]),
+    st.text(max_size=20),
+)
+
+
+@FUZZ
+@given(st.lists(st.tuples(FIELD, VALUE), max_size=6))
+def test_random_forms_are_refused_or_understood_never_crash(pairs: list[tuple[str, str]]) -> None:
+    _never_wrong(urlencode(pairs).encode())
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        FIELD, st.one_of(VALUE, st.integers(), st.booleans(), st.none(), st.lists(st.integers()))
+    )
+)
+def test_random_json_objects_are_refused_or_understood_never_crash(
+    fields: dict[str, object],
+) -> None:
+    _never_wrong(json.dumps(fields).encode())
+
+
+KEY = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-.", min_size=1, max_size=12)
+
+
+@FUZZ
+@given(
+    action=st.sampled_from(sorted(NEEDS_K)),
+    keys=st.lists(KEY, min_size=1, max_size=5),
+    update=st.booleans(),
+    as_json=st.booleans(),
+    quote_k=st.sampled_from(["", "'", '"']),
+)
+def test_valid_requests_round_trip(
+    action: str, keys: list[str], update: bool, as_json: bool, quote_k: str
+) -> None:
+    k = quote_k + " ".join(keys) + quote_k
+    fields = {"action": action, "k": k, "update": "1" if update else "0"}
+    raw = json.dumps(fields) if as_json else urlencode(fields)
+    req = parse_request(raw.encode() + b"\n")
+    expected = " ".join(dict.fromkeys(key.strip("'\"") for key in keys if key.strip("'\"")))
+    assert (req.action, req.update) == (action, update)
+    assert req.echo()["k"] == expected
+    sync = to_sync_request(req, "control")
+    assert sync.normalised_k == expected

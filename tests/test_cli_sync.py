@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -247,3 +248,44 @@ def test_a_cli_sync_leaves_sources_untouched_and_targets_exact(demo: Path, tmp_p
     assert snapshot(tmp_path / "var/softdir/server") == snapshot(
         tmp_path / "var/remotecomdir/softdir/server2"
     )
+
+
+def _without_dac_override(*args: str) -> list[str]:
+    """A command line that runs as root yet obeys file modes, as a deploy user would."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
+    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *args]
+
+
+@pytest.mark.parametrize("unreadable", ["lib/secret.key", "lib"])
+def test_an_unreadable_source_fails_only_that_app_and_keeps_its_old_target(
+    tmp_path: Path, unreadable: str
+) -> None:
+    apps = [app("a1", "a"), app("b1", "b")]
+    config = write_config(tmp_path / "config.yml", config_dict(apps, grace=0))
+    for key in ("a1", "b1"):
+        write_tree(tmp_path / f"var/remotecomdir/softdir/{key}", {"lib/secret.key": "v1"})
+        write_tree(tmp_path / f"var/remotecomdir/configuredir/{key}", {"c": "1"})
+    assert run("sync", "-k", "all", "--config", str(config), cwd=tmp_path).returncode == 0
+    old = snapshot(tmp_path / "var/softdir/a")
+    for key in ("a1", "b1"):
+        (tmp_path / f"var/remotecomdir/softdir/{key}/lib/secret.key").write_text("v2")
+    os.chmod(tmp_path / "var/remotecomdir/softdir/a1" / unreadable, 0)
+
+    proc = subprocess.run(
+        _without_dac_override(SYNCPRO, "sync", "-k", "all", "--config", str(config)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    doc = one_document(proc.stdout)
+    assert "a1" in doc["data"]["msg"]
+    assert "ermission denied" in doc["data"]["msg"]
+    assert snapshot(tmp_path / "var/softdir/a") == old
+    assert (tmp_path / "var/softdir/b/lib/secret.key").read_text() == "v2"
+    assert os.listdir(tmp_path / "var/softdir/.syncpro/staging") == []

@@ -186,7 +186,8 @@ def test_a_replaced_tree_is_kept_for_the_grace_period_then_swept(tmp_path: Path)
     assert (target.path / "v").read_text() == "2"
     assert sweep(target.root, now=done.expires - 1) == []
     assert done.replaced.exists()
-    assert sweep(target.root, now=done.expires) == [done.replaced]
+    # The trash name keeps the expiry in milliseconds: allow for its rounding.
+    assert sweep(target.root, now=done.expires + 0.001) == [done.replaced]
     assert not done.replaced.exists()
     assert (target.path / "v").read_text() == "2"
 
@@ -473,3 +474,22 @@ def test_two_processes_syncing_one_group_at_once_both_succeed_and_leave_an_exact
         assert (tmp_path / f"var/configuredir/server/{key}/app.conf").read_text() == key
     staging = tmp_path / "var/softdir/.syncpro/staging"
     assert os.listdir(staging) == []
+
+
+def test_a_target_that_is_a_symlink_is_replaced_without_touching_what_it_points_to(
+    tmp_path: Path,
+) -> None:
+    elsewhere = write_tree(tmp_path / "elsewhere", {"precious": "keep me", "d/x": "y"})
+    before = snapshot(elsewhere, identity=True)
+    target = Target(tmp_path / "softdir", "server")
+    target.root.mkdir()
+    target.path.symlink_to(elsewhere)
+
+    done = publish(target, lambda s, c: write_tree(s, {"v": "new"}), grace=0, durable=False)
+    sweep(target.root, now=time.time() + 1)
+
+    assert not target.path.is_symlink()
+    assert (target.path / "v").read_text() == "new"
+    assert done.replaced is not None
+    assert not os.path.lexists(done.replaced)
+    assert snapshot(elsewhere, identity=True) == before

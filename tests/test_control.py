@@ -148,6 +148,18 @@ def test_a_handler_that_raises_gets_a_refusal_naming_the_error_and_the_server_li
     assert ask(server.path, b"action=status\n")["code"] == "0"
 
 
+def test_a_handler_answering_no_document_gets_a_refusal_not_a_dead_connection(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    handler.on_sync = lambda request: None  # type: ignore[assignment,return-value]
+    doc = ask(server.path, b"action=Deploy:Core:syncpro&k=server\n")
+    assert doc["code"] == "500"
+    assert "NoneType" in doc["data"]["msg"]
+    handler.on_sync = lambda request: {"code": "0", "loop": [float("nan")], "x": {1, 2}}
+    doc = ask(server.path, b"action=Deploy:Core:syncpro&k=server\n")
+    assert doc["x"] == "{1, 2}"  # not JSON: sent as its text rather than failing the answer
+
+
 def test_every_request_is_logged_once_and_never_with_the_token(server: ControlServer) -> None:
     with structlog.testing.capture_logs() as logs:
         ask(server.path, f"action=Deploy:Core:syncpro&k=server&token={SECRET}\n".encode())

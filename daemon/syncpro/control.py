@@ -75,6 +75,10 @@ def dispatch(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[
         log.exception("control.handler_failed", action=req.action, error=type(exc).__name__)
         reason = f"internal error while running {req.action}: {type(exc).__name__}: {exc}"
         return refusal_document(req.echo(), reason, FAILED_CODE)
+    if not isinstance(doc, dict):
+        reason = f"internal error: {req.action} answered {type(doc).__name__}, not a document"
+        log.error("control.handler_failed", action=req.action, error=reason)
+        return refusal_document(req.echo(), reason, FAILED_CODE)
     if "param" not in doc:
         doc = {**doc, "param": req.echo()}
     return doc
@@ -93,8 +97,15 @@ def succeeded(doc: dict[str, Any], action: str | None) -> bool:
 
 
 def encode(doc: dict[str, Any]) -> bytes:
-    """Return a response document as one line of UTF-8 JSON."""
-    return json.dumps(doc, ensure_ascii=False, default=str).encode("utf-8") + b"\n"
+    """Return a response document as one line of UTF-8 JSON (values JSON cannot hold as
+    their str); a document that cannot be encoded at all becomes a refusal saying so."""
+    try:
+        text = json.dumps(doc, ensure_ascii=False, default=str)
+    except (TypeError, ValueError) as exc:
+        log.error("control.unencodable_document", error=str(exc))
+        reason = f"internal error: the answer could not be encoded: {exc}"
+        text = json.dumps(refusal_document({}, reason, FAILED_CODE), ensure_ascii=False)
+    return text.encode("utf-8") + b"\n"
 
 
 @dataclass(frozen=True)

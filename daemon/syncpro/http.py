@@ -20,7 +20,14 @@ import structlog
 
 from syncpro import __version__
 from syncpro.config import HttpSettings
-from syncpro.control import FAILED_CODE, REFUSED_CODE, ControlHandler, dispatch, succeeded
+from syncpro.control import (
+    FAILED_CODE,
+    REFUSED_CODE,
+    ControlHandler,
+    dispatch,
+    encode,
+    succeeded,
+)
 from syncpro.errors import ControlError
 from syncpro.protocol import ControlRequest, ProtocolError, parse_request
 from syncpro.response import REDACTED, refusal_document
@@ -253,8 +260,11 @@ class _Handler(BaseHTTPRequestHandler):
         action: str | None = None,
         extra: dict[str, str] | None = None,
     ) -> None:
-        text = json.dumps(doc, ensure_ascii=False, indent=2 if pretty else None, default=str)
-        body = text.encode("utf-8") + b"\n"
+        try:
+            text = json.dumps(doc, ensure_ascii=False, indent=2 if pretty else None, default=str)
+            body = text.encode("utf-8") + b"\n"
+        except (TypeError, ValueError):
+            body = encode(doc)  # says, as a refusal, that the answer could not be encoded
         delivered = True
         try:
             self.send_response(status)

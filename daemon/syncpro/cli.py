@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
 
+    from syncpro.client import add_ctl_parser
+
+    add_ctl_parser(sub)
+
     imp = sub.add_parser(
         "import-config", help="print a syncpro config.yml made from the original platform's"
     )
@@ -62,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "ctl":
+            from syncpro.client import run_ctl
+
+            return run_ctl(args)
         if args.command == "import-config":
             return _import_config(args)
     except ConfigError as exc:

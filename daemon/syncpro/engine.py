@@ -45,6 +45,14 @@ def sweep_once(config: Config) -> None:
                 sweep(root)
 
 
+def ignore_for(config: Config) -> Ignore:
+    """The names never published: upload temporaries, and the ready marker if one is set."""
+    patterns = list(config.watch.ignore)
+    if config.watch.ready_marker:
+        patterns.append(config.watch.ready_marker)
+    return Ignore(patterns)
+
+
 def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> SyncResult:
     """Given a request, the config and the inventory, sync every selected app and return the
     result. Raise RequestError if `k` selects nothing at all (empty)."""
@@ -58,7 +66,7 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     result.unknown = selection.unknown
     outcomes = {app.app_key: AppOutcome(app.app_key, app.local_name) for app in selection.apps}
     result.apps = list(outcomes.values())
-    ignore = Ignore(config.watch.ignore)
+    ignore = ignore_for(config)
 
     for group, apps in _groups(selection.apps).items():
         _sync_program(config, request.update, group, apps, outcomes, result, ignore)

@@ -19,7 +19,7 @@ import structlog
 
 from syncpro import __version__, layout
 from syncpro.config import Config, load_config
-from syncpro.engine import run_sync
+from syncpro.engine import ignore_for, run_sync
 from syncpro.errors import ConfigError, InventoryError, SyncproError
 from syncpro.inventories import load_inventory
 from syncpro.inventory import App, Inventory
@@ -97,10 +97,7 @@ class Service:
             self.inventory_error = str(exc)
             inventory = previous.inventory if previous is not None else Inventory(())
             log.error("inventory.unavailable", error=str(exc), apps_kept=len(inventory.apps))
-        patterns = list(config.watch.ignore)
-        if config.watch.ready_marker:
-            patterns.append(config.watch.ready_marker)
-        return Snapshot(config, inventory, Ignore(patterns))
+        return Snapshot(config, inventory, ignore_for(config))
 
     # --- lifecycle ---
 

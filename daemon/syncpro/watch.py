@@ -6,8 +6,10 @@ code. We listen to its log records so the daemon can re-check everything after o
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +28,27 @@ _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
 _WATCHES_LIMIT = Path("/proc/sys/fs/inotify/max_user_watches")
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_IN_CLOEXEC = 0o2000000
+_IN_ATTRIB = 0x4
+
+
+def inotify_room_left(path: Path) -> bool:
+    """Return False when this user cannot add one more inotify watch (ENOSPC).
+
+    watchdog 7.1 silently skips subdirectories it cannot watch, so the only way to learn that
+    the limit was hit is to try one watch of our own.
+    """
+    fd = _libc.inotify_init1(_IN_CLOEXEC)
+    if fd < 0:
+        return ctypes.get_errno() not in (errno.EMFILE, errno.ENOSPC)
+    try:
+        wd = _libc.inotify_add_watch(fd, os.fsencode(path), _IN_ATTRIB)
+        return wd >= 0 or ctypes.get_errno() != errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 def _watch_limit() -> str:
     try:
         return _WATCHES_LIMIT.read_text().strip()
@@ -41,6 +64,10 @@ class _Events(FileSystemEventHandler):
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _QUIET_EVENTS:
+            return
+        if event.is_directory and event.event_type == "modified":
+            # A directory's entries changed: the entry's own event says which, and an upload's
+            # ignored temp file must not trigger a sync through its parent directory.
             return
         paths = [event.src_path]
         if event.event_type == "moved":
@@ -111,18 +138,13 @@ class Watcher:
             try:
                 observer.schedule(handler, str(root), recursive=True)
                 observer.start()
+                if not inotify_room_left(root):
+                    raise OSError(errno.ENOSPC, "inotify watch limit reached")
             except OSError as exc:
                 observer.stop()
-                if exc.errno == errno.ENOSPC:
-                    log.error(
-                        "watch.inotify_limit",
-                        root=str(root),
-                        error=f"inotify watch limit reached ({_watch_limit()}); raise"
-                        " fs.inotify.max_user_watches. Polling this root meanwhile.",
-                    )
-                else:
-                    log.error("watch.inotify_failed", root=str(root), error=str(exc))
-                self.on_trouble("inotify_failed")
+                if observer.is_alive():
+                    observer.join(timeout=10)
+                self._report_failure(root, exc)
             else:
                 observer.name = f"syncpro-watch-{root.name}"
                 self._observers[root] = observer
@@ -134,15 +156,36 @@ class Watcher:
         self._observers[root] = observer
         self.backends[root] = "polling"
 
+    def _report_failure(self, root: Path, exc: OSError) -> None:
+        if exc.errno == errno.ENOSPC:
+            log.error(
+                "watch.inotify_limit",
+                root=str(root),
+                error=f"inotify watch limit reached ({_watch_limit()}); raise"
+                " fs.inotify.max_user_watches. Polling this root meanwhile.",
+            )
+        else:
+            log.error("watch.inotify_failed", root=str(root), error=str(exc))
+        self.on_trouble("inotify_failed")
+
     def check(self) -> None:
-        """Restart, polling, any root whose observer or emitter thread has died."""
+        """Poll, from now on, any root whose observer died or that may have directories left
+        unwatched because the inotify limit was reached (new directories keep coming)."""
+        inotify_roots = [r for r, b in self.backends.items() if b == "inotify"]
+        full = bool(inotify_roots) and not inotify_room_left(inotify_roots[0])
         for root, observer in list(self._observers.items()):
             dead = not observer.is_alive() or any(not e.is_alive() for e in observer.emitters)
+            if not dead and not (full and self.backends[root] == "inotify"):
+                continue
+            observer.stop()
+            if observer.is_alive():
+                observer.join(timeout=10)
             if dead:
                 log.error("watch.observer_died", root=str(root), backend=self.backends[root])
-                observer.stop()
-                self._start_root(root, polling=True)
                 self.on_trouble("watcher_died")
+            else:
+                self._report_failure(root, OSError(errno.ENOSPC, "inotify watch limit reached"))
+            self._start_root(root, polling=True)
 
     def stop(self) -> None:
         logging.getLogger("watchdog").removeHandler(self._trouble_log)

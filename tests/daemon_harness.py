@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -60,8 +61,9 @@ class Daemon:
         full_env = dict(os.environ)
         full_env.pop("NOTIFY_SOCKET", None)
         full_env.update({"NOTIFY_SOCKET": str(self.notify_path), **(env or {})})
+        wrap = shlex.split(full_env.pop("SYNCPRO_TEST_WRAP", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "syncpro", "serve", "--config", str(config)],
+            [*wrap, sys.executable, "-m", "syncpro", "serve", "--config", str(config)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

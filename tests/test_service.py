@@ -64,7 +64,8 @@ def test_an_rsync_upload_is_published_by_itself(
     base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     upload = tmp_path_factory.mktemp("upload")
-    put(upload, {"bin/run.sh": "v2\n", "lib/app.jar": "jar v2\n"})
+    # A new size: rsync's quick check skips same-size files written within one second.
+    put(upload, {"bin/run.sh": "version 2\n", "lib/app.jar": "jar v2\n"})
     with running(write_config(base, APPS)) as daemon:
         daemon.wait_sync("server1")
         subprocess.run(
@@ -186,7 +187,7 @@ def test_sighup_adds_an_app_and_syncs_it(base: Path) -> None:
     put(base / "r/configuredir/api1", {"api.conf": "a\n"})
     with running(config) as daemon:
         daemon.wait_sync("web1")
-        assert daemon.find("watch.unknown_app")  # api1's files were there before it was known
+        assert daemon.syncs("api1") == []  # api1's files were there before it was known
         write_config(base, [*APPS, {"app_key": "api1", "local_name": "api"}])
         daemon.signal(signal.SIGHUP)
         daemon.wait_note("RELOADING=1")
@@ -283,3 +284,34 @@ def test_a_broken_config_at_start_is_one_message_and_exit_2(tmp_path: Path) -> N
         assert not any("Traceback" in line for line in daemon.raw)
     finally:
         daemon.close()
+
+
+def test_running_out_of_inotify_watches_names_the_sysctl_and_falls_back_to_polling(
+    base: Path,
+) -> None:
+    # A user namespace of its own gets its own inotify limits: no global setting is touched.
+    probe = subprocess.run(
+        ["unshare", "-U", "-r", "sh", "-c", "echo 8 > /proc/sys/user/max_inotify_watches"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.fail(f"cannot make a user namespace with its own inotify limit: {probe.stderr!r}")
+    for i in range(20):
+        (base / f"r/softdir/server1/d{i}").mkdir(parents=True)
+    config = write_config(base, APPS, watch={"poll_interval": 0.2})
+    wrapper = base / "limited.sh"
+    wrapper.write_text(
+        'echo 8 > /proc/sys/user/max_inotify_watches && exec "$@"\n', encoding="utf-8"
+    )
+    env = {"SYNCPRO_TEST_WRAP": f"unshare -U -r sh {wrapper}"}
+    with running(config, env=env) as daemon:
+        limit = daemon.wait_event("watch.inotify_limit")
+        assert "fs.inotify.max_user_watches" in limit["error"]
+        started = daemon.wait_event("service.started")
+        assert started["backends"][str(base / "r")] == "polling"
+        daemon.wait_sync("server1")
+        put(base / "r/softdir/server1", {"bin/run.sh": "polled after ENOSPC\n"})
+        daemon.wait_sync("server1", count=2)
+        assert tree(base / "soft/server")["bin/run.sh"] == "polled after ENOSPC\n"
+        assert daemon.stop() == 0

@@ -598,6 +598,54 @@ def test_a_second_sync_links_unchanged_files_and_copies_only_the_changed_one(
     assert snapshot(program_target(config, "server1")) == snapshot(source)
 
 
+def test_a_sync_with_nothing_changed_leaves_the_published_tree_in_place(tmp_path: Path) -> None:
+    config = make_config(tmp_path, SERVER)
+    source = program_source(config, "server1")
+    write_tree(source, {f"d{i % 5}/f{i:03}": File(f"x{i}", mtime_ns=BASE_NS) for i in range(50)})
+    write_tree(config_source(config, "server1"), {"c": "1"})
+    sync(config, "server1")
+    target = program_target(config, "server1")
+    root_inode = target.stat().st_ino
+
+    result = sync(config, "server1")
+
+    program = result.apps[0].program
+    assert program.unchanged and program.as_dict()["unchanged"] is True
+    assert result.ok
+    assert target.stat().st_ino == root_inode
+    assert list((work_area(target.parent) / "trash").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["mode", "dir_mode", "mtime", "delete", "add", "relink"],
+)
+def test_any_difference_from_the_published_tree_rebuilds_it(tmp_path: Path, change: str) -> None:
+    config = make_config(tmp_path, SERVER)
+    source = program_source(config, "server1")
+    write_tree(source, {"d/f": File("x", mtime_ns=BASE_NS), "l": Symlink("d/f"), "g": "y"})
+    write_tree(config_source(config, "server1"), {"c": "1"})
+    sync(config, "server1")
+    if change == "mode":
+        (source / "d/f").chmod(0o600)
+    elif change == "dir_mode":
+        (source / "d").chmod(0o700)
+    elif change == "mtime":
+        os.utime(source / "d/f", ns=(BASE_NS, BASE_NS + 1))
+    elif change == "delete":
+        (source / "g").unlink()
+    elif change == "add":
+        (source / "d/new").write_text("n")
+    else:
+        (source / "l").unlink()
+        (source / "l").symlink_to("g")
+
+    result = sync(config, "server1")
+
+    assert not result.apps[0].program.unchanged
+    assert snapshot(program_target(config, "server1")) == snapshot(source)
+
+
 # --- upload temporaries (SPEC 7, issue 2) ---
 
 

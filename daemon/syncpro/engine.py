@@ -28,7 +28,7 @@ from syncpro.result import (
     TargetOutcome,
 )
 from syncpro.selection import select
-from syncpro.tree import Ignore, ListedFileError, TreeBuilder
+from syncpro.tree import Ignore, ListedFileError, TreeBuilder, tree_matches
 
 log = structlog.get_logger()
 
@@ -164,18 +164,30 @@ def _publish(
 ) -> TargetOutcome:
     started = time.monotonic()
     builder: TreeBuilder | None = None
+    preserve_owner = os.geteuid() == 0
 
     def build(staging: Path, current: Path | None) -> None:
         nonlocal builder
-        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=os.geteuid() == 0)
+        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
         if listed is None:
             builder.copy_tree(source, staging)
         else:
             builder.copy_listed(source, listed, staging)
 
+    def unchanged(current: Path) -> bool:
+        return tree_matches(source, current, ignore, preserve_owner)
+
     outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
     try:
-        publish(target, build, grace=config.publish.grace, durable=config.publish.fsync)
+        published = publish(
+            target,
+            build,
+            grace=config.publish.grace,
+            durable=config.publish.fsync,
+            # A type-2 list is small and its checks must run: always build it.
+            unchanged=unchanged if listed is None else None,
+        )
+        outcome.unchanged = published.unchanged
     except ListedFileError as exc:
         outcome.status, outcome.error = FAILED, "; ".join(exc.problems)
     except PublishError as exc:

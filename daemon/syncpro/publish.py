@@ -44,6 +44,7 @@ class Published:
     target: Path
     replaced: Path | None
     expires: float | None
+    unchanged: bool = False
 
 
 def work_area(root: Path) -> Path:
@@ -101,9 +102,11 @@ def publish(
     *,
     grace: float,
     durable: bool = True,
+    unchanged: Callable[[Path], bool] | None = None,
 ) -> Published:
     """Given a target and a function that builds the new tree at a staging path (with the
     currently published tree to reuse from, or None), build it and swap it in atomically.
+    When `unchanged(current)` says the published tree already is the new one, leave it.
     Raise PublishError (old target intact) if building or swapping fails."""
     area = work_area(target.root)
     staging_dir, trash_dir = area / "staging", area / "trash"
@@ -111,6 +114,13 @@ def publish(
     trash_dir.mkdir(parents=True, exist_ok=True)
     staging = staging_dir / f"{os.getpid()}.{os.urandom(4).hex()}.{_name(target)}"
     with target_lock(target):
+        final = target.path
+        if unchanged is not None and final.is_dir() and not final.is_symlink():
+            try:
+                if unchanged(final):
+                    return Published(final, None, None, unchanged=True)
+            except OSError:
+                pass  # a source vanishing under the check: the build reports it
         return _build_and_swap(target, build, staging, trash_dir, grace, durable)
 
 

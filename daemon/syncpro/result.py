@@ -22,6 +22,7 @@ class TargetOutcome:
     stats: CopyStats | None = None
     seconds: float = 0.0
     winner: str | None = None  # for a superseded program: the app whose tree was published
+    unchanged: bool = False  # the published tree already equalled the source: left as it was
 
     @property
     def ok(self) -> bool:
@@ -37,6 +38,8 @@ class TargetOutcome:
             doc["error"] = self.error
         if self.winner:
             doc["winner"] = self.winner
+        if self.unchanged:
+            doc["unchanged"] = True
         if self.stats is not None:
             doc.update(self.stats.as_dict())
             doc["seconds"] = round(self.seconds, 6)

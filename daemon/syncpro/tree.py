@@ -246,6 +246,50 @@ class TreeBuilder:
         self._finish_dir(str(dst), root_stat)
 
 
+def tree_matches(src: Path, published: Path, ignore: Ignore, preserve_owner: bool) -> bool:
+    """Given a source tree and the tree published from it, return True when a build would
+    produce exactly the published tree (names, types, modes, sizes, mtimes, link targets, and
+    owners when they are preserved), so the publish can be skipped."""
+
+    def same(a: os.stat_result, b: os.stat_result) -> bool:
+        if a.st_mode != b.st_mode or a.st_mtime_ns != b.st_mtime_ns:
+            return False
+        if preserve_owner and (a.st_uid, a.st_gid) != (b.st_uid, b.st_gid):
+            return False
+        return stat.S_ISDIR(a.st_mode) or a.st_size == b.st_size
+
+    if not same(os.stat(src), os.lstat(published)):
+        return False
+    stack = [(str(src), str(published), "")]
+    while stack:
+        src_dir, pub_dir, rel = stack.pop()
+        with os.scandir(src_dir) as entries:
+            wanted: dict[str, os.DirEntry[str]] = {}
+            for entry in entries:
+                entry_rel = f"{rel}/{entry.name}" if rel else entry.name
+                if not ignore(entry.name, entry_rel):
+                    wanted[entry.name] = entry
+        with os.scandir(pub_dir) as entries:
+            have = {entry.name: entry for entry in entries}
+        for name, entry in wanted.items():
+            st = entry.stat(follow_symlinks=False)
+            if not (
+                stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
+            ):
+                continue  # never published
+            old = have.pop(name, None)
+            if old is None or not same(st, old.stat(follow_symlinks=False)):
+                return False
+            if stat.S_ISLNK(st.st_mode) and os.readlink(entry.path) != os.readlink(old.path):
+                return False
+            if stat.S_ISDIR(st.st_mode):
+                entry_rel = f"{rel}/{name}" if rel else name
+                stack.append((entry.path, old.path, entry_rel))
+        if have:
+            return False  # the published tree has names the source no longer has
+    return True
+
+
 def _copy_bytes(fd_in: int, fd_out: int) -> int:
     total = 0
     try:

@@ -6,6 +6,8 @@ acts on it. Everything a sync needs (config, inventory) is swapped as one snapsh
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import threading
@@ -73,6 +75,9 @@ class Service:
         self._last: dict[str, dict[str, Any]] = {}
         self._last_lock = threading.Lock()
         self.inventory_error: str | None = None
+        self._inventory_due = 0.0
+        self._inventory_backoff = 0.0
+        self._inventory_thread: threading.Thread | None = None
         self.scheduler: Scheduler | None = None
         self.watcher: Watcher | None = None
         self.state: StateStore | None = None
@@ -106,6 +111,9 @@ class Service:
         snap = self._load(None)
         with self._snapshot_lock:
             self._snapshot = snap
+        refresh = snap.config.inventory.refresh
+        self._inventory_backoff = 1.0 if self.inventory_error else 0.0
+        self._inventory_due = time.monotonic() + (1.0 if self.inventory_error else refresh)
         config = snap.config
         self.state = StateStore(config.dirs.state)
         for root in (config.dirs.softdir, config.dirs.configuredir):
@@ -199,6 +207,7 @@ class Service:
                     self.request_rescan("rescan")
                     next_rescan = now + snap.config.watch.rescan_interval
                 self._sweep_expired(snap.config)
+                self._maybe_refresh_inventory(snap.config, now)
                 if now >= next_status:
                     self.notifier.status(self._status_line())
                     next_status = now + 10
@@ -224,6 +233,8 @@ class Service:
                     "service.abandoned",
                     batches=[{"app_keys": list(b.app_keys), "update": b.update} for b in abandoned],
                 )
+        if self._inventory_thread is not None:
+            self._inventory_thread.join(timeout)
         if self.state is not None:
             self.state.close()
         log.info("service.stopped")
@@ -277,6 +288,8 @@ class Service:
             return False
         with self._snapshot_lock:
             self._snapshot = new
+        retry = 1.0 if self.inventory_error else new.config.inventory.refresh
+        self._inventory_due = time.monotonic() + retry
         if new.config.dirs != old.config.dirs or new.config.watch != old.config.watch:
             self._restart_watching(old.config, new.config)
         if new.config.control != old.config.control or new.config.http != old.config.http:
@@ -441,6 +454,54 @@ class Service:
             if expiry is not None and expiry <= now:
                 sweep(root, now)
 
+    # --- the database inventory: re-read periodically, kept when the database is away ---
+
+    def _maybe_refresh_inventory(self, config: Config, now: float) -> None:
+        if config.inventory.source == "config" or now < self._inventory_due:
+            return
+        if self._inventory_thread is not None and self._inventory_thread.is_alive():
+            return
+        self._inventory_due = math.inf  # until this refresh says when the next one is
+        self._inventory_thread = threading.Thread(
+            target=self._refresh_inventory, name="syncpro-inventory", daemon=False
+        )
+        self._inventory_thread.start()
+
+    def _refresh_inventory(self) -> None:
+        snap = self.snapshot
+        refresh = snap.config.inventory.refresh
+        try:
+            inventory = load_inventory(snap.config)
+        except InventoryError as exc:
+            first = self.inventory_error is None
+            self.inventory_error = str(exc)
+            # Back off from 1 s, doubling, up to the refresh period: a database restart is
+            # noticed quickly, a long outage is not hammered.
+            self._inventory_backoff = min(max(1.0, self._inventory_backoff * 2), refresh)
+            self._inventory_due = time.monotonic() + self._inventory_backoff
+            log.log(
+                logging.ERROR if first else logging.WARNING,
+                "inventory.unavailable",
+                error=str(exc),
+                apps_kept=len(snap.inventory.apps),
+                retry_in=self._inventory_backoff,
+            )
+            self.notifier.status(self._status_line())
+            return
+        recovered = self.inventory_error is not None
+        self.inventory_error = None
+        self._inventory_backoff = 0.0
+        self._inventory_due = time.monotonic() + refresh
+        with self._snapshot_lock:
+            current = self._snapshot
+            if current is None or current.config is not snap.config:
+                return  # a reload replaced the config meanwhile; it loaded its own inventory
+            self._snapshot = Snapshot(current.config, inventory, current.ignore)
+        if recovered or inventory.apps != snap.inventory.apps:
+            log.info("inventory.refreshed", apps=len(inventory.apps), recovered=recovered)
+            self.request_rescan("inventory")
+            self.notifier.status(self._status_line())
+
     def _status_line(self) -> str:
         snap = self.snapshot
         parts = [f"watching {len(snap.inventory.apps)} apps"]
@@ -507,6 +568,14 @@ def serve(config_path: str | None) -> int:
         service.shutdown(5.0)
         raise
     try:
-        return service.run()
+        code = service.run()
     finally:
         service.shutdown(timeout=float(os.environ.get("SYNCPRO_STOP_TIMEOUT", "30")))
+    stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    stuck = [name for name in stuck if name != threading.current_thread().name]
+    if stuck:
+        # A sync that outlived the stop timeout would keep the process alive for ever; its
+        # target is safe (old or new tree), so leave it and exit as systemd asked.
+        log.error("service.exit_with_running_threads", threads=stuck)
+        os._exit(code)
+    return code

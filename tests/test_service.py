@@ -315,3 +315,23 @@ def test_running_out_of_inotify_watches_names_the_sysctl_and_falls_back_to_polli
         daemon.wait_sync("server1", count=2)
         assert tree(base / "soft/server")["bin/run.sh"] == "polled after ENOSPC\n"
         assert daemon.stop() == 0
+
+
+def test_directories_created_while_running_are_watched_too(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    put(upload, {"a/b/c/deep.txt": "1\n", "top.txt": "t\n"})
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        # A whole new app's program arrives in one go, nested directories included.
+        subprocess.run(["rsync", "-a", f"{upload}/", str(base / "r/softdir/server2")], check=True)
+        daemon.wait_sync("server2")
+        # A change deep inside the new tree is only seen if its new directories are watched.
+        put(base / "r/softdir/server2", {"a/b/c/deep.txt": "changed later\n"})
+        daemon.wait_sync("server2", count=2)
+        daemon.wait(
+            lambda: tree(base / "soft/server").get("a/b/c/deep.txt") == "changed later\n",
+            what="the deep change published",
+        )
+        assert daemon.stop() == 0

@@ -23,7 +23,7 @@ from syncpro import layout
 from syncpro.config import Config
 from syncpro.inventory import App, Inventory
 from syncpro.request import SyncRequest
-from syncpro.response import FAIL_MSG, OK_MSG, PARSE_OK_MSG, RUN_DONE_MSG, param_of, request_cmd
+from syncpro.response import run_document
 from syncpro.selection import select
 from syncpro.tree import Ignore
 
@@ -146,47 +146,22 @@ def diff(
                 errors.append(f"{key}: {found.kind} source {found.source} is missing")
             elif found.error:
                 errors.append(f"{key}: {found.error}")
-    ok = not errors
-    seconds = time.monotonic() - clock
-    param = param_of(request)
-    return {
-        "code": "0",
-        "data": {
-            "code": "0" if ok else "1",
-            "data": {
-                "0": "1" if ok else "0",
-                "1": ",".join(missing_program),
-                "2": ",".join(missing_config),
-            },
-            "msg": OK_MSG if ok else f"{FAIL_MSG}: " + "; ".join(errors),
-        },
-        "param": param,
-        "parseparameters": {
-            "code": "0",
-            "msg": PARSE_OK_MSG,
-            "precmd": "",
-            "requestCmd": request_cmd(param),
-        },
-        "print_stdout": "0",
-        "respon": {
-            "chdir": os.getcwd(),
-            "cmd": _command_line(request),
-            "code": "1",
-            "msg": RUN_DONE_MSG,
-            "ret": "0" if ok else "1",
-            "stderr": "\n".join(errors),
-            "stdout": "",
-        },
-        "take": str(round(seconds)),
-        "seconds": round(seconds, 6),
-        "started": started,
-        "origin": request.origin,
-        "unknown": list(selection.unknown),
-        "diff": {
-            key: {kind: found.as_dict(limit) for kind, found in targets.items()}
-            for key, targets in per_app.items()
-        },
+    doc = run_document(
+        request,
+        ok=not errors,
+        errors=errors,
+        missing_program=missing_program,
+        missing_config=missing_config,
+        seconds=time.monotonic() - clock,
+        started=started,
+        cmd=_command_line(request),
+        unknown=selection.unknown,
+    )
+    doc["diff"] = {
+        key: {kind: found.as_dict(limit) for kind, found in targets.items()}
+        for key, targets in per_app.items()
     }
+    return doc
 
 
 def _append_once(items: list[str], item: str) -> None:

@@ -48,23 +48,31 @@ def command_line(request: SyncRequest) -> str:
     return shlex.join(parts)
 
 
-def response_document(result: SyncResult) -> dict[str, Any]:
-    """Given a sync result, return the response document its clients expect, plus details."""
-    request = result.request
+def run_document(
+    request: SyncRequest,
+    *,
+    ok: bool,
+    errors: list[str],
+    missing_program: list[str],
+    missing_config: list[str],
+    seconds: float,
+    started: float,
+    cmd: str,
+    unknown: tuple[str, ...],
+) -> dict[str, Any]:
+    """Given what a run (a sync or a diff) found, return the original's response document
+    with our extra keys; callers add their own details."""
     param = param_of(request)
-    ok = result.ok
-    errors = result.errors
-    msg = OK_MSG if ok else f"{FAIL_MSG}: " + "; ".join(errors)
     doc: dict[str, Any] = {
         "code": "0",
         "data": {
             "code": "0" if ok else "1",
             "data": {
                 "0": "1" if ok else "0",
-                "1": ",".join(result.missing_program),
-                "2": ",".join(result.missing_config),
+                "1": ",".join(missing_program),
+                "2": ",".join(missing_config),
             },
-            "msg": msg,
+            "msg": OK_MSG if ok else f"{FAIL_MSG}: " + "; ".join(errors),
         },
         "param": param,
         "parseparameters": {
@@ -76,24 +84,40 @@ def response_document(result: SyncResult) -> dict[str, Any]:
         "print_stdout": "0",
         "respon": {
             "chdir": os.getcwd(),
-            "cmd": command_line(request),
+            "cmd": cmd,
             "code": "1",
             "msg": RUN_DONE_MSG,
             "ret": "0" if ok else "1",
             "stderr": "\n".join(errors),
             "stdout": "",
         },
-        "take": str(round(result.seconds)),
+        "take": str(round(seconds)),
         # Extra keys: clients of the original ignore what they do not know.
-        "seconds": round(result.seconds, 6),
-        "started": result.started,
+        "seconds": round(seconds, 6),
+        "started": started,
         "origin": request.origin,
-        "unknown": list(result.unknown),
-        "drift": [d.as_dict() for d in result.drift],
-        "apps": [app.as_dict() for app in result.apps],
+        "unknown": list(unknown),
     }
     if request.trigger is not None:
         doc["trigger"] = {"by": request.trigger.by, "paths": list(request.trigger.paths)}
+    return doc
+
+
+def response_document(result: SyncResult) -> dict[str, Any]:
+    """Given a sync result, return the response document its clients expect, plus details."""
+    doc = run_document(
+        result.request,
+        ok=result.ok,
+        errors=result.errors,
+        missing_program=result.missing_program,
+        missing_config=result.missing_config,
+        seconds=result.seconds,
+        started=result.started,
+        cmd=command_line(result.request),
+        unknown=result.unknown,
+    )
+    doc["drift"] = [d.as_dict() for d in result.drift]
+    doc["apps"] = [app.as_dict() for app in result.apps]
     return doc
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from syncpro import __version__
 from syncpro.config import Config, load_config
@@ -83,16 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def print_document(doc: dict[str, Any], pretty: bool) -> None:
-    if pretty or sys.stdout.isatty():
-        text = json.dumps(doc, ensure_ascii=False, indent=2)
-    else:
-        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
-    print(text, flush=True)
-
-
 def _sync(args: argparse.Namespace) -> int:
     from syncpro import log
+    from syncpro.client import print_document
     from syncpro.engine import run_sync
     from syncpro.inventories import load_inventory
     from syncpro.publish import sweep_later

@@ -83,7 +83,7 @@ def run_ctl(args: argparse.Namespace) -> int:
         doc = send_request(path, fields, args.timeout)
     except ControlError as exc:
         return _fail(str(exc))
-    _print(doc, args.pretty)
+    print_document(doc, args.pretty)
     return exit_code(action, doc)
 
 
@@ -177,7 +177,7 @@ def exit_code(action: str, doc: dict[str, Any]) -> int:
     return EXIT_OK if ok else EXIT_UNSUCCESSFUL
 
 
-def _print(doc: dict[str, Any], pretty: bool) -> None:
+def print_document(doc: dict[str, Any], pretty: bool) -> None:
     if pretty or sys.stdout.isatty():
         text = json.dumps(doc, ensure_ascii=False, indent=2)
     else:

@@ -25,7 +25,7 @@ from syncpro.inventory import App, Inventory
 from syncpro.request import SyncRequest
 from syncpro.response import run_document
 from syncpro.selection import select
-from syncpro.tree import Ignore
+from syncpro.tree import Ignore, ListedFileError, resolve_listed
 
 OK, MISSING, FAILED = "ok", "missing", "failed"
 DEFAULT_LIMIT = 1000
@@ -218,16 +218,12 @@ def _config_diff(
     return found
 
 
-class _ListedError(Exception):
-    """A type-2 list names entries that are missing or outside the source."""
-
-
 def _compare(found: TargetDiff, expected: Callable[[], dict[str, _Entry]], owners: bool) -> None:
     try:
         wanted = expected()
         present = _listing(Path(found.target), None) if os.path.isdir(found.target) else {}
-    except _ListedError as exc:
-        found.status, found.error = FAILED, str(exc)
+    except ListedFileError as exc:
+        found.status, found.error = FAILED, "; ".join(exc.problems)
         return
     except OSError as exc:
         found.status, found.error = FAILED, f"cannot compare {found.kind}: {exc}"
@@ -270,29 +266,10 @@ def _copied(mode: int) -> bool:
 
 def _listed(source: Path, entries: tuple[str, ...], ignore: Ignore) -> dict[str, _Entry]:
     """What a type-2 config target would hold: the listed entries (links resolved, a listed
-    directory whole) and the directories leading to them. Raise _ListedError with every entry
+    directory whole) and the directories leading to them. Raise ListedFileError with every entry
     that is absolute, escapes the source or is missing, as the copy would."""
     real_root = os.path.realpath(source)
-    chosen: list[tuple[str, str]] = []
-    problems: list[str] = []
-    for entry in entries:
-        norm = os.path.normpath(entry)
-        if os.path.isabs(entry):
-            problems.append(f"listed config {entry!r} is an absolute path")
-        elif norm in (".", "..") or norm.startswith("../"):
-            problems.append(f"listed config {entry!r} escapes the config source {source}")
-        else:
-            real = os.path.realpath(os.path.join(real_root, norm))
-            if real != real_root and not real.startswith(real_root + os.sep):
-                problems.append(
-                    f"listed config {entry!r} escapes the config source {source} through a symlink"
-                )
-            elif not os.path.exists(real):
-                problems.append(f"listed config file {source / norm} is missing")
-            else:
-                chosen.append((norm, real))
-    if problems:
-        raise _ListedError("; ".join(problems))
+    chosen = resolve_listed(source, entries)
     found: dict[str, _Entry] = {}
     # Shallow entries first, as the copy does: a listed directory is taken whole before any
     # listed file inside it.

@@ -192,29 +192,7 @@ class TreeBuilder:
         the listed entries to their relative paths. Raise ListedFileError naming every entry
         that is absolute, escapes the source or is missing; nothing is copied then."""
         real_root = os.path.realpath(src)
-        chosen: list[tuple[str, str]] = []
-        problems: list[str] = []
-        for entry in entries:
-            norm = os.path.normpath(entry)
-            if os.path.isabs(entry):
-                problems.append(f"listed config {entry!r} is an absolute path")
-                continue
-            if norm in (".", "..") or norm.startswith("../"):
-                problems.append(f"listed config {entry!r} escapes the config source {src}")
-                continue
-            full = os.path.join(real_root, norm)
-            real = os.path.realpath(full)
-            if real != real_root and not real.startswith(real_root + os.sep):
-                problems.append(
-                    f"listed config {entry!r} escapes the config source {src} through a symlink"
-                )
-                continue
-            if not os.path.exists(real):
-                problems.append(f"listed config file {src / norm} is missing")
-                continue
-            chosen.append((norm, real))
-        if problems:
-            raise ListedFileError(problems)
+        chosen = resolve_listed(src, entries)
         root_stat = os.stat(real_root)
         os.mkdir(dst, 0o700)
         made: list[tuple[str, os.stat_result]] = []
@@ -244,6 +222,36 @@ class TreeBuilder:
         for path, st in sorted(made, key=lambda item: item[0].count("/"), reverse=True):
             self._finish_dir(path, st)
         self._finish_dir(str(dst), root_stat)
+
+
+def resolve_listed(src: Path, entries: Iterable[str]) -> list[tuple[str, str]]:
+    """Given a config source and its listed entries, return (normalised relative path, real
+    path) for each, in list order. Raise ListedFileError naming every entry that is absolute,
+    escapes the source (by '..' or through a symlink) or is missing."""
+    real_root = os.path.realpath(src)
+    chosen: list[tuple[str, str]] = []
+    problems: list[str] = []
+    for entry in entries:
+        norm = os.path.normpath(entry)
+        if os.path.isabs(entry):
+            problems.append(f"listed config {entry!r} is an absolute path")
+            continue
+        if norm in (".", "..") or norm.startswith("../"):
+            problems.append(f"listed config {entry!r} escapes the config source {src}")
+            continue
+        real = os.path.realpath(os.path.join(real_root, norm))
+        if real != real_root and not real.startswith(real_root + os.sep):
+            problems.append(
+                f"listed config {entry!r} escapes the config source {src} through a symlink"
+            )
+            continue
+        if not os.path.exists(real):
+            problems.append(f"listed config file {src / norm} is missing")
+            continue
+        chosen.append((norm, real))
+    if problems:
+        raise ListedFileError(problems)
+    return chosen
 
 
 def tree_matches(src: Path, published: Path, ignore: Ignore, preserve_owner: bool) -> bool:

@@ -567,6 +567,10 @@ def render(
     notes = []
     for case, data in summary.items():
         row = data["rows"]["inproc-nofsync"]
+        if row["copied_median"] is None:
+            # Nothing differed: the engine left the published tree in place, no build ran.
+            notes.append(f"{CASE_TITLES[case]}: published tree left in place, nothing built")
+            continue
         notes.append(
             f"{CASE_TITLES[case]}: in-process build copied {row['copied_median']:.0f} and "
             f"hard-linked {row['linked_median']:.0f} files; removing the replaced tree "

@@ -429,7 +429,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(raw: Any, config_path: Path) -> Config:
     """Given the parsed YAML document, return the Config. Raise ConfigError with all problems."""
-    base = config_path.resolve().parent
+    # Relative paths follow the folder the config is named in: a symlinked config.yml in
+    # /etc/syncpro resolves var/ under /etc/syncpro, not next to the file it points to.
+    base = Path(os.path.abspath(config_path)).parent
     if raw is None:
         raise ConfigError(config_path, ["the file is empty; it needs at least dirs"])
     if not isinstance(raw, Mapping):

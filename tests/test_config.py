@@ -81,6 +81,18 @@ def test_minimal_valid_config_loads(tmp_path: Path) -> None:
     assert config.config_inventory.by_key()["server1"].local_name == "server"
 
 
+def test_relative_paths_follow_the_folder_a_symlinked_config_is_named_in(tmp_path: Path) -> None:
+    real = tmp_path / "shared/config.yml"
+    write(real, doc())
+    named = tmp_path / "etc/syncpro/config.yml"
+    named.parent.mkdir(parents=True)
+    named.symlink_to(real)
+
+    config = load_config(named)
+
+    assert config.dirs.softdir == named.parent / "var/softdir"
+
+
 def test_relative_paths_resolve_against_the_config_files_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -121,15 +121,17 @@ class Service:
             sweep(root)
         self.scheduler = self._new_scheduler(config)
         self.scheduler.start()
+        self.watcher = self._new_watcher(config)
+        self.watcher.start()
+        self._start_servers(config)
+        # Catch up on whatever changed while we were down; READY may precede its end. The
+        # thread starts after the watcher so that a watcher's trouble at start (inotify limit)
+        # and the catch-up make one rescan, not two.
+        self.request_rescan("catch-up")
         self._rescan_thread = threading.Thread(
             target=self._rescan_loop, name="syncpro-rescan", daemon=False
         )
         self._rescan_thread.start()
-        self.watcher = self._new_watcher(config)
-        self.watcher.start()
-        self._start_servers(config)
-        # Catch up on whatever changed while we were down; READY may precede its end.
-        self.request_rescan("catch-up")
         log.info(
             "service.started",
             version=__version__,

@@ -347,3 +347,16 @@ def test_directories_created_while_running_are_watched_too(
             what="the deep change published",
         )
         assert daemon.stop() == 0
+
+
+def test_a_target_folder_that_cannot_be_made_is_one_message_and_exit_2(base: Path) -> None:
+    (base / "blocker").write_text("a file where a folder should be\n", encoding="utf-8")
+    config = write_config(base, APPS, dirs={"softdir": "blocker/soft"})
+    daemon = Daemon(config)
+    try:
+        assert daemon.proc.wait(30) == 2
+        daemon.wait(lambda: any("cannot start" in line for line in daemon.raw), 10)
+        assert any("blocker" in line for line in daemon.raw)
+        assert not any("Traceback" in line for line in daemon.raw)
+    finally:
+        daemon.close()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from syncpro import __version__
 from syncpro.config import Config, load_config
-from syncpro.errors import ConfigError, ControlError, InventoryError, RequestError
+from syncpro.errors import ConfigError, SyncproError
 
 EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
 
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"syncpro: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (InventoryError, RequestError, ControlError) as exc:
+    except SyncproError as exc:  # inventory, request, control socket, startup
         print(f"syncpro: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

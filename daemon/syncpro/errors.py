@@ -29,3 +29,7 @@ class PublishError(SyncproError):
 
 class ControlError(SyncproError):
     """The daemon's control socket could not be reached or refused the request."""
+
+
+class StartupError(SyncproError):
+    """The daemon could not start: a folder, socket or port it needs is not usable."""

@@ -22,7 +22,7 @@ import structlog
 from syncpro import __version__, layout
 from syncpro.config import Config, load_config
 from syncpro.engine import ignore_for, run_sync
-from syncpro.errors import ConfigError, InventoryError, SyncproError
+from syncpro.errors import ConfigError, InventoryError, StartupError, SyncproError
 from syncpro.inventories import load_inventory
 from syncpro.inventory import App, Inventory
 from syncpro.publish import next_expiry, sweep
@@ -108,6 +108,9 @@ class Service:
 
     def startup(self) -> None:
         """Load config and inventory, sweep leftovers, start syncing, watching and serving."""
+        # Before READY: a SIGHUP or SIGTERM sent right after it must not find the default
+        # handlers, which would kill the process.
+        self._install_signals()
         snap = self._load(None)
         with self._snapshot_lock:
             self._snapshot = snap
@@ -180,41 +183,37 @@ class Service:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; return the exit code."""
-        self._install_signals()
-        try:
-            snap = self.snapshot
-            next_rescan = time.monotonic() + snap.config.watch.rescan_interval
-            ping = self.notifier.watchdog_interval()
-            next_ping = time.monotonic()
-            next_status = 0.0
-            while not self._term:
-                now = time.monotonic()
-                wait = _TICK if ping is None else min(_TICK, max(0.0, next_ping - now))
-                self._wake.wait(wait)
-                self._wake.clear()
-                now = time.monotonic()
-                if ping is not None and now >= next_ping:
-                    self.notifier.watchdog()
-                    next_ping = now + ping
-                if self._term:
-                    break
-                if self._hup:
-                    self._hup = False
-                    self.reload_now()
-                    snap = self.snapshot
-                    next_rescan = now + snap.config.watch.rescan_interval
-                if self.watcher is not None:
-                    self.watcher.check()
-                if now >= next_rescan:
-                    self.request_rescan("rescan")
-                    next_rescan = now + snap.config.watch.rescan_interval
-                self._sweep_expired(snap.config)
-                self._maybe_refresh_inventory(snap.config, now)
-                if now >= next_status:
-                    self.notifier.status(self._status_line())
-                    next_status = now + 10
-        finally:
-            self._restore_signals()
+        snap = self.snapshot
+        next_rescan = time.monotonic() + snap.config.watch.rescan_interval
+        ping = self.notifier.watchdog_interval()
+        next_ping = time.monotonic()
+        next_status = 0.0
+        while not self._term:
+            now = time.monotonic()
+            wait = _TICK if ping is None else min(_TICK, max(0.0, next_ping - now))
+            self._wake.wait(wait)
+            self._wake.clear()
+            now = time.monotonic()
+            if ping is not None and now >= next_ping:
+                self.notifier.watchdog()
+                next_ping = now + ping
+            if self._term:
+                break
+            if self._hup:
+                self._hup = False
+                self.reload_now()
+                snap = self.snapshot
+                next_rescan = now + snap.config.watch.rescan_interval
+            if self.watcher is not None:
+                self.watcher.check()
+            if now >= next_rescan:
+                self.request_rescan("rescan")
+                next_rescan = now + snap.config.watch.rescan_interval
+            self._sweep_expired(snap.config)
+            self._maybe_refresh_inventory(snap.config, now)
+            if now >= next_status:
+                self.notifier.status(self._status_line())
+                next_status = now + 10
         return 0
 
     def shutdown(self, timeout: float = 30.0) -> None:
@@ -241,6 +240,7 @@ class Service:
             self.state.close()
         log.info("service.stopped")
         self.notifier.close()
+        self._restore_signals()
 
     # --- signals: handlers only record ---
 
@@ -569,6 +569,10 @@ def serve(config_path: str | None) -> int:
     except SyncproError:
         service.shutdown(5.0)
         raise
+    except OSError as exc:
+        service.shutdown(5.0)
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StartupError(f"cannot start: {exc.strerror or exc}{where}") from exc
     try:
         code = service.run()
     finally:

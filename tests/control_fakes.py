@@ -1,4 +1,9 @@
-"""A recording handler for the control socket and HTTP tests, and small socket helpers."""
+"""A recording handler for the control socket and HTTP tests, small socket helpers, and the
+fixtures of a control server on a short socket path.
+
+pytest finds a fixture by its name in the test module, so a module that uses these binds them:
+`sock_dir, handler, server = control_fakes.sock_dir, control_fakes.handler, control_fakes.server`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from syncpro.config import ControlSettings
+from syncpro.control import ControlServer
 from syncpro.request import SyncRequest
 
 
@@ -97,3 +106,23 @@ def read_line(sock: socket.socket) -> bytes:
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+# --- fixtures: bound by name in the test modules that use them ---
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    with short_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def handler() -> FakeHandler:
+    return FakeHandler()
+
+
+@pytest.fixture
+def server(sock_dir: Path, handler: FakeHandler) -> Iterator[ControlServer]:
+    with ControlServer(ControlSettings(socket=sock_dir / "c.sock"), handler) as running:
+        yield running

@@ -1,4 +1,5 @@
-"""Run the real daemon as a subprocess with a NOTIFY_SOCKET of the test's own."""
+"""Run the real daemon as a subprocess with a NOTIFY_SOCKET of the test's own; write and read
+the files it syncs."""
 
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def write_config(root: Path, apps: list[dict[str, Any]], **sections: dict[str, A
     path = root / "config.yml"
     path.write_text(yaml.safe_dump(doc), encoding="utf-8")
     return path
+
+
+def put(root: Path, files: dict[str, str]) -> None:
+    """Write text files under root, making their directories."""
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+
+
+def tree(root: Path) -> dict[str, str]:
+    """The files under root; a swap in the middle of reading gives {} (read again)."""
+    try:
+        return {
+            str(p.relative_to(root)): p.read_text(encoding="utf-8")
+            for p in sorted(root.rglob("*"))
+            if p.is_file()
+        }
+    except FileNotFoundError:
+        return {}
 
 
 class Daemon:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import structlog
 
-from control_fakes import FakeHandler, document, short_dir
+import control_fakes
+from control_fakes import FakeHandler, document
 from syncpro.client import add_ctl_parser, run_ctl
-from syncpro.config import ControlSettings
 from syncpro.control import ControlServer
 from syncpro.errors import RequestError
 from syncpro.request import SyncRequest
@@ -41,21 +41,8 @@ def _quiet_server() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def handler() -> FakeHandler:
-    return FakeHandler()
-
-
-@pytest.fixture
-def server(sock_dir: Path, handler: FakeHandler) -> Iterator[ControlServer]:
-    with ControlServer(ControlSettings(socket=sock_dir / "c.sock"), handler) as running:
-        yield running
+# The fixtures of a control server on a short socket path, bound by name for pytest.
+sock_dir, handler, server = control_fakes.sock_dir, control_fakes.handler, control_fakes.server
 
 
 def test_the_arguments_mirror_syncpro_sync() -> None:

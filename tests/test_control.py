@@ -11,14 +11,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 
-from control_fakes import FakeHandler, ask, document, fd_count, read_line, short_dir
+import control_fakes
+from control_fakes import FakeHandler, ask, document, fd_count, read_line
 from syncpro.config import Config, ControlSettings
 from syncpro.control import ControlServer, Peer
 from syncpro.diff import diff
@@ -40,21 +40,8 @@ NOBODY = 65534
 SECRET = "1527669337mxchcptwhwevbwgyiahtilfadcycyfxm"  # noqa: S105 - the seed's example
 
 
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    with short_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def handler() -> FakeHandler:
-    return FakeHandler()
-
-
-@pytest.fixture
-def server(sock_dir: Path, handler: FakeHandler) -> Iterator[ControlServer]:
-    with ControlServer(ControlSettings(socket=sock_dir / "c.sock"), handler) as running:
-        yield running
+# The fixtures of a control server on a short socket path, bound by name for pytest.
+sock_dir, handler, server = control_fakes.sock_dir, control_fakes.handler, control_fakes.server
 
 
 # --- requests and answers ---

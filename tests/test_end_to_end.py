@@ -5,27 +5,24 @@ HTTP, a one-shot sync racing the daemon, SIGHUP, and the MariaDB inventory (SPEC
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-import pymysql
 import pytest
 import yaml
 
-from daemon_harness import Daemon, running, write_config
+from control_fakes import ask, short_dir
+
+from daemon_harness import Daemon, put, running, tree, write_config
+from mysql_support import Database, app_row, reachable_server, throwaway_database
 
 APPS = [
     {"app_key": "server1", "local_name": "server"},
@@ -37,42 +34,8 @@ APPS = [
 QUIET_WATCHER = {"settle": 60, "max_wait": 120}
 SYNC_ACTION = "Deploy:Core:syncpro"
 
-MYSQL_URL_ENV = "SYNCPRO_TEST_MYSQL_URL"
-DEFAULT_MYSQL_URL = "mysql://root@127.0.0.1:3306"
-# The table as the original platform creates it, with a few of its many unrelated columns.
-ORIGINAL_TABLE = """
-CREATE TABLE pre_server_detail (
-    id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-    app_key VARCHAR(128) NULL,
-    server_name VARCHAR(128) NULL,
-    network_ip VARCHAR(64) NULL,
-    pro_dir VARCHAR(255) NULL,
-    config_dir VARCHAR(255) NULL,
-    local_name VARCHAR(128) NULL,
-    auto_deloy VARCHAR(2) NULL DEFAULT '0',
-    configure_file_status INT NULL,
-    configure_file_list TEXT NULL,
-    is_deloy_dir INT NULL
-) DEFAULT CHARSET = utf8mb4
-"""
-
 
 # --- files ---
-
-
-def put(root: Path, files: dict[str, str]) -> None:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-
-
-def tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): p.read_text(encoding="utf-8")
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -90,11 +53,8 @@ def base(tmp_path: Path) -> Path:
 def run_dir() -> Iterator[Path]:
     """A short directory for the control socket: pytest's tmp_path can pass the 108-byte limit
     of unix socket paths."""
-    path = Path(tempfile.mkdtemp(prefix="syncpro-e2e-", dir="/tmp"))
-    try:
+    with short_dir() as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def config_for(
@@ -131,25 +91,6 @@ def one_document(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, f"expected one JSON line, got {proc.stdout!r} (stderr {proc.stderr!r})"
     doc = json.loads(lines[0])
-    assert isinstance(doc, dict)
-    return doc
-
-
-def ask(path: Path, line: bytes, timeout: float = 30) -> dict[str, Any]:
-    """Send one raw request line to the control socket and return the one answer line."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(line)
-        received = bytearray()
-        while b"\n" not in received:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-    answer, newline, rest = bytes(received).partition(b"\n")
-    assert newline and rest == b"", f"expected exactly one answer line, got {bytes(received)!r}"
-    doc = json.loads(answer)
     assert isinstance(doc, dict)
     return doc
 
@@ -291,7 +232,7 @@ def test_ctl_status_shows_version_uptime_roots_last_results_and_queues(
         sock = socket_of(config)
 
         def pending_server1() -> bool:
-            pending = ask(sock, b'{"action": "status"}\n')["pending"]
+            pending = ask(sock, b'{"action": "status"}\n', timeout=30)["pending"]
             return any(p["app_key"] == "server1" for p in pending)
 
         eventually(pending_server1, "server1 pending after a source change")
@@ -387,7 +328,9 @@ def test_a_seed_style_form_request_on_the_socket_answers_one_line(
         caught_up(daemon, "server1", "server2", update=True)
         put(base / "u/softdir/server", {"bin/run.sh": "build 8\n"})
 
-        doc = ask(socket_of(config), b"action=Deploy:Core:syncpro&k='server'&update='1'\n")
+        doc = ask(
+            socket_of(config), b"action=Deploy:Core:syncpro&k='server'&update='1'\n", timeout=30
+        )
 
         assert doc["param"]["k"] == "server"
         assert doc["param"]["update"] == "1"
@@ -527,56 +470,10 @@ def test_the_daemon_and_a_one_shot_sync_publish_one_group_at_once(
 # --- the MariaDB inventory ---
 
 
-class Database:
-    """One throw-away database holding the original table."""
-
-    def __init__(self, connect: Callable[..., Any], url: str, name: str) -> None:
-        self.connect, self.url, self.name = connect, url, name
-
-    def add(self, app_key: str, local_name: str) -> None:
-        with self.connect(self.name) as conn, conn.cursor() as cursor:
-            cursor.execute(
-                "INSERT INTO pre_server_detail (app_key, local_name, auto_deloy) "
-                "VALUES (%s, %s, '1')",
-                (app_key, local_name),
-            )
-
-
 @pytest.fixture
 def db() -> Iterator[Database]:
-    url = os.environ.get(MYSQL_URL_ENV, DEFAULT_MYSQL_URL)
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 3306
-
-    def connect(database: str | None = None) -> Any:
-        return pymysql.connect(
-            host=host,
-            port=port,
-            user=unquote(parts.username or "root"),
-            password=unquote(parts.password or ""),
-            database=database,
-            connect_timeout=3,
-            autocommit=True,
-            charset="utf8mb4",
-        )
-
-    try:
-        connect().close()
-    except pymysql.MySQLError as exc:
-        message = f"no MySQL/MariaDB server at {host}:{port} ({exc.args[-1]}); set {MYSQL_URL_ENV}"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    name = f"syncpro_test_{uuid.uuid4().hex[:12]}"
-    with connect() as conn, conn.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    try:
-        with connect(name) as conn, conn.cursor() as cursor:
-            cursor.execute(ORIGINAL_TABLE)
-        yield Database(connect, f"{url.rstrip('/')}/{name}", name)
-    finally:
-        with connect() as conn, conn.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    with throwaway_database(reachable_server()) as database:
+        yield database
 
 
 def mysql_config(base: Path, run_dir: Path, url: str) -> Path:
@@ -593,7 +490,7 @@ def mysql_config(base: Path, run_dir: Path, url: str) -> Path:
 def test_the_daemon_syncs_apps_of_the_table_and_picks_up_a_new_row(
     base: Path, run_dir: Path, db: Database
 ) -> None:
-    db.add("server1", "server")
+    db.add(app_row("server1", "server"))
     config = mysql_config(base, run_dir, db.url)
     with running(config) as daemon:
         daemon.wait_sync("server1")
@@ -601,7 +498,7 @@ def test_the_daemon_syncs_apps_of_the_table_and_picks_up_a_new_row(
         assert tree(base / "conf/server/server1") == {"app.properties": "node=1\n"}
         assert daemon.syncs("web1") == []  # its sources are there, its row is not yet
 
-        db.add("web1", "web")
+        db.add(app_row("web1", "web"))
 
         daemon.wait_event("inventory.refreshed", timeout=15)
         daemon.wait_sync("web1", timeout=15)
@@ -613,7 +510,7 @@ def test_the_daemon_syncs_apps_of_the_table_and_picks_up_a_new_row(
 
 @pytest.mark.mysql
 def test_a_one_shot_sync_reads_the_table(base: Path, run_dir: Path, db: Database) -> None:
-    db.add("web1", "web")
+    db.add(app_row("web1", "web"))
     config = mysql_config(base, run_dir, db.url)
 
     proc = syncpro("sync", "-k", "web1", "--config", str(config))

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import traceback
 import uuid
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
-import pymysql
 import pytest
 import structlog
 
@@ -26,119 +22,18 @@ from syncpro.inventory_mysql import (
     parse_mysql_url,
 )
 
-TEST_URL_ENV = "SYNCPRO_TEST_MYSQL_URL"
-DEFAULT_TEST_URL = "mysql://root@127.0.0.1:3306"
-
-# The table as the original platform creates it, with a few of its many unrelated columns.
-ORIGINAL_TABLE = """
-CREATE TABLE pre_server_detail (
-    id INT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-    app_key VARCHAR(128) NULL,
-    server_name VARCHAR(128) NULL,
-    network_ip VARCHAR(64) NULL,
-    pro_dir VARCHAR(255) NULL,
-    config_dir VARCHAR(255) NULL,
-    local_name VARCHAR(128) NULL,
-    auto_deloy VARCHAR(2) NULL DEFAULT '0',
-    configure_file_status INT NULL,
-    configure_file_list TEXT NULL,
-    is_deloy_dir INT NULL
-) DEFAULT CHARSET = utf8mb4
-"""
-
-
-@dataclass(frozen=True)
-class Server:
-    host: str
-    port: int
-    user: str
-    password: str
-
-    def connect(self, database: str | None = None) -> pymysql.connections.Connection[Any]:
-        return pymysql.connect(
-            host=self.host,
-            port=self.port,
-            user=self.user,
-            password=self.password,
-            database=database,
-            connect_timeout=3,
-            autocommit=True,
-            charset="utf8mb4",
-        )
-
-    def url(self, database: str, *, user: str | None = None, password: str | None = None) -> str:
-        credentials = quote(user or self.user, safe="")
-        secret = self.password if user is None else password
-        if secret:
-            credentials += ":" + quote(secret, safe="")
-        return f"mysql://{credentials}@{self.host}:{self.port}/{database}"
-
-
-@dataclass
-class Database:
-    """One throw-away database holding the original table."""
-
-    server: Server
-    name: str
-    table: str = "pre_server_detail"
-
-    def execute(self, sql: str, args: Any = None) -> None:
-        with self.server.connect(self.name) as conn, conn.cursor() as cursor:
-            cursor.execute(sql, args)
-
-    def add(self, *rows: Mapping[str, Any]) -> None:
-        with self.server.connect(self.name) as conn, conn.cursor() as cursor:
-            for row in rows:
-                columns = ", ".join(f"`{name}`" for name in row)
-                marks = ", ".join(["%s"] * len(row))
-                cursor.execute(
-                    f"INSERT INTO `{self.table}` ({columns}) VALUES ({marks})",  # noqa: S608
-                    list(row.values()),
-                )
-
-    def settings(self, **changes: Any) -> InventorySettings:
-        base = InventorySettings(
-            source="mysql", url=self.server.url(self.name), connect_timeout=3.0
-        )
-        return replace(base, **changes)
+from mysql_support import Database, Server, app_row, reachable_server, throwaway_database
 
 
 @pytest.fixture(scope="module")
 def server() -> Server:
-    url = os.environ.get(TEST_URL_ENV, DEFAULT_TEST_URL)
-    parts = urlsplit(url)
-    found = Server(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or 3306,
-        user=unquote(parts.username or "root"),
-        password=unquote(parts.password or ""),
-    )
-    try:
-        found.connect().close()
-    except pymysql.MySQLError as exc:
-        message = (
-            f"no MySQL/MariaDB server for the inventory tests at {found.host}:{found.port}"
-            f" ({exc.args[-1]}); start one or point {TEST_URL_ENV} at one"
-            f" (mysql://user[:password]@host:port, a user that may create databases and users)"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return found
+    return reachable_server()
 
 
 @pytest.fixture
 def db(server: Server) -> Iterator[Database]:
-    name = f"syncpro_test_{uuid.uuid4().hex[:12]}"
-    with server.connect() as conn, conn.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
-    database = Database(server, name)
-    try:
-        database.execute(ORIGINAL_TABLE)
+    with throwaway_database(server) as database:
         yield database
-    finally:
-        with server.connect() as conn, conn.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @pytest.fixture
@@ -165,10 +60,6 @@ def keys(apps: tuple[App, ...]) -> list[str]:
     return [app.app_key for app in apps]
 
 
-def app(key: str, name: str = "server", **fields: Any) -> dict[str, Any]:
-    return {"app_key": key, "local_name": name, "auto_deloy": "1", **fields}
-
-
 def assert_secret_absent(secret: str, exc: BaseException, logs: list[dict[str, Any]]) -> None:
     texts = [str(exc), repr(exc), "".join(traceback.format_exception(exc)), repr(logs)]
     for text in texts:
@@ -181,11 +72,11 @@ def assert_secret_absent(secret: str, exc: BaseException, logs: list[dict[str, A
 @pytest.mark.mysql
 def test_rows_load_in_id_order_with_their_fields(db: Database) -> None:
     db.add(
-        {"id": 30, **app("server2", configure_file_status=0, configure_file_list="conf/x.yml")},
-        {"id": 10, **app("server1", configure_file_status=None, configure_file_list=None)},
+        {"id": 30, **app_row("server2", configure_file_status=0, configure_file_list="conf/x.yml")},
+        {"id": 10, **app_row("server1", configure_file_status=None, configure_file_list=None)},
         {
             "id": 20,
-            **app("gate1", "gate", configure_file_status=1),
+            **app_row("gate1", "gate", configure_file_status=1),
             "configure_file_list": " conf/app.yml, ,bin/start.sh ,",
             "network_ip": "10.0.0.1",
             "pro_dir": "/data/www/gate",
@@ -206,11 +97,11 @@ def test_rows_load_in_id_order_with_their_fields(db: Database) -> None:
 @pytest.mark.mysql
 def test_only_auto_deloy_one_makes_an_app_deployable(db: Database) -> None:
     db.add(
-        app("on", auto_deloy="1"),
-        app("off", auto_deloy="0"),
-        app("null", auto_deloy=None),
-        app("blank", auto_deloy=""),
-        app("yes", auto_deloy="y"),
+        app_row("on", auto_deloy="1"),
+        app_row("off", auto_deloy="0"),
+        app_row("null", auto_deloy=None),
+        app_row("blank", auto_deloy=""),
+        app_row("yes", auto_deloy="y"),
     )
 
     inventory, warnings = load_mysql_inventory(db.settings())
@@ -223,9 +114,9 @@ def test_only_auto_deloy_one_makes_an_app_deployable(db: Database) -> None:
 @pytest.mark.mysql
 def test_empty_file_list_or_null_status_makes_no_type_two_app(db: Database) -> None:
     db.add(
-        app("listed_empty", configure_file_status=1, configure_file_list=""),
-        app("listed_null", configure_file_status=1, configure_file_list=None),
-        app("status_null", configure_file_status=None, configure_file_list="conf/a.yml"),
+        app_row("listed_empty", configure_file_status=1, configure_file_list=""),
+        app_row("listed_null", configure_file_status=1, configure_file_list=None),
+        app_row("status_null", configure_file_status=None, configure_file_list="conf/a.yml"),
     )
 
     inventory, _ = load_mysql_inventory(db.settings())
@@ -237,7 +128,7 @@ def test_empty_file_list_or_null_status_makes_no_type_two_app(db: Database) -> N
 @pytest.mark.mysql
 def test_rows_without_app_key_are_skipped_without_a_warning(db: Database) -> None:
     db.add(
-        app("server1"),
+        app_row("server1"),
         {"app_key": None, "local_name": "server", "auto_deloy": "1"},
         {"app_key": "", "local_name": "server", "auto_deloy": "1"},
         {"network_ip": "10.0.0.9"},
@@ -252,15 +143,15 @@ def test_rows_without_app_key_are_skipped_without_a_warning(db: Database) -> Non
 @pytest.mark.mysql
 def test_unsafe_names_skip_their_row_with_a_warning_naming_its_id(db: Database) -> None:
     db.add(
-        {"id": 1, **app("server1")},
-        {"id": 7, **app("../x")},
-        {"id": 8, **app("all")},
-        {"id": 9, **app("a/b")},
-        {"id": 10, **app("..")},
-        {"id": 11, **app("server3", "..")},
-        {"id": 12, **app("server4", None)},
-        {"id": 13, **app("server5", "all")},
-        {"id": 14, **app("server2")},
+        {"id": 1, **app_row("server1")},
+        {"id": 7, **app_row("../x")},
+        {"id": 8, **app_row("all")},
+        {"id": 9, **app_row("a/b")},
+        {"id": 10, **app_row("..")},
+        {"id": 11, **app_row("server3", "..")},
+        {"id": 12, **app_row("server4", None)},
+        {"id": 13, **app_row("server5", "all")},
+        {"id": 14, **app_row("server2")},
     )
 
     inventory, warnings = load_mysql_inventory(db.settings())
@@ -280,9 +171,9 @@ def test_unsafe_names_skip_their_row_with_a_warning_naming_its_id(db: Database) 
 @pytest.mark.mysql
 def test_sql_in_values_and_keys_is_plain_data(db: Database) -> None:
     db.add(
-        {"id": 1, **app("server1' OR '1'='1")},
-        {"id": 2, **app("x`;DROP", "server", configure_file_list="a.yml');DROP TABLE x;--")},
-        {"id": 3, **app("server1", "x'); DROP TABLE pre_server_detail; --")},
+        {"id": 1, **app_row("server1' OR '1'='1")},
+        {"id": 2, **app_row("x`;DROP", "server", configure_file_list="a.yml');DROP TABLE x;--")},
+        {"id": 3, **app_row("server1", "x'); DROP TABLE pre_server_detail; --")},
     )
 
     inventory, warnings = load_mysql_inventory(db.settings())
@@ -299,10 +190,10 @@ def test_sql_in_values_and_keys_is_plain_data(db: Database) -> None:
 @pytest.mark.mysql
 def test_duplicate_app_keys_keep_the_first_row_and_warn_about_the_others(db: Database) -> None:
     db.add(
-        {"id": 4, **app("server1", "old", auto_deloy="0")},
-        {"id": 5, **app("server2")},
-        {"id": 6, **app("server1", "new")},
-        {"id": 9, **app("server1", "newer")},
+        {"id": 4, **app_row("server1", "old", auto_deloy="0")},
+        {"id": 5, **app_row("server2")},
+        {"id": 6, **app_row("server1", "new")},
+        {"id": 9, **app_row("server1", "newer")},
     )
 
     inventory, warnings = load_mysql_inventory(db.settings())
@@ -321,7 +212,7 @@ def test_a_table_without_an_id_column_loads_in_table_order(db: Database) -> None
         " auto_deloy VARCHAR(2), configure_file_status INT, configure_file_list TEXT)"
     )
     db.table = "apps_noid"
-    db.add(app("b"), app("../bad"), app("a"), app("b", "other"))
+    db.add(app_row("b"), app_row("../bad"), app_row("a"), app_row("b", "other"))
 
     inventory, warnings = load_mysql_inventory(db.settings(table="apps_noid"))
 
@@ -337,7 +228,7 @@ def test_column_names_match_regardless_of_case(db: Database) -> None:
         " AUTO_DELOY VARCHAR(2), Configure_File_Status INT, CONFIGURE_FILE_LIST TEXT)"
     )
     db.table = "upper_case"
-    db.add({"ID": 2, **app("second")}, {"ID": 1, **app("first")})
+    db.add({"ID": 2, **app_row("second")}, {"ID": 1, **app_row("first")})
 
     inventory, _ = load_mysql_inventory(db.settings(table="upper_case"))
 
@@ -346,7 +237,7 @@ def test_column_names_match_regardless_of_case(db: Database) -> None:
 
 @pytest.mark.mysql
 def test_loading_logs_one_event_with_the_counts(db: Database) -> None:
-    db.add(app("server1"), app("../x"), {"app_key": None})
+    db.add(app_row("server1"), app_row("../x"), {"app_key": None})
 
     with structlog.testing.capture_logs() as logs:
         load_mysql_inventory(db.settings())
@@ -464,7 +355,7 @@ def test_the_password_comes_from_the_url_then_the_file_then_the_environment(
     db: Database, db_user: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     user, password = db_user
-    db.add(app("server1"))
+    db.add(app_row("server1"))
     right_file, wrong_file = tmp_path / "right", tmp_path / "wrong"
     right_file.write_text(f"{password}\n")
     wrong_file.write_text("wrong")

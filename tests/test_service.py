@@ -12,32 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon_harness import Daemon, running, write_config
+from daemon_harness import Daemon, put, running, tree, write_config
 
 APPS = [
     {"app_key": "server1", "local_name": "server"},
     {"app_key": "server2", "local_name": "server"},
     {"app_key": "web1", "local_name": "web"},
 ]
-
-
-def put(root: Path, files: dict[str, str]) -> None:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-
-
-def tree(root: Path) -> dict[str, str]:
-    """The files under root; a swap in the middle of reading gives {} (read again)."""
-    try:
-        return {
-            str(p.relative_to(root)): p.read_text(encoding="utf-8")
-            for p in sorted(root.rglob("*"))
-            if p.is_file()
-        }
-    except FileNotFoundError:
-        return {}
 
 
 @pytest.fixture

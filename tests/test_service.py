@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -341,3 +342,25 @@ def test_a_target_folder_that_cannot_be_made_is_one_message_and_exit_2(base: Pat
         assert not any("Traceback" in line for line in daemon.raw)
     finally:
         daemon.close()
+
+
+def test_a_manual_sync_counts_as_published_for_the_next_catch_up(base: Path) -> None:
+    config = write_config(base, APPS, watch={"settle": 60, "max_wait": 120})
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        put(base / "r/softdir/server1", {"bin/run.sh": "manual\n"})
+        done = subprocess.run(
+            [sys.executable, "-m", "syncpro", "ctl", "-k", "server1", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert tree(base / "soft/server") == {"bin/run.sh": "manual\n"}
+        assert daemon.stop() == 0
+    with running(config) as daemon:
+        rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
+        assert rescan["changed"] == []
+        assert daemon.stop() == 0

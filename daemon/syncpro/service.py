@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -28,9 +29,10 @@ from syncpro.inventory import App, Inventory
 from syncpro.publish import next_expiry, sweep
 from syncpro.request import SyncRequest, Trigger
 from syncpro.response import response_document
-from syncpro.result import FAILED
+from syncpro.result import FAILED, SyncResult
 from syncpro.scheduler import Batch, Scheduler
 from syncpro.sdnotify import Notifier
+from syncpro.selection import select
 from syncpro.state import StateStore, fingerprint
 from syncpro.tree import Ignore
 from syncpro.watch import Watcher
@@ -399,21 +401,27 @@ class Service:
 
     def _run_batch(self, batch: Batch) -> None:
         snap = self.snapshot
-        state = self.state
         apps = [app for key in batch.app_keys if (app := snap.app(key)) is not None]
         apps = [app for app in apps if self._marker_ready(snap, app, batch.update)]
-        if not apps or state is None:
+        if not apps:
             return
-        prints = {
-            app.app_key: fingerprint(snap.config.dirs, app, batch.update, snap.ignore)
-            for app in apps
-        }
         request = SyncRequest(
             k=" ".join(app.app_key for app in apps),
             update=batch.update,
             origin="watcher",
             trigger=Trigger(batch.trigger, tuple(batch.paths)),
         )
+        self._sync_and_record(snap, request, apps)
+
+    def _sync_and_record(
+        self, snap: Snapshot, request: SyncRequest, apps: Iterable[App]
+    ) -> SyncResult:
+        """Sync, then record per app the fingerprint its sources had before the sync started:
+        a change that lands during the sync differs from it and is synced again."""
+        prints = {
+            app.app_key: fingerprint(snap.config.dirs, app, request.update, snap.ignore)
+            for app in apps
+        }
         result = run_sync(request, snap.config, snap.inventory)
         now = time.time()
         for outcome in result.apps:
@@ -421,9 +429,10 @@ class Service:
             failed = any(
                 t is not None and t.status == FAILED for t in (outcome.program, outcome.config)
             )
-            if fp is not None and not failed:
-                state.record(outcome.app_key, batch.update, fp.digest, now)
-            self._remember(outcome.app_key, batch.update, outcome.ok, outcome.errors, now)
+            if fp is not None and not failed and self.state is not None:
+                self.state.record(outcome.app_key, request.update, fp.digest, now)
+            self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
+        return result
 
     def _marker_ready(self, snap: Snapshot, app: App, update: bool) -> bool:
         marker = snap.config.watch.ready_marker
@@ -518,11 +527,8 @@ class Service:
 
     def sync(self, request: SyncRequest) -> dict[str, Any]:
         snap = self.snapshot
-        result = run_sync(request, snap.config, snap.inventory)
-        now = time.time()
-        for outcome in result.apps:
-            self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
-        return response_document(result)
+        apps = select(request.tokens, snap.inventory).apps
+        return response_document(self._sync_and_record(snap, request, apps))
 
     def diff(self, request: SyncRequest) -> dict[str, Any]:
         from syncpro.diff import diff

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 # "all" selects every app; ".syncpro" is the work area inside softdir and configuredir.
 RESERVED_KEYS = frozenset({"all", ".syncpro"})
@@ -56,10 +57,22 @@ class Inventory:
     apps: tuple[App, ...]
 
     def by_key(self) -> dict[str, App]:
-        return {app.app_key: app for app in self.apps}
+        return self._by_key
 
     def group(self, local_name: str) -> tuple[App, ...]:
-        return tuple(app for app in self.apps if app.local_name == local_name)
+        return self._groups.get(local_name, ())
+
+    # Built once per inventory: the daemon looks apps up for every file event.
+    @cached_property
+    def _by_key(self) -> dict[str, App]:
+        return {app.app_key: app for app in self.apps}
+
+    @cached_property
+    def _groups(self) -> dict[str, tuple[App, ...]]:
+        groups: dict[str, list[App]] = {}
+        for app in self.apps:
+            groups.setdefault(app.local_name, []).append(app)
+        return {name: tuple(apps) for name, apps in groups.items()}
 
     @property
     def deployable(self) -> tuple[App, ...]:

@@ -108,6 +108,11 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def client_threads() -> list[threading.Thread]:
+    """The control server's per-connection threads still alive in this process."""
+    return [t for t in threading.enumerate() if t.name.startswith("syncpro-control-")]
+
+
 # --- fixtures: bound by name in the test modules that use them ---
 
 

@@ -542,10 +542,10 @@ class _VanishingBuilder(TreeBuilder):
 
     victim = "vanish.bin"
 
-    def _copy_file(self, src: str, dst: str, rel: str, st: os.stat_result) -> None:
+    def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
         if os.path.basename(src) == self.victim:
             os.unlink(src)
-        super()._copy_file(src, dst, rel, st)
+        super()._copy_file(src, dst, st, reuse)
 
 
 def test_a_source_vanishing_mid_copy_fails_only_that_app_and_keeps_its_old_target(

@@ -150,6 +150,43 @@ def test_a_published_symlink_is_never_reused_for_a_regular_file(tmp_path: Path) 
     assert snapshot(tmp_path / "next") == snapshot(source)
 
 
+def test_a_symlinked_directory_in_the_published_tree_never_links_what_it_points_to(
+    tmp_path: Path,
+) -> None:
+    # The published `lib` was a link to the source's own `reallib`; the source then made `lib`
+    # a real directory with the same files. Reusing through the link would hard-link the
+    # source's files into the target, and a later write to the source would show there.
+    source = write_tree(tmp_path / "src", {"reallib/f": File("v1", mtime_ns=BASE_NS)})
+    published = write_tree(
+        tmp_path / "published",
+        {"reallib/f": File("v1", mtime_ns=BASE_NS), "lib": Symlink(str(source / "reallib"))},
+    )
+    write_tree(source, {"lib/f": File("v1", mtime_ns=BASE_NS)})
+    builder = _builder(reuse=published)
+
+    builder.copy_tree(source, tmp_path / "next")
+
+    assert (builder.stats.linked, builder.stats.copied) == (1, 1)  # reallib/f only
+    assert os.stat(tmp_path / "next/lib/f").st_ino not in {
+        os.stat(source / "lib/f").st_ino,
+        os.stat(source / "reallib/f").st_ino,
+    }
+    assert snapshot(tmp_path / "next") == snapshot(source)
+
+
+def test_copy_listed_never_reuses_through_a_symlink_in_the_published_tree(
+    tmp_path: Path,
+) -> None:
+    source = write_tree(tmp_path / "src", {"conf/app.yml": File("a", mtime_ns=BASE_NS)})
+    published = write_tree(tmp_path / "published", {"conf": Symlink(str(source / "conf"))})
+    builder = _builder(reuse=published)
+
+    builder.copy_listed(source, ["conf/app.yml"], tmp_path / "next")
+
+    assert (builder.stats.linked, builder.stats.copied) == (0, 1)
+    assert os.stat(tmp_path / "next/conf/app.yml").st_ino != os.stat(source / "conf/app.yml").st_ino
+
+
 # --- special files ---
 
 
@@ -209,11 +246,11 @@ def test_a_file_replaced_by_a_fifo_during_the_copy_fails_without_blocking(
     source = write_tree(tmp_path / "src", {"a": "1", "swap": "2"})
 
     class Swapping(TreeBuilder):
-        def _copy_file(self, src: str, dst: str, rel: str, st: os.stat_result) -> None:
-            if rel == "swap":  # after the scan saw a regular file
+        def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
+            if os.path.basename(src) == "swap":  # after the scan saw a regular file
                 os.unlink(src)
                 os.mkfifo(src)
-            super()._copy_file(src, dst, rel, st)
+            super()._copy_file(src, dst, st, reuse)
 
     builder = Swapping(ignore=Ignore(()), reuse=None, preserve_owner=False)
 

@@ -95,27 +95,34 @@ class TreeBuilder:
         if not stat.S_ISDIR(root_stat.st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(src))
         os.mkdir(dst, 0o700)
-        self._fill_dir(str(src), str(dst), "")
+        self._fill_dir(str(src), str(dst), "", _real_dir(self.reuse))
         self._finish_dir(str(dst), root_stat)
 
-    def _fill_dir(self, src: str, dst: str, rel: str) -> None:
+    def _fill_dir(self, src: str, dst: str, rel: str, reuse: str | None) -> None:
+        """Copy the entries of src into dst; `reuse` is the published directory at the same
+        relative path, only ever reached through real directories, or None."""
         with os.scandir(src) as entries:
             listing = sorted(entries, key=lambda e: e.name)
         for entry in listing:
             entry_rel = f"{rel}/{entry.name}" if rel else entry.name
             if self.ignore(entry.name, entry_rel):
                 continue
-            self._copy_entry(entry.path, os.path.join(dst, entry.name), entry_rel)
+            self._copy_entry(
+                entry.path,
+                os.path.join(dst, entry.name),
+                entry_rel,
+                None if reuse is None else os.path.join(reuse, entry.name),
+            )
 
-    def _copy_entry(self, src: str, dst: str, rel: str) -> None:
+    def _copy_entry(self, src: str, dst: str, rel: str, reuse: str | None) -> None:
         st = os.lstat(src)
         mode = st.st_mode
         if stat.S_ISDIR(mode):
             os.mkdir(dst, 0o700)
-            self._fill_dir(src, dst, rel)
+            self._fill_dir(src, dst, rel, _real_dir(reuse))
             self._finish_dir(dst, st)
         elif stat.S_ISREG(mode):
-            self._copy_file(src, dst, rel, st)
+            self._copy_file(src, dst, st, reuse)
         elif stat.S_ISLNK(mode):
             os.symlink(os.readlink(src), dst)
             if self.preserve_owner:
@@ -137,9 +144,9 @@ class TreeBuilder:
 
     # --- files ---
 
-    def _copy_file(self, src: str, dst: str, rel: str, st: os.stat_result) -> None:
+    def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
         self.stats.files += 1
-        if self._link_unchanged(dst, rel, st):
+        if reuse is not None and self._link_unchanged(dst, reuse, st):
             self.stats.linked += 1
             return
         fd_in = os.open(src, _OPEN_SOURCE)
@@ -163,10 +170,10 @@ class TreeBuilder:
         self.stats.copied += 1
         self.stats.bytes_copied += copied
 
-    def _link_unchanged(self, dst: str, rel: str, st: os.stat_result) -> bool:
-        if self.reuse is None:
-            return False
-        published = os.path.join(self.reuse, rel)
+    def _link_unchanged(self, dst: str, published: str, st: os.stat_result) -> bool:
+        # `published` was reached through real directories only and its last component is
+        # not followed either: a symlink in the published tree never makes us link a file it
+        # points to (the source's own file, say) into the new tree.
         try:
             old = os.lstat(published)
         except OSError:
@@ -212,16 +219,41 @@ class TreeBuilder:
             st = os.stat(real)  # listed files are published as content, links resolved
             if stat.S_ISDIR(st.st_mode):
                 os.mkdir(target, 0o700)
-                self._fill_dir(real, target, norm)
+                self._fill_dir(real, target, norm, self._reuse_path(norm, directory=True))
                 made.append((target, st))
             elif stat.S_ISREG(st.st_mode):
-                self._copy_file(real, target, norm, st)
+                self._copy_file(real, target, st, self._reuse_path(norm, directory=False))
             else:
                 self.stats.skipped.append(norm)
                 log.warning("copy.special_file_skipped", path=real, kind=_kind(st.st_mode))
         for path, st in sorted(made, key=lambda item: item[0].count("/"), reverse=True):
             self._finish_dir(path, st)
         self._finish_dir(str(dst), root_stat)
+
+
+    def _reuse_path(self, rel: str, *, directory: bool) -> str | None:
+        """Return the published path at `rel`, if every directory on the way is a real one
+        (and, for `directory`, rel itself is); else None."""
+        here = _real_dir(self.reuse)
+        parts = rel.split("/")
+        for part in parts[:-1]:
+            if here is None:
+                return None
+            here = _real_dir(os.path.join(here, part))
+        if here is None:
+            return None
+        path = os.path.join(here, parts[-1])
+        return _real_dir(path) if directory else path
+
+
+def _real_dir(path: str | Path | None) -> str | None:
+    """Return path as str when it is a directory and not a symlink; else None."""
+    if path is None:
+        return None
+    try:
+        return str(path) if stat.S_ISDIR(os.lstat(path).st_mode) else None
+    except OSError:
+        return None
 
 
 def resolve_listed(src: Path, entries: Iterable[str]) -> list[tuple[str, str]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,15 @@ import pytest
 
 from syncpro import __version__
 
-from helpers import SERVER_GROUP, app, config_dict, snapshot, write_config, write_tree
+from helpers import (
+    SERVER_GROUP,
+    app,
+    config_dict,
+    snapshot,
+    without_dac_override,
+    write_config,
+    write_tree,
+)
 
 SYNCPRO = str(Path(sys.executable).parent / "syncpro")
 
@@ -250,11 +257,30 @@ def test_a_cli_sync_leaves_sources_untouched_and_targets_exact(demo: Path, tmp_p
     )
 
 
-def _without_dac_override(*args: str) -> list[str]:
-    """A command line that runs as root yet obeys file modes, as a deploy user would."""
-    if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
-    return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *args]
+def test_a_failed_build_reports_its_own_error_though_its_staging_has_read_only_dirs(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict([app("a1", "a")], grace=0))
+    source = write_tree(
+        tmp_path / "var/remotecomdir/softdir/a1", {"a_ro/x": "1", "z/secret.key": "2"}
+    )
+    write_tree(tmp_path / "var/remotecomdir/configuredir/a1", {"c": "1"})
+    os.chmod(source / "a_ro", 0o500)  # copied first, so the staging holds a read-only dir
+    os.chmod(source / "z/secret.key", 0)
+
+    proc = subprocess.run(
+        without_dac_override(SYNCPRO, "sync", "-k", "a1", "--config", str(config)),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "secret.key" in one_document(proc.stdout)["data"]["msg"]
+    assert os.listdir(tmp_path / "var/softdir/.syncpro/staging") == []
 
 
 @pytest.mark.parametrize("unreadable", ["lib/secret.key", "lib"])
@@ -273,7 +299,7 @@ def test_an_unreadable_source_fails_only_that_app_and_keeps_its_old_target(
     os.chmod(tmp_path / "var/remotecomdir/softdir/a1" / unreadable, 0)
 
     proc = subprocess.run(
-        _without_dac_override(SYNCPRO, "sync", "-k", "all", "--config", str(config)),
+        without_dac_override(SYNCPRO, "sync", "-k", "all", "--config", str(config)),
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from syncpro import publish as publish_module
 from syncpro.errors import PublishError
@@ -30,6 +31,7 @@ from helpers import (
     snapshot,
     sync,
     wait_until,
+    without_dac_override,
     write_config,
     write_tree,
 )
@@ -222,6 +224,91 @@ def test_leftover_staging_of_a_dead_process_is_swept_and_the_target_is_intact(
     assert not leftover.exists()
     assert live.exists()  # another process that still runs is building it
     assert snapshot(target.path) == published
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    return dead.pid
+
+
+def test_read_only_leftovers_are_swept_by_a_process_that_obeys_file_modes(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "softdir"
+    trash = write_tree(work_area(root) / "trash" / f"{time.time() - 5:.3f}.server.0badc0de", {})
+    staging = write_tree(work_area(root) / "staging" / f"{_dead_pid()}.0badc0de.server", {})
+    for tree in (trash, staging):
+        write_tree(tree, {"ro/f": "x", "closed/g": "y"})
+        os.chmod(tree / "ro", 0o500)  # as a source's read-only directory is published
+        os.chmod(tree / "closed", 0)
+    code = (
+        f"from pathlib import Path; from syncpro.publish import sweep; sweep(Path({str(root)!r}))"
+    )
+
+    proc = subprocess.run(
+        without_dac_override(sys.executable, "-c", code),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(work_area(root) / "trash") == []
+    assert os.listdir(work_area(root) / "staging") == []
+
+
+def test_a_sweep_of_an_unusable_work_area_logs_and_raises_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "softdir"
+    work_area(root).mkdir(parents=True)
+    (work_area(root) / "trash").write_text("not a directory")
+
+    with structlog.testing.capture_logs() as logs:
+        assert sweep(root) == []
+
+    failed = [e for e in logs if e["event"] == "publish.sweep_failed"]
+    assert [e["path"] for e in failed] == [str(work_area(root) / "trash")]
+
+
+def test_a_target_root_that_is_not_a_directory_fails_that_app_naming_it(tmp_path: Path) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    target.root.write_text("a file where the softdir should be")
+
+    with pytest.raises(PublishError, match=r"softdir"):
+        publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+
+
+def test_staging_of_a_reused_pid_is_swept_when_the_process_start_time_differs(
+    tmp_path: Path,
+) -> None:
+    staging = work_area(tmp_path / "softdir") / "staging"
+    # The parent runs, but it is not the process that named this staging: its start time
+    # differs, as after a reboot that handed the same pid to another program.
+    reused = write_tree(staging / f"{os.getppid()}-1.0badc0de.server", {"half": "x"})
+    ours = write_tree(staging / f"{publish_module._owner_tag()}.1234abcd.server", {"busy": "z"})
+
+    assert sweep(tmp_path / "softdir") == [reused]
+    assert ours.exists()
+
+
+def test_a_death_between_the_two_fallback_renames_is_undone_by_the_next_sweep(
+    tmp_path: Path,
+) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    staging = work_area(target.root) / "staging"
+    owner = f"{_dead_pid()}-1.0badc0de.server"
+    # What the fallback leaves when its process dies after the first rename: the old tree
+    # aside, the complete new tree still in staging, and no target at all.
+    new = write_tree(staging / owner, {"v": "2"})
+    os.rename(target.path, staging / f"{owner}+old")
+
+    sweep(target.root)
+
+    assert (target.path / "v").read_text() == "1"  # as before the publish
+    assert os.listdir(staging) == []
+    assert not new.exists()
 
 
 def test_leftovers_are_swept_when_a_sync_starts(tmp_path: Path) -> None:

@@ -13,13 +13,15 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote
 
 import structlog
 
@@ -29,6 +31,9 @@ from syncpro.layout import Target
 log = structlog.get_logger()
 
 WORK_DIR = ".syncpro"
+# Marks a replaced tree set aside by the two-rename fallback; quote(safe="") turns every '+'
+# of a target's name into %2B, so no staging name of a target can end like this.
+_ASIDE = "+old"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -53,6 +58,22 @@ def work_area(root: Path) -> Path:
 
 def _name(target: Target) -> str:
     return quote(target.rel, safe="")
+
+
+def _owner_tag() -> str:
+    """This process as staging names record it: pid and start time, so that a pid reused
+    after a reboot or a wrap-around never keeps a dead process's staging alive."""
+    return f"{os.getpid()}-{_start_time(os.getpid())}"
+
+
+def _start_time(pid: int) -> str:
+    """The kernel's start time of a process (clock ticks since boot), or "" if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return ""
+    return fields[19].decode() if len(fields) > 19 else ""  # field 22 of proc(5)
 
 
 @contextlib.contextmanager
@@ -110,11 +131,18 @@ def publish(
     Raise PublishError (old target intact) if building or swapping fails."""
     area = work_area(target.root)
     staging_dir, trash_dir = area / "staging", area / "trash"
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    trash_dir.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir / f"{os.getpid()}.{os.urandom(4).hex()}.{_name(target)}"
-    with target_lock(target):
-        final = target.path
+    final = target.path
+    try:
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        trash_dir.mkdir(parents=True, exist_ok=True)
+        lock = target_lock(target)
+        lock.__enter__()
+    except OSError as exc:
+        raise PublishError(
+            f"cannot publish {final}: its work area {area} is unusable: {_describe(exc)}"
+        ) from exc
+    try:
+        staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{_name(target)}"
         if unchanged is not None and final.is_dir() and not final.is_symlink():
             try:
                 if unchanged(final):
@@ -122,6 +150,8 @@ def publish(
             except OSError:
                 pass  # a source vanishing under the check: the build reports it
         return _build_and_swap(target, build, staging, trash_dir, grace, durable)
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _build_and_swap(
@@ -140,7 +170,11 @@ def _build_and_swap(
             if durable:
                 make_durable(staging)
         except BaseException:
-            _remove(staging)
+            try:
+                _remove(staging)
+            except OSError as cleanup:
+                # The build's own error is the one to report; the next sweep retries this.
+                log.warning("publish.cleanup_failed", path=str(staging), error=_describe(cleanup))
             raise
         final.parent.mkdir(parents=True, exist_ok=True)
         if os.path.lexists(final):
@@ -169,9 +203,9 @@ def _swap(staging: Path, final: Path) -> Path:
         if exc.errno not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
             raise
     # No RENAME_EXCHANGE here: two renames, with a moment where final does not exist.
-    aside = staging.with_name(staging.name + ".old")
+    aside = staging.with_name(staging.name + _ASIDE)
     os.rename(final, aside)
-    os.rename(staging, final)
+    os.rename(staging, final)  # a crash right before this: the sweep puts `aside` back
     return aside
 
 
@@ -181,45 +215,108 @@ def _describe(exc: OSError) -> str:
 
 
 def _remove(path: Path) -> None:
+    """Remove a tree of ours, including read-only directories in it (a source's mode 0555
+    directory is published as such; without write permission its entries cannot go)."""
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=_unprotect_and_retry)
+            else:
+                shutil.rmtree(path, onerror=lambda f, p, info: _unprotect_and_retry(f, p, info[1]))
         else:
             path.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def _unprotect_and_retry(func: Callable[..., Any], path: str, exc: BaseException) -> None:
+    if isinstance(exc, FileNotFoundError):
+        return
+    if not isinstance(exc, PermissionError):
+        raise exc
+    parent = os.path.dirname(path)
+    os.chmod(parent, stat.S_IMODE(os.lstat(parent).st_mode) | stat.S_IRWXU)
+    if func in (os.unlink, os.remove, os.rmdir):
+        func(path)
+        return
+    # The directory itself could not be opened or listed: open it up and remove it whole.
+    os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | stat.S_IRWXU)
+    _remove(Path(path))
+
+
+def _owner_alive(tag: str) -> bool:
+    pid_text, _, started = tag.partition("-")
+    if not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return started in ("", _start_time(pid))
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass  # alive, another user's
+    return not started or _start_time(pid) in ("", started)
 
 
 def sweep(root: Path, now: float | None = None) -> list[Path]:
     """Given a target root, remove replaced trees whose grace period is over and staging
-    trees left by processes that no longer run (a crash, kill -9). Return what was removed."""
+    trees left by processes that no longer run (a crash, kill -9); a tree the two-rename
+    fallback had set aside when its process died is put back where its target is missing.
+    Return what was removed or restored. Never raises: what cannot be removed is logged
+    and retried by the next sweep."""
     now = time.time() if now is None else now
     area = work_area(root)
     removed: list[Path] = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in (area / "trash").iterdir():
-            expires = _expiry(entry.name)
-            if expires is None or expires <= now:
-                _remove(entry)
-                removed.append(entry)
-    with contextlib.suppress(FileNotFoundError):
-        for entry in (area / "staging").iterdir():
-            head = entry.name.split(".", 1)[0]
-            pid = int(head) if head.isdigit() else 0
-            if pid != os.getpid() and not _pid_alive(pid):
-                _remove(entry)
-                removed.append(entry)
+    for entry in _entries(area / "trash"):
+        expires = _expiry(entry.name)
+        if (expires is None or expires <= now) and _try_remove(entry):
+            removed.append(entry)
+    for entry in _entries(area / "staging"):
+        if _owner_alive(entry.name.split(".", 1)[0]):
+            continue
+        aside = entry.name.endswith(_ASIDE)
+        if _restore_aside(root, entry) if aside else _try_remove(entry):
+            removed.append(entry)
     if removed:
         log.info("publish.swept", root=str(root), removed=[str(p) for p in removed])
     return removed
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        log.warning("publish.sweep_failed", path=str(folder), error=_describe(exc))
+        return []
+
+
+def _try_remove(path: Path) -> bool:
+    try:
+        _remove(path)
+    except OSError as exc:
+        log.warning("publish.sweep_failed", path=str(path), error=_describe(exc))
+        return False
+    return True
+
+
+def _restore_aside(root: Path, aside: Path) -> bool:
+    """Put back an old tree the two-rename fallback had moved aside, if its target is
+    missing (the process died between the renames); else remove it. Return whether done."""
+    parts = aside.name[: -len(_ASIDE)].split(".", 2)
+    if len(parts) < 3:
+        return _try_remove(aside)
+    final = root / unquote(parts[2])
+    if os.path.lexists(final):
+        return _try_remove(aside)
+    try:
+        os.rename(aside, final)
+    except OSError as exc:
+        log.warning("publish.restore_failed", path=str(aside), error=_describe(exc))
+        return False
+    log.warning("publish.restored", target=str(final), tree=str(aside))
+    return True
 
 
 def next_expiry(root: Path) -> float | None:

@@ -317,6 +317,20 @@ def test_mtime_only_differences_between_program_trees_are_not_drift(tmp_path: Pa
     assert result.drift == []
 
 
+def test_files_differing_only_in_content_are_drift_even_with_equal_size_and_mtime(
+    tmp_path: Path,
+) -> None:
+    # Reproducible builds stamp every file with one mtime: equal size and time prove nothing.
+    config = make_config(tmp_path, SERVER)
+    write_tree(program_source(config, "server1"), {"bin/x": File("a", mtime_ns=BASE_NS)})
+    write_tree(program_source(config, "server2"), {"bin/x": File("b", mtime_ns=BASE_NS)})
+
+    result = sync(config, "server")
+
+    assert len(result.drift) == 1
+    assert any("bin/x" in path for path in response_document(result)["drift"][0]["paths"])
+
+
 # --- type-2 config (SPEC 2) ---
 
 

@@ -52,6 +52,6 @@ def _differs(pa: Path, pb: Path, sa: os.stat_result, sb: os.stat_result) -> bool
         return False
     if sa.st_size != sb.st_size:
         return True
-    if sa.st_mtime_ns == sb.st_mtime_ns:
-        return False  # same size and time: taken as equal, as rsync does
+    # Always the bytes: mtimes do not count either way (reproducible builds stamp every file
+    # with one time), and only the winner's tree is copied, so this read is the drift's cost.
     return not filecmp.cmp(pa, pb, shallow=False)

@@ -224,6 +224,18 @@ def test_an_explicit_null_for_a_required_dir_is_named_not_a_crash(tmp_path: Path
     assert found[0].startswith("dirs.softdir: must be a non-empty string")
 
 
+def test_a_nul_byte_in_a_dir_or_a_listed_config_file_is_named_not_a_crash(tmp_path: Path) -> None:
+    listed = {**APP, "configure_file_status": 1, "configure_file_list": ["ok.yml", "a\0b"]}
+
+    found = problems(tmp_path, doc(dirs={**DIRS, "remotecomdir": "r\0x"}, apps=[listed]))
+
+    assert [p.split(":", 1)[0] for p in found] == [
+        "dirs.remotecomdir",
+        "apps[0].configure_file_list",
+    ]
+    assert all("NUL" in p for p in found)
+
+
 @pytest.mark.parametrize(("value", "mode"), [("0660", 0o660), ("0600", 0o600), (0o640, 0o640)])
 def test_control_mode_accepts_octal_strings_and_numbers(
     tmp_path: Path, value: Any, mode: int

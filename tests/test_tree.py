@@ -314,12 +314,12 @@ def test_copy_listed_names_every_bad_entry_and_copies_nothing(tmp_path: Path) ->
 
     with pytest.raises(ListedFileError) as caught:
         _builder().copy_listed(
-            source, ["ok", "in", "missing.yml", "../x", "/abs", "out"], tmp_path / "dst"
+            source, ["ok", "in", "missing.yml", "../x", "/abs", "out", "nul\0"], tmp_path / "dst"
         )
 
     text = "; ".join(caught.value.problems)
-    assert len(caught.value.problems) == 4
-    for entry in ("missing.yml", "../x", "/abs", "out"):
+    assert len(caught.value.problems) == 5
+    for entry in ("missing.yml", "../x", "/abs", "out", "nul\0"):
         assert repr(entry) in text or entry in text
     assert not (tmp_path / "dst").exists()
 

@@ -114,6 +114,8 @@ Converter = Callable[[Any, Path], Any]
 def _str(value: Any, base: Path) -> str:
     if not isinstance(value, str) or value == "":
         raise ValueError(f"must be a non-empty string, not {value!r}")
+    if "\0" in value:
+        raise ValueError(f"must not contain a NUL byte: {value!r}")
     return value
 
 
@@ -251,11 +253,16 @@ def _status(value: Any, base: Path) -> int:
 
 
 def _file_list(value: Any, base: Path) -> tuple[str, ...]:
-    if value is None or isinstance(value, str):
-        return split_file_list(value)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return split_file_list(value)
-    raise ValueError(f"must be a list of paths or a comma-separated string, not {value!r}")
+    if not (
+        value is None
+        or isinstance(value, str)
+        or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    ):
+        raise ValueError(f"must be a list of paths or a comma-separated string, not {value!r}")
+    entries = split_file_list(value)
+    if any("\0" in entry for entry in entries):
+        raise ValueError(f"an entry contains a NUL byte: {value!r}")
+    return entries
 
 
 @dataclass(frozen=True)

@@ -230,7 +230,6 @@ class TreeBuilder:
             self._finish_dir(path, st)
         self._finish_dir(str(dst), root_stat)
 
-
     def _reuse_path(self, rel: str, *, directory: bool) -> str | None:
         """Return the published path at `rel`, if every directory on the way is a real one
         (and, for `directory`, rel itself is); else None."""
@@ -264,6 +263,9 @@ def resolve_listed(src: Path, entries: Iterable[str]) -> list[tuple[str, str]]:
     chosen: list[tuple[str, str]] = []
     problems: list[str] = []
     for entry in entries:
+        if "\0" in entry:  # a database row can hold one; no path can
+            problems.append(f"listed config {entry!r} contains a NUL byte")
+            continue
         norm = os.path.normpath(entry)
         if os.path.isabs(entry):
             problems.append(f"listed config {entry!r} is an absolute path")

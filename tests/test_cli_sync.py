@@ -257,6 +257,33 @@ def test_a_cli_sync_leaves_sources_untouched_and_targets_exact(demo: Path, tmp_p
     )
 
 
+def test_a_file_name_of_non_utf8_bytes_keeps_stdout_and_logs_valid_utf8_json(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict(list(SERVER_GROUP), grace=0))
+    for key in ("server1", "server2"):
+        write_tree(tmp_path / f"var/remotecomdir/softdir/{key}", {"ok": key})
+        write_tree(tmp_path / f"var/remotecomdir/configuredir/{key}", {"c": "1"})
+    odd = os.fsencode(tmp_path / "var/remotecomdir/softdir/server1") + b"/bad\xff"
+    with open(odd, "wb") as f:  # only server1 has it: drift names it in the document
+        f.write(b"x")
+
+    proc = subprocess.run(
+        [SYNCPRO, "sync", "-k", "server", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+    doc = json.loads(proc.stdout.decode("utf-8", "strict"))
+    logs = [json.loads(line) for line in proc.stderr.decode("utf-8", "strict").splitlines()]
+    assert proc.returncode == 0
+    assert any("bad\\xff" in path for path in doc["drift"][0]["paths"])
+    assert any(e["event"] == "sync.finished" for e in logs)
+    assert os.path.exists(os.fsencode(tmp_path / "var/softdir/server") + b"/ok")
+
+
 def test_a_failed_build_reports_its_own_error_though_its_staging_has_read_only_dirs(
     tmp_path: Path,
 ) -> None:

@@ -23,7 +23,7 @@ from syncpro import layout
 from syncpro.config import Config
 from syncpro.inventory import App, Inventory
 from syncpro.request import SyncRequest
-from syncpro.response import run_document
+from syncpro.response import run_document, text_safe
 from syncpro.selection import select
 from syncpro.tree import Ignore, ListedFileError, resolve_listed
 
@@ -161,7 +161,7 @@ def diff(
         key: {kind: found.as_dict(limit) for kind, found in targets.items()}
         for key, targets in per_app.items()
     }
-    return doc
+    return text_safe(doc)  # type: ignore[no-any-return]
 
 
 def _append_once(items: list[str], item: str) -> None:

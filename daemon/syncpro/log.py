@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
+
+from syncpro.response import text_safe
+
+
+def _text_safe(_logger: object, _name: str, event: structlog.typing.EventDict) -> Any:
+    # A log line must never fail, nor carry invalid UTF-8, for a file name of odd bytes.
+    return text_safe(event)
 
 
 def configure(stream: TextIO | None = None, *, verbose: bool = False) -> None:
@@ -24,6 +31,7 @@ def configure(stream: TextIO | None = None, *, verbose: bool = False) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
+            _text_safe,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

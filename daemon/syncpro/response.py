@@ -17,6 +17,29 @@ NOT_RUN_MSG = "未执行"
 REDACTED = "******"
 
 
+def text_safe(value: Any) -> Any:
+    """Given a document (or any JSON-able value), return it with every string valid UTF-8.
+
+    File names are bytes; Python hands the undecodable ones over as lone surrogates, which
+    no UTF-8 stream can carry (a strict stdout raises, a lenient one writes invalid JSON).
+    Such bytes are shown as `\\xff`, the way a shell would show them.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            except UnicodeEncodeError:  # a surrogate that no file name gave us
+                return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {text_safe(k): text_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [text_safe(v) for v in value]
+    return value
+
+
 def param_of(request: SyncRequest) -> dict[str, str]:
     """Echo the request with k normalised; a token only ever appears redacted."""
     param = {"action": request.action, "k": request.normalised_k, "update": _flag(request.update)}
@@ -118,7 +141,7 @@ def response_document(result: SyncResult) -> dict[str, Any]:
     )
     doc["drift"] = [d.as_dict() for d in result.drift]
     doc["apps"] = [app.as_dict() for app in result.apps]
-    return doc
+    return text_safe(doc)  # type: ignore[no-any-return]
 
 
 def refusal_document(param: dict[str, str], reason: str, code: str = "1") -> dict[str, Any]:

@@ -253,6 +253,95 @@ def test_clients_leaving_mid_request_leak_no_thread_and_no_descriptor(
     assert [name for name, _ in handler.calls] == ["status"]
 
 
+def test_many_idle_clients_delay_nobody_and_hold_no_request_slot(
+    sock_dir: Path, handler: FakeHandler
+) -> None:
+    settings = ControlSettings(socket=sock_dir / "c.sock")
+    with ControlServer(settings, handler, read_timeout=30.0, max_clients=4) as server:
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(70)]
+        try:
+            for n, sock in enumerate(idle):
+                sock.connect(str(server.path))
+                if n % 2:
+                    sock.sendall(b"action=Deploy:Core:syncpro&k=ser")  # and then nothing more
+            wait_until(lambda: server.waiting == 70)
+            started = time.monotonic()
+            answers = [ask(server.path, b"action=status\n") for _ in range(8)]
+            assert [doc["code"] for doc in answers] == ["0"] * 8
+            assert time.monotonic() - started < 5
+        finally:
+            for sock in idle:
+                sock.close()
+    assert [name for name, _ in handler.calls] == ["status"] * 8
+
+
+def test_past_the_cap_of_waiting_connections_the_oldest_are_dropped(
+    sock_dir: Path, handler: FakeHandler
+) -> None:
+    settings = ControlSettings(socket=sock_dir / "c.sock")
+    with (
+        ControlServer(settings, handler, read_timeout=30.0, max_waiting=8) as server,
+        structlog.testing.capture_logs() as logs,
+    ):
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(12)]
+        try:
+            for sock in idle:
+                sock.connect(str(server.path))
+                sock.settimeout(10)
+            for sock in idle[:4]:
+                assert sock.recv(100) == b""  # closed by the server to make room
+            wait_until(lambda: server.waiting == 8)
+            for sock in idle[4:]:
+                sock.setblocking(False)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(100)  # still open, still waited for
+            assert ask(server.path, b"action=status\n")["code"] == "0"
+        finally:
+            for sock in idle:
+                sock.close()
+    dropped = [e for e in logs if e["event"] == "control.dropped" and "oldest" in e["reason"]]
+    assert len(dropped) >= 4
+
+
+@pytest.mark.parametrize("payload", [b"action=Deploy:Core:syncpro&k=server&update=1", b"\xff"])
+def test_a_request_cut_off_by_eof_before_its_newline_is_refused_and_nothing_runs(
+    server: ControlServer, handler: FakeHandler, payload: bytes
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.path))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        doc = json.loads(read_line(sock))
+    assert doc["code"] not in ("0", "")
+    assert "newline" in doc["data"]["msg"]
+    assert handler.calls == []
+
+
+def test_socat_piping_a_request_without_its_newline_gets_a_refusal_and_with_it_an_answer(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    def socat(data: bytes) -> dict[str, Any]:
+        done = subprocess.run(
+            ["socat", "-t", "10", "-", f"UNIX-CONNECT:{server.path}"],
+            input=data,
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        assert done.stdout.count(b"\n") == 1, done
+        doc = json.loads(done.stdout)
+        assert isinstance(doc, dict)
+        return doc
+
+    cut = socat(b"action=status")
+    assert cut["code"] not in ("0", "")
+    assert "newline" in cut["data"]["msg"]
+    assert handler.calls == []
+    assert socat(b"action=status\n")["code"] == "0"
+    assert [name for name, _ in handler.calls] == ["status"]
+
+
 def test_stopping_drops_a_client_still_sending_and_removes_the_socket(
     sock_dir: Path, handler: FakeHandler
 ) -> None:
@@ -261,7 +350,7 @@ def test_stopping_drops_a_client_still_sending_and_removes_the_socket(
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow:
         slow.connect(str(server.path))
         slow.sendall(b"action=")
-        wait_until(lambda: client_threads())
+        wait_until(lambda: server.waiting == 1)
         started = time.monotonic()
         server.stop()
         assert time.monotonic() - started < 5
@@ -411,6 +500,62 @@ def test_a_peer_whose_uid_is_not_allowed_is_refused_and_nothing_runs(
     assert handler.calls == []
     [event] = [e for e in logs if e["event"] == "control.request"]
     assert (event["uid"], event["ok"]) == (NOBODY, False)
+
+
+IDLE_CLIENTS = textwrap.dedent(
+    """
+    import socket, sys
+    conns = []
+    for _ in range(int(sys.argv[2])):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(sys.argv[1])
+        conns.append(sock)
+    # The refusal must come unasked: this client never sends a byte.
+    first = conns[0]
+    first.settimeout(20)
+    reply = b""
+    while not reply.endswith(b"\\n"):
+        chunk = first.recv(65536)
+        if not chunk:
+            break
+        reply += chunk
+    sys.stdout.write(reply.decode() or "no answer\\n")
+    sys.stdout.flush()
+    sys.stdin.read()  # hold every connection open until the test is done
+    """
+)
+
+
+def test_refused_peers_holding_idle_connections_lock_nobody_out(
+    open_dir: Path, handler: FakeHandler
+) -> None:
+    settings = ControlSettings(socket=open_dir / "c.sock", mode=0o666)
+    with (
+        ControlServer(settings, handler, read_timeout=30.0) as server,
+        subprocess.Popen(
+            [_python_for_nobody(), "-I", "-c", IDLE_CLIENTS, str(settings.socket), "70"],
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        ) as intruder,
+    ):
+        assert intruder.stdin is not None and intruder.stdout is not None
+        try:
+            refusal = json.loads(intruder.stdout.readline())
+            assert refusal["code"] == "403"
+            assert "uid 65534" in refusal["data"]["msg"]
+            started = time.monotonic()
+            answers = [ask(server.path, b"action=status\n") for _ in range(3)]
+            assert [doc["code"] for doc in answers] == ["0"] * 3
+            assert time.monotonic() - started < 5
+        finally:
+            intruder.stdin.close()
+            intruder.wait(30)
+    assert [name for name, _ in handler.calls] == ["status"] * 3
 
 
 def test_a_peer_whose_uid_is_allowed_is_served(open_dir: Path, handler: FakeHandler) -> None:

@@ -13,7 +13,7 @@ import stat
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -43,6 +43,11 @@ FAILED_CODE = "500"
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _MAX_GROUPS = 1024
+_LINE_LIMIT = MAX_REQUEST + 2  # the line, an optional \r, and its \n
+_ACCEPT_BATCH = 64
+# A refused client may still be sending its request; reading it for this long lets it get to
+# the answer rather than a reset.
+_LINGER_SECONDS = 2.0
 
 
 class ControlHandler(Protocol):
@@ -132,20 +137,32 @@ def peer_of(conn: socket.socket) -> Peer:
     return Peer(pid, uid, gid, groups)
 
 
-class _Dropped(Exception):
-    """The client sent no whole request line: it left, stalled, or the server is stopping."""
+@dataclass(eq=False)
+class _Waiting:
+    """A connection whose request line is still arriving, or whose refusal is going out.
 
+    Only the accepting thread touches it: an idle client costs a descriptor, never a thread.
+    """
 
-class _TooLong(Exception):
-    """The request line is over the limit."""
+    conn: socket.socket
+    peer: Peer
+    started: float
+    deadline: float
+    buffer: bytearray = field(default_factory=bytearray)
+    out: bytes = b""  # a refusal not yet fully written
+    answered: bool = False  # refused: what still arrives is read and thrown away
+    event: dict[str, Any] | None = None  # the control.request event, logged once written
 
 
 class ControlServer:
-    """Serves the control socket in its own thread, one thread per connection.
+    """Serves the control socket: one thread accepts and reads request lines, and a whole
+    line goes to a thread of its own (at most `max_clients` at once).
 
     Use as a context manager, or call start() and stop(). Peers are checked against
-    ControlSettings.allow_uids / allow_gids (root and this process's user always allowed);
-    others are answered a refusal and nothing runs.
+    ControlSettings.allow_uids / allow_gids (root and this process's user always allowed)
+    as they are accepted; others are answered a refusal at once and nothing runs. A client
+    that connects and sends nothing holds a descriptor until `read_timeout`; past
+    `max_waiting` such connections the oldest is dropped.
     """
 
     def __init__(
@@ -156,12 +173,14 @@ class ControlServer:
         read_timeout: float = 10.0,
         write_timeout: float = 60.0,
         max_clients: int = 64,
+        max_waiting: int = 128,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.max_clients = max_clients
+        self.max_waiting = max_waiting
         self._listener: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -169,13 +188,19 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._clients: set[threading.Thread] = set()
-        self._reading: set[socket.socket] = set()
+        # Oldest first: dict order is accept order, which is what the cap drops by.
+        self._waiting: dict[int, _Waiting] = {}
         self._stopping = threading.Event()
         self._count = 0
 
     @property
     def path(self) -> Path:
         return self.settings.socket
+
+    @property
+    def waiting(self) -> int:
+        """How many connections are still sending their request or being refused."""
+        return len(self._waiting)
 
     # --- lifecycle ---
 
@@ -211,6 +236,7 @@ class ControlServer:
             raise ControlError(f"cannot serve the control socket {path}: {exc}") from None
         self._listener = listener
         self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
         self._stopping.clear()
         self._thread = threading.Thread(target=self._serve, name="syncpro-control", daemon=False)
         self._thread.start()
@@ -234,9 +260,6 @@ class ControlServer:
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self._close_listener()
         with self._lock:
-            for conn in self._reading:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
             clients = list(self._clients)
         for thread in clients:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -311,70 +334,214 @@ class ControlServer:
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
 
-    # --- accepting ---
+    # --- the accepting thread: accept, check the peer, read whole request lines ---
 
     def _serve(self) -> None:
         assert self._listener is not None and self._wake_r is not None
         with selectors.DefaultSelector() as selector:
             selector.register(self._listener, selectors.EVENT_READ)
             selector.register(self._wake_r, selectors.EVENT_READ)
-            while not self._stopping.is_set():
-                for key, _ in selector.select():
-                    if key.fileobj is self._wake_r:
-                        return
-                    self._accept()
+            try:
+                while not self._stopping.is_set():
+                    for key, events in selector.select(self._select_timeout()):
+                        if key.fileobj is self._wake_r:
+                            return
+                        if key.fileobj is self._listener:
+                            self._accept(selector)
+                        elif self._waiting.get(key.fd) is key.data:
+                            # (else dropped earlier in this round; its number may be reused)
+                            self._service(selector, key.data, events)
+                    self._expire(selector)
+            finally:
+                for waiting in list(self._waiting.values()):
+                    self._drop(selector, waiting, "the server is stopping")
 
-    def _accept(self) -> None:
+    def _select_timeout(self) -> float | None:
+        if not self._waiting:
+            return None
+        soonest = min(w.deadline for w in self._waiting.values())
+        return max(0.0, soonest - time.monotonic())
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
         assert self._listener is not None
+        # A batch per wake-up: a flood of connections cannot starve those already waiting.
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # Out of file descriptors, most likely: back off instead of spinning on select().
+                log.error("control.accept_failed", socket=str(self.path), error=str(exc))
+                self._stopping.wait(0.5)
+                return
+            conn.setblocking(False)
+            try:
+                peer = peer_of(conn)
+            except OSError as exc:
+                conn.close()
+                log.info("control.dropped", socket=str(self.path), reason=str(exc))
+                continue
+            if len(self._waiting) >= self.max_waiting:
+                self._drop_oldest(selector)
+            now = time.monotonic()
+            waiting = _Waiting(conn, peer, started=now, deadline=now + self.read_timeout)
+            self._waiting[conn.fileno()] = waiting
+            selector.register(conn, selectors.EVENT_READ, waiting)
+            if not self.allowed(peer):
+                reason = (
+                    f"uid {peer.uid} (pid {peer.pid}) is not allowed on the control socket"
+                    f" {self.path}: add it to control.allow_uids or its group to"
+                    " control.allow_gids"
+                )
+                self._refuse(selector, waiting, reason, REFUSED_CODE)
+
+    def _drop_oldest(self, selector: selectors.BaseSelector) -> None:
+        # Refused peers go first: they were answered already; then the longest-idle client.
+        victim = next(
+            (w for w in self._waiting.values() if w.answered),
+            next(iter(self._waiting.values())),
+        )
+        reason = f"over {self.max_waiting} connections waiting; dropped the oldest"
+        self._drop(selector, victim, reason)
+
+    def _service(self, selector: selectors.BaseSelector, waiting: _Waiting, events: int) -> None:
+        if events & selectors.EVENT_WRITE and not self._flush(selector, waiting):
+            return
+        if not events & selectors.EVENT_READ:
+            return
         try:
-            conn, _ = self._listener.accept()
+            chunk = waiting.conn.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            # Out of file descriptors, most likely: back off instead of spinning on select().
-            log.error("control.accept_failed", socket=str(self.path), error=str(exc))
-            self._stopping.wait(0.5)
+            self._drop(selector, waiting, str(exc))
             return
+        if waiting.answered:
+            if not chunk:
+                self._close(selector, waiting)
+            return
+        if not chunk:
+            if waiting.buffer:
+                # A request is only whole with its newline: a client that stopped mid-line may
+                # have meant something else entirely (update=1 cut off), so nothing runs.
+                reason = (
+                    f"request line lacks its newline: the connection ended after"
+                    f" {len(waiting.buffer)} bytes; end the request with \\n"
+                )
+                self._refuse(selector, waiting, reason)
+            else:
+                self._drop(selector, waiting, "closed without a request")
+            return
+        waiting.buffer += chunk
+        end = waiting.buffer.find(b"\n")
+        if end < 0 and len(waiting.buffer) <= _LINE_LIMIT:
+            return
+        if end < 0 or end + 1 > _LINE_LIMIT:
+            self._refuse(selector, waiting, f"request over {MAX_REQUEST // 1024} KiB")
+            return
+        self._hand_over(selector, waiting, bytes(waiting.buffer[: end + 1]))
+
+    def _hand_over(self, selector: selectors.BaseSelector, waiting: _Waiting, line: bytes) -> None:
         with self._lock:
             self._clients = {t for t in self._clients if t.is_alive()}
             busy = len(self._clients) >= self.max_clients
             if not busy:
+                self._forget(selector, waiting)
                 self._count += 1
                 thread = threading.Thread(
                     target=self._client,
-                    args=(conn,),
+                    args=(waiting.conn, waiting.peer, line, waiting.started),
                     name=f"syncpro-control-{self._count}",
                     daemon=False,
                 )
                 self._clients.add(thread)
-                self._reading.add(conn)
                 thread.start()
         if busy:
-            with conn:
-                reason = f"busy: {self.max_clients} requests already in progress; retry later"
-                self._send(conn, refusal_document({}, reason, BUSY_CODE), 1.0)
             log.warning("control.busy", clients=self.max_clients)
+            reason = f"busy: {self.max_clients} requests already in progress; retry later"
+            self._refuse(selector, waiting, reason, BUSY_CODE)
 
-    # --- one client ---
+    def _refuse(
+        self,
+        selector: selectors.BaseSelector,
+        waiting: _Waiting,
+        reason: str,
+        code: str = "1",
+    ) -> None:
+        """Answer a refusal from this thread without ever blocking on the client, then read
+        what it still sends until it leaves: closing with its request unread could reset the
+        connection before the client has read why."""
+        waiting.answered = True
+        waiting.out = encode(refusal_document({}, reason, code))
+        waiting.deadline = min(waiting.deadline, time.monotonic() + _LINGER_SECONDS)
+        waiting.event = {
+            "action": None,
+            "k": None,
+            "update": None,
+            "uid": waiting.peer.uid,
+            "pid": waiting.peer.pid,
+            "ok": False,
+            "code": code,
+            "error": reason,
+        }
+        self._flush(selector, waiting)
 
-    def _client(self, conn: socket.socket) -> None:
-        started = time.monotonic()
+    def _flush(self, selector: selectors.BaseSelector, waiting: _Waiting) -> bool:
+        """Write what is left of a refusal; return whether the connection is still open."""
+        try:
+            sent = waiting.conn.send(waiting.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(selector, waiting)
+            return False
+        waiting.out = waiting.out[sent:]
+        if waiting.out:
+            selector.modify(waiting.conn, selectors.EVENT_READ | selectors.EVENT_WRITE, waiting)
+            return True
+        selector.modify(waiting.conn, selectors.EVENT_READ, waiting)
+        with contextlib.suppress(OSError):
+            waiting.conn.shutdown(socket.SHUT_WR)
+        self._log_refusal(waiting, delivered=True)
+        return True
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for waiting in [w for w in self._waiting.values() if w.deadline <= now]:
+            if waiting.answered:
+                self._close(selector, waiting)
+            else:
+                reason = f"no whole request line within {self.read_timeout:g} s"
+                self._drop(selector, waiting, reason)
+
+    def _drop(self, selector: selectors.BaseSelector, waiting: _Waiting, reason: str) -> None:
+        if not waiting.answered:
+            log.info("control.dropped", socket=str(self.path), reason=reason)
+        self._close(selector, waiting)
+
+    def _close(self, selector: selectors.BaseSelector, waiting: _Waiting) -> None:
+        self._forget(selector, waiting)
+        waiting.conn.close()
+        self._log_refusal(waiting, delivered=not waiting.out)
+
+    def _forget(self, selector: selectors.BaseSelector, waiting: _Waiting) -> None:
+        fd = waiting.conn.fileno()
+        if self._waiting.get(fd) is waiting:
+            del self._waiting[fd]
+            selector.unregister(waiting.conn)
+
+    def _log_refusal(self, waiting: _Waiting, *, delivered: bool) -> None:
+        event, waiting.event = waiting.event, None
+        if event is not None:
+            seconds = round(time.monotonic() - waiting.started, 6)
+            log.info("control.request", **event, delivered=delivered, seconds=seconds)
+
+    # --- one whole request, in a thread of its own ---
+
+    def _client(self, conn: socket.socket, peer: Peer, line: bytes, started: float) -> None:
         with conn:
-            try:
-                peer = peer_of(conn)
-                line = self._read_line(conn)
-            except _Dropped as exc:
-                log.info("control.dropped", socket=str(self.path), reason=str(exc))
-                return
-            except _TooLong:
-                line = None
-            except OSError as exc:
-                log.info("control.dropped", socket=str(self.path), reason=str(exc))
-                return
-            finally:
-                with self._lock:
-                    self._reading.discard(conn)
-            doc, action, param, error = self._answer(peer, line)
+            doc, action, param, error = self._answer(line)
             delivered = self._send(conn, doc, self.write_timeout)
         log.info(
             "control.request",
@@ -390,18 +557,7 @@ class ControlServer:
             seconds=round(time.monotonic() - started, 6),
         )
 
-    def _answer(
-        self, peer: Peer, line: bytes | None
-    ) -> tuple[dict[str, Any], str | None, dict[str, str], str | None]:
-        if not self.allowed(peer):
-            reason = (
-                f"uid {peer.uid} (pid {peer.pid}) is not allowed on the control socket"
-                f" {self.path}: add it to control.allow_uids or its group to control.allow_gids"
-            )
-            return refusal_document({}, reason, REFUSED_CODE), None, {}, reason
-        if line is None:
-            reason = f"request over {MAX_REQUEST // 1024} KiB"
-            return refusal_document({}, reason), None, {}, reason
+    def _answer(self, line: bytes) -> tuple[dict[str, Any], str | None, dict[str, str], str | None]:
         try:
             req = parse_request(line)
         except ProtocolError as exc:
@@ -427,35 +583,6 @@ class ControlServer:
             return True
         groups = peer.groups if peer.groups is not None else _user_groups(peer.uid)
         return any(gid in settings.allow_gids for gid in groups)
-
-    def _read_line(self, conn: socket.socket) -> bytes:
-        deadline = time.monotonic() + self.read_timeout
-        buffer = bytearray()
-        limit = MAX_REQUEST + 2  # the line, an optional \r, and its \n
-        while True:
-            end = buffer.find(b"\n")
-            if end >= 0:
-                if end + 1 > limit:
-                    raise _TooLong
-                return bytes(buffer[: end + 1])
-            if len(buffer) > limit:
-                raise _TooLong
-            if self._stopping.is_set():
-                raise _Dropped("the server is stopping")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _Dropped(f"no whole request line within {self.read_timeout:g} s")
-            conn.settimeout(remaining)
-            try:
-                chunk = conn.recv(65536)
-            except TimeoutError:
-                raise _Dropped(f"no whole request line within {self.read_timeout:g} s") from None
-            if not chunk:
-                # A request is only whole with its newline: a client that left mid-line may have
-                # meant something else entirely (update=1 cut off), so nothing runs.
-                what = "closed mid-request" if buffer else "closed without a request"
-                raise _Dropped(what)
-            buffer += chunk
 
     @staticmethod
     def _send(conn: socket.socket, doc: dict[str, Any], timeout: float) -> bool:

@@ -16,6 +16,8 @@ from structlog.testing import capture_logs
 
 from syncpro.scheduler import PATHS_LIMIT, Batch, Scheduler
 
+from helpers import wait_until
+
 WAIT = 10.0  # deadline for anything that must happen; only a broken scheduler reaches it
 QUIET = 0.3  # how long to watch for something that must not happen
 
@@ -502,3 +504,85 @@ def test_under_concurrent_submissions_every_event_is_followed_by_a_run_of_its_ke
             last_run[key] = max(run.ticket, last_run.get(key, -1))
     for key, ticket in last_event.items():
         assert last_run[key] > ticket, key
+
+
+def test_a_held_key_waits_for_its_temporary_to_go_then_settles(make: MakeScheduler) -> None:
+    settle = 0.05
+    recorder = Recorder()
+    scheduler = make(recorder, settle=settle, max_wait=30)
+    scheduler.submit("app1", False, "/src/app1/part0")
+    scheduler.hold("app1", False, "/src/app1/.part1.AbC123")
+    # Many settle periods without any event: the temporary alone keeps the key from running.
+    with pytest.raises(queue.Empty):
+        recorder.started.get(timeout=QUIET)
+    released = time.monotonic()
+    scheduler.release("app1", False, "/src/app1/.part1.AbC123")
+    scheduler.submit("app1", False, "/src/app1/part1")
+    batch = recorder.started.get(timeout=WAIT)
+    assert recorder.runs[0].start - released >= settle
+    assert (batch.paths, batch.events) == (("/src/app1/part0", "/src/app1/part1"), 2)
+
+
+def test_a_hold_alone_never_makes_a_run(make: MakeScheduler) -> None:
+    recorder = Recorder()
+    scheduler = make(recorder, settle=0.01, max_wait=0.05)
+    scheduler.hold("app1", False, "/src/app1/.a.AbC123")
+    scheduler.release("app1", False, "/src/app1/.a.AbC123")
+    scheduler.hold("app1", False, "/src/app1/.b.AbC123")
+    # A later key that runs proves the dispatcher had every chance to run the held one.
+    scheduler.submit("app2", False, "/src/app2/x")
+    assert recorder.started.get(timeout=WAIT).app_keys == ("app2",)
+    assert scheduler.wait_idle(WAIT)
+    assert recorder.batches() == [("app2", False, ("app2",))]
+
+
+def test_max_wait_bounds_a_hold_that_is_never_released(make: MakeScheduler) -> None:
+    max_wait = 0.4
+    recorder = Recorder()
+    scheduler = make(recorder, settle=0.01, max_wait=max_wait)
+    submitted = time.monotonic()
+    scheduler.submit("app1", False, "/src/app1/x")
+    scheduler.hold("app1", False, "/src/app1/.y.AbC123")
+    batch = recorder.started.get(timeout=WAIT)
+    assert recorder.runs[0].start - submitted >= max_wait
+    assert batch.app_keys == ("app1",)
+
+
+def test_new_timings_apply_in_place_and_keep_pending_keys(make: MakeScheduler) -> None:
+    recorder = Recorder(hold=True)
+    scheduler = make(recorder, settle=30, max_wait=60, workers=1)
+    scheduler.submit("a", False, "/a/1", immediate=True)
+    recorder.started.get(timeout=WAIT)
+    scheduler.submit("b", False, "/b/1")  # due in 30 s under the old settle time
+    scheduler.reconfigure(settle=0.05, max_wait=1, workers=2)
+    # The running batch is untouched; the pending key runs on the new worker, by the new
+    # settle time, while the first worker is still busy.
+    batch = recorder.started.get(timeout=WAIT)
+    assert (batch.app_keys, batch.paths, batch.trigger) == (("b",), ("/b/1",), "watcher")
+    assert recorder.max_active == 2
+    recorder.release()
+    assert scheduler.wait_idle(WAIT)
+    assert recorder.batches() == [("a", False, ("a",)), ("b", False, ("b",))]
+
+
+def test_fewer_workers_after_a_reconfigure_run_fewer_batches_at_once(
+    make: MakeScheduler,
+) -> None:
+    recorder = Recorder(hold=True)
+    scheduler = make(recorder, workers=3)
+    scheduler.reconfigure(settle=0.05, max_wait=5, workers=1)
+    for app in "abc":
+        scheduler.submit(app, False, immediate=True)
+    recorder.started.get(timeout=WAIT)
+    with pytest.raises(queue.Empty):
+        recorder.started.get(timeout=QUIET)
+    recorder.release()
+    assert scheduler.wait_idle(WAIT)
+    assert recorder.max_active == 1
+    assert sorted(b[0] for b in recorder.batches()) == list("abc")
+
+    def workers() -> list[str]:
+        prefix = "syncpro-scheduler-worker"
+        return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
+
+    wait_until(lambda: workers() == ["syncpro-scheduler-worker-1"], timeout=WAIT)

@@ -6,6 +6,10 @@ the paths and the cause that triggered them, and calls one function with a `Batc
 - a key becomes due `settle` seconds after its last event, but at the latest `max_wait` seconds
   after the first event of its burst (a quiet period *and* a maximum delay, as watchfiles does;
   a steady stream is flushed, never postponed for ever), or at once when submitted `immediate`;
+- a key can be held: while an upload's temporary file of it exists, it is not due before
+  `max_wait` (rsync writes a file under a temporary name, with no event for seconds, then
+  renames it; the files already renamed must not be published without the rest). A hold is
+  never by itself a reason to run;
 - a burst of any number of events costs one run;
 - a group (an app's local name) is never run twice at once: events arriving while it runs are
   kept and give exactly one more run afterwards, so every event is followed by a run that
@@ -13,7 +17,8 @@ the paths and the cause that triggered them, and calls one function with a `Batc
 - different groups run in parallel on at most `workers` threads of the scheduler's own.
 
 One dispatcher thread decides what runs, the worker threads only run what it hands them; all
-state lives under one lock, with one condition for each kind of waiter.
+state lives under one lock, with one condition for each kind of waiter. The timings and the
+number of workers can be changed while running (`reconfigure`), keeping every pending key.
 """
 
 from __future__ import annotations
@@ -94,8 +99,9 @@ class _Burst:
     forced: float = math.inf
     """Clock time from which the key is due whatever its settle time (immediate submission)."""
 
-    def due(self, settle: float, max_wait: float) -> float:
-        return min(self.last + settle, self.first + max_wait, self.forced)
+    def due(self, settle: float, max_wait: float, held_until: float = -math.inf) -> float:
+        quiet = max(self.last + settle, held_until)
+        return min(quiet, self.first + max_wait, self.forced)
 
     def age(self) -> tuple[float, int]:
         return (self.first, self.seq)
@@ -129,10 +135,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         stop_timeout: float = 30.0,
     ) -> None:
-        if not (settle >= 0 and max_wait >= 0):
-            raise ValueError(f"settle and max_wait must be >= 0, not {settle!r}, {max_wait!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, not {workers!r}")
+        _check_settings(settle, max_wait, workers)
         self._run = run
         self._settle = settle
         self._max_wait = max_wait
@@ -148,8 +151,13 @@ class Scheduler:
         self._stop_event = threading.Event()
         self._started = False
         self._threads: list[threading.Thread] = []
+        # The workers by number; one numbered above `_workers` (after a reconfigure) finishes
+        # what it took and leaves, removing itself.
+        self._worker_threads: dict[int, threading.Thread] = {}
 
         self._pending: dict[Key, _Burst] = {}
+        # Upload temporaries per key: path -> clock time of its last event.
+        self._holds: dict[Key, dict[str, float]] = {}
         self._running: dict[str, _Running] = {}
         self._ready: deque[str] = deque()
         self._seq = itertools.count()
@@ -195,23 +203,76 @@ class Scheduler:
                 if burst.forced == math.inf:
                     burst.trigger = trigger
                 burst.forced = min(burst.forced, now)
-            if (fresh or immediate) and burst.due(self._settle, self._max_wait) < self._wake_at:
+            if (fresh or immediate) and self._due(burst, now) < self._wake_at:
                 self._dirty = True
                 self._dispatcher_cv.notify()
+
+    def hold(self, app_key: str, update: bool, path: str) -> None:
+        """Given that an upload's temporary file `path` of (app_key, update) exists, keep the
+        key from being due while it does: at most until `max_wait` after its burst began, or
+        after this call when no `release` follows. Never makes the key run by itself."""
+        with self._lock:
+            if self._stop_event.is_set():
+                return
+            now = self._clock()
+            key = (app_key, update)
+            holds = self._holds.setdefault(key, {})
+            holds[path] = now
+            self._prune_holds(key, now)
+            burst = self._pending.get(key)
+            if burst is not None:
+                burst.last = max(burst.last, now)
+            # Due times only move later: the dispatcher need not look again.
+
+    def release(self, app_key: str, update: bool, path: str) -> None:
+        """Given that the temporary file `path` of (app_key, update) is gone (renamed to its
+        real name, or deleted), stop holding the key for it; a pending run of the key is then
+        due `settle` seconds from now, unless another temporary still holds it."""
+        with self._lock:
+            now = self._clock()
+            key = (app_key, update)
+            holds = self._holds.get(key)
+            if holds is not None:
+                holds.pop(path, None)
+                if not holds:
+                    del self._holds[key]
+            burst = self._pending.get(key)
+            if burst is not None:
+                # The next file of an upload appears right after the previous one's rename:
+                # a settle period from here gives its event the time to hold the key again.
+                burst.last = max(burst.last, now)
+                self._dirty = True
+                self._dispatcher_cv.notify()
+
+    def reconfigure(self, *, settle: float, max_wait: float, workers: int) -> None:
+        """Apply new timings and a new number of workers at once, keeping every pending key
+        and letting running batches finish. Raise ValueError on wrong settings."""
+        _check_settings(settle, max_wait, workers)
+        with self._lock:
+            self._settle = settle
+            self._max_wait = max_wait
+            self._workers = workers
+            if self._started and not self._stop_event.is_set():
+                for number in range(1, workers + 1):
+                    if number not in self._worker_threads:
+                        self._start_worker(number)
+            self._dirty = True
+            self._dispatcher_cv.notify()
+            # Workers numbered above the new count notice it and leave once idle.
+            self._workers_cv.notify_all()
+        log.info("scheduler.reconfigured", settle=settle, max_wait=max_wait, workers=workers)
 
     def snapshot(self) -> Snapshot:
         """Return the pending keys (soonest due first) and the batches running, for status."""
         with self._lock:
             now = self._clock()
-            bursts = sorted(
-                self._pending.values(), key=lambda b: b.due(self._settle, self._max_wait)
-            )
+            bursts = sorted(self._pending.values(), key=lambda b: self._due(b, now))
             pending: list[PendingInfo] = [
                 {
                     "app_key": b.app_key,
                     "update": b.update,
                     "group": self._resolve(b, log_failure=False),
-                    "due_in": max(0.0, b.due(self._settle, self._max_wait) - now),
+                    "due_in": max(0.0, self._due(b, now) - now),
                     "events": b.events,
                 }
                 for b in bursts
@@ -242,18 +303,25 @@ class Scheduler:
                 raise RuntimeError("a scheduler can be started only once")
             self._started = True
             # Not daemons: a sync must never be cut off half way by the interpreter exiting.
-            self._threads = [
-                threading.Thread(
-                    target=self._dispatch_loop, name="syncpro-scheduler-dispatch", daemon=False
-                )
-            ] + [
-                threading.Thread(
-                    target=self._work_loop, name=f"syncpro-scheduler-worker-{n}", daemon=False
-                )
-                for n in range(1, self._workers + 1)
-            ]
-        for thread in self._threads:
-            thread.start()
+            dispatcher = threading.Thread(
+                target=self._dispatch_loop, name="syncpro-scheduler-dispatch", daemon=False
+            )
+            self._threads.append(dispatcher)
+            dispatcher.start()
+            for number in range(1, self._workers + 1):
+                self._start_worker(number)
+
+    def _start_worker(self, number: int) -> None:
+        """Start worker `number`; called with the lock held."""
+        thread = threading.Thread(
+            target=self._work_loop,
+            args=(number,),
+            name=f"syncpro-scheduler-worker-{number}",
+            daemon=False,
+        )
+        self._worker_threads[number] = thread
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float) -> list[Batch]:
         """Stop taking work, let running batches finish for up to `timeout` seconds.
@@ -268,12 +336,14 @@ class Scheduler:
             self._dispatcher_cv.notify_all()
             self._workers_cv.notify_all()
             self._idle_cv.notify_all()
-        for thread in self._threads:
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             abandoned = [r.batch for r in self._running.values()] + self._pending_batches()
-        alive = [t.name for t in self._threads if t.is_alive()]
+        alive = [t.name for t in threads if t.is_alive()]
         log.info("scheduler.stopped", abandoned=len(abandoned), threads_still_running=alive)
         return abandoned
 
@@ -300,11 +370,18 @@ class Scheduler:
                     lambda: self._dirty or self._stop_event.is_set(), timeout=delay
                 )
 
-    def _work_loop(self) -> None:
+    def _work_loop(self, number: int) -> None:
         while True:
             with self._lock:
-                self._workers_cv.wait_for(lambda: self._ready or self._stop_event.is_set())
+                self._workers_cv.wait_for(
+                    lambda: self._ready or self._stop_event.is_set() or number > self._workers
+                )
                 if self._stop_event.is_set():
+                    return
+                if not self._ready:
+                    # One worker too many since a reconfigure: leave. It takes work first when
+                    # there is some, so that a notify meant for a worker is never lost.
+                    del self._worker_threads[number]
                     return
                 group = self._ready.popleft()
                 running = self._running[group]
@@ -352,7 +429,7 @@ class Scheduler:
         for group, bursts in by_group.items():
             if group in self._running:
                 continue  # its release wakes the dispatcher
-            dues = [(b.due(self._settle, self._max_wait), b) for b in bursts]
+            dues = [(self._due(b, now), b) for b in bursts]
             ready = [b for due, b in dues if due <= now]
             if ready:
                 candidates.append((min(ready, key=_Burst.age), group, ready))
@@ -390,6 +467,30 @@ class Scheduler:
         self._ready.append(group)
         self._workers_cv.notify()
 
+    def _due(self, burst: _Burst, now: float) -> float:
+        return burst.due(self._settle, self._max_wait, self._held_until(burst, now))
+
+    def _held_until(self, burst: _Burst, now: float) -> float:
+        """When the key's newest hold runs out if never released, or -inf if it has none."""
+        key = (burst.app_key, burst.update)
+        if key not in self._holds:
+            return -math.inf
+        self._prune_holds(key, now)
+        holds = self._holds.get(key)
+        return max(holds.values()) + self._max_wait if holds else -math.inf
+
+    def _prune_holds(self, key: Key, now: float) -> None:
+        """Forget temporaries not heard of for `max_wait`: their deletion may have been missed
+        (an overflow, a polling root), and a hold must never last for ever."""
+        holds = self._holds.get(key)
+        if holds is None:
+            return
+        for path, seen in list(holds.items()):
+            if seen + self._max_wait <= now:
+                del holds[path]
+        if not holds:
+            del self._holds[key]
+
     def _resolve(self, burst: _Burst, *, log_failure: bool = True) -> str | None:
         try:
             return self._group_of(burst.app_key)
@@ -420,3 +521,10 @@ class Scheduler:
                 )
             )
         return batches
+
+
+def _check_settings(settle: float, max_wait: float, workers: int) -> None:
+    if not (settle >= 0 and max_wait >= 0):
+        raise ValueError(f"settle and max_wait must be >= 0, not {settle!r}, {max_wait!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers!r}")

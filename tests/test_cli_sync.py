@@ -131,7 +131,11 @@ def test_sync_exits_2_for_an_empty_k_and_runs_nothing(demo: Path, tmp_path: Path
     proc = run("sync", "-k", k, "--config", str(demo), cwd=tmp_path)
 
     assert proc.returncode == 2
-    assert proc.stdout == ""
+    doc = one_document(proc.stdout)  # the refusal, as any entry point answers one
+    assert doc["code"] != "0"
+    assert doc["parseparameters"]["code"] == doc["code"]
+    assert "k must not be empty" in doc["data"]["msg"]
+    assert doc["data"]["data"]["0"] == "0"
     assert "k" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "var/softdir/server").exists()

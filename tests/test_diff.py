@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,20 @@ def test_before_any_sync_every_source_entry_is_to_be_added(tmp_path: Path) -> No
     assert program["target"] == str(program_target(config, "server1"))
     assert doc["diff"]["server1"]["config"]["differcount"] == "1,0,0,1"
     assert doc["data"]["data"] == {"0": "1", "1": "", "2": ""}
+
+
+def test_the_ready_marker_is_never_a_difference_since_a_sync_never_publishes_it(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, SERVER_GROUP, extra={"watch": {"ready_marker": "READY"}})
+    write_tree(program_source(config, "server1"), {"lib/a.jar": "a", "READY": ""})
+    write_tree(config_source(config, "server1"), {"app.yml": "x"})
+    sync(config, "server1")
+
+    doc = run_diff(config, "server1")
+
+    assert doc["diff"]["server1"]["program"]["differcount"] == "2,0,0,0"
+    assert not (program_target(config, "server1") / "READY").exists()
 
 
 def test_right_after_a_sync_nothing_differs(tmp_path: Path) -> None:
@@ -194,7 +209,10 @@ def test_update_1_compares_the_updatedir_sources(tmp_path: Path) -> None:
     assert doc["diff"]["server1"]["program"]["added"] == ["new.jar"]
     assert doc["diff"]["server1"]["config"]["added"] == ["app.yml"]
     assert doc["param"] == {"action": DIFF_ACTION, "k": "server1", "update": "1"}
-    assert doc["respon"]["cmd"] == "syncpro ctl diff -k server1 --update"
+    assert shlex.split(doc["respon"]["cmd"]) == [
+        *("syncpro", "ctl", "diff", "--config", str(config.path)),
+        *("-k", "server1", "--update"),
+    ]
 
 
 def test_the_answer_is_a_response_document(tmp_path: Path) -> None:

@@ -535,7 +535,19 @@ def test_response_document_has_every_key_of_the_seed_with_string_values(
     assert doc["data"]["msg"] == "成功"
     assert doc["param"] == {"action": "Deploy:Core:syncpro", "k": "server1 server2", "update": "0"}
     assert doc["take"].isdigit()
-    assert shlex.split(doc["respon"]["cmd"]) == ["syncpro", "sync", "-k", "server1 server2"]
+    assert doc["take"] == str(int(doc["seconds"]))  # whole seconds elapsed, never rounded up
+    # The original leaves a default update=0 out of requestCmd (SPEC's example).
+    assert (
+        doc["parseparameters"]["requestCmd"] == 'Deploy:Core:syncpro,--k="server1 server2",--w="1"'
+    )
+    assert shlex.split(doc["respon"]["cmd"]) == [
+        "syncpro",
+        "sync",
+        "--config",
+        str(config.path),
+        "-k",
+        "server1 server2",
+    ]
 
 
 def test_response_of_an_update_run_echoes_update_1_and_its_command_line(tmp_path: Path) -> None:
@@ -545,7 +557,18 @@ def test_response_of_an_update_run_echoes_update_1_and_its_command_line(tmp_path
     doc = response_document(sync(config, "server", update=True))
 
     assert doc["param"]["update"] == "1"
-    assert shlex.split(doc["respon"]["cmd"]) == ["syncpro", "sync", "-k", "server", "--update"]
+    assert doc["parseparameters"]["requestCmd"] == (
+        'Deploy:Core:syncpro,--k="server",--update="1",--w="1"'
+    )
+    assert shlex.split(doc["respon"]["cmd"]) == [
+        "syncpro",
+        "sync",
+        "--config",
+        str(config.path),
+        "-k",
+        "server",
+        "--update",
+    ]
 
 
 # --- failure isolation (SPEC 8) ---

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from syncpro import __version__
 from syncpro.config import Config, load_config
-from syncpro.errors import ConfigError, SyncproError
+from syncpro.errors import ConfigError, RequestError, SyncproError
 
 EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
 
@@ -87,16 +87,21 @@ def _sync(args: argparse.Namespace) -> int:
     from syncpro.engine import run_sync
     from syncpro.inventories import load_inventory
     from syncpro.publish import sweep_later
-    from syncpro.request import SyncRequest, validate_k
+    from syncpro.request import SYNC_ACTION, SyncRequest, validate_k
+    from syncpro.response import refusal_document, response_document
 
     config = load_config(args.config)
     # stdout carries the response document alone; log events go to stderr.
     log.configure(sys.stderr, verbose=args.verbose)
+    try:
+        k = validate_k(args.k)
+    except RequestError as exc:
+        # Refused as the socket and HTTP refuse it: a document saying why, and nothing runs.
+        param = {"action": SYNC_ACTION, "k": args.k, "update": "1" if args.update else "0"}
+        print_document(refusal_document(param, str(exc)), args.pretty)
+        raise
     inventory = load_inventory(config)
-    request = SyncRequest(k=validate_k(args.k), update=args.update, origin="cli")
-    result = run_sync(request, config, inventory)
-    from syncpro.response import response_document
-
+    result = run_sync(SyncRequest(k=k, update=args.update, origin="cli"), config, inventory)
     print_document(response_document(result), args.pretty)
     sweep_later([config.dirs.softdir, config.dirs.configuredir])
     return EXIT_OK if result.ok else EXIT_UNSUCCESSFUL

@@ -11,7 +11,6 @@ not compared.
 from __future__ import annotations
 
 import os
-import shlex
 import stat
 import time
 from collections.abc import Callable
@@ -21,9 +20,10 @@ from typing import Any
 
 from syncpro import layout
 from syncpro.config import Config
+from syncpro.engine import ignore_for
 from syncpro.inventory import App, Inventory
 from syncpro.request import SyncRequest
-from syncpro.response import run_document, text_safe
+from syncpro.response import command_line, run_document, text_safe
 from syncpro.selection import select
 from syncpro.tree import Ignore, ListedFileError, resolve_listed
 
@@ -116,7 +116,7 @@ def diff(
     most `limit` paths are listed per class (the counts stay exact)."""
     started, clock = time.time(), time.monotonic()
     selection = select(request.tokens, inventory)
-    ignore = Ignore(config.watch.ignore)
+    ignore = ignore_for(config)  # what a sync leaves out, the ready marker included
     owners = os.geteuid() == 0
     per_app: dict[str, dict[str, TargetDiff]] = {app.app_key: {} for app in selection.apps}
     missing_program: list[str] = []
@@ -154,7 +154,7 @@ def diff(
         missing_config=missing_config,
         seconds=time.monotonic() - clock,
         started=started,
-        cmd=_command_line(request),
+        cmd=command_line(request, config.path, ("ctl", "diff")),
         unknown=selection.unknown,
     )
     doc["diff"] = {
@@ -167,13 +167,6 @@ def diff(
 def _append_once(items: list[str], item: str) -> None:
     if item not in items:
         items.append(item)
-
-
-def _command_line(request: SyncRequest) -> str:
-    parts = ["syncpro", "ctl", "diff", "-k", request.normalised_k]
-    if request.update:
-        parts.append("--update")
-    return shlex.join(parts)
 
 
 def _program_diffs(

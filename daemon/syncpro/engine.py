@@ -60,7 +60,7 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     if not tokens:
         raise RequestError("k must not be empty: give an app_key, a local_name or all")
     sweep_once(config)
-    result = SyncResult(request=request, started=time.time())
+    result = SyncResult(request=request, started=time.time(), config_path=config.path)
     clock = time.monotonic()
     selection = select(tokens, inventory)
     result.unknown = selection.unknown

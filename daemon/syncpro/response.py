@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+from pathlib import Path
 from typing import Any
 
 from syncpro.request import SyncRequest
@@ -56,16 +57,27 @@ def _flag(value: bool) -> str:
 
 
 def request_cmd(param: dict[str, str]) -> str:
-    """The original's requestCmd: `action,--key="value",...,--w="1"`."""
+    """The original's requestCmd: `action,--key="value",...,--w="1"`. An update of "0" is the
+    default the original left out (SPEC's example: `--k="server1 server2",--w="1"`)."""
     action = param.get("action", "")
-    keys = [f'--{key}="{value}"' for key, value in param.items() if key not in ("action", "w")]
+    keys = [
+        f'--{key}="{value}"'
+        for key, value in param.items()
+        if key not in ("action", "w") and not (key == "update" and value == "0")
+    ]
     keys.append(f'--w="{param.get("w", "1")}"')
     return ",".join([action, *keys])
 
 
-def command_line(request: SyncRequest) -> str:
-    """The equivalent command line of this project, for `respon.cmd`."""
-    parts = ["syncpro", "sync", "-k", request.normalised_k]
+def command_line(
+    request: SyncRequest, config: Path | None = None, words: tuple[str, ...] = ("sync",)
+) -> str:
+    """The equivalent command line of this project, for `respon.cmd`: run it anywhere and it
+    does the same, so it names the config the run used."""
+    parts = ["syncpro", *words]
+    if config is not None:
+        parts += ["--config", str(config)]
+    parts += ["-k", request.normalised_k]
     if request.update:
         parts.append("--update")
     return shlex.join(parts)
@@ -114,7 +126,7 @@ def run_document(
             "stderr": "\n".join(errors),
             "stdout": "",
         },
-        "take": str(round(seconds)),
+        "take": str(int(seconds)),  # whole seconds elapsed, as the original counted them
         # Extra keys: clients of the original ignore what they do not know.
         "seconds": round(seconds, 6),
         "started": started,
@@ -136,7 +148,7 @@ def response_document(result: SyncResult) -> dict[str, Any]:
         missing_config=result.missing_config,
         seconds=result.seconds,
         started=result.started,
-        cmd=command_line(result.request),
+        cmd=command_line(result.request, result.config_path),
         unknown=result.unknown,
     )
     doc["drift"] = [d.as_dict() for d in result.drift]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from syncpro.request import SyncRequest
 from syncpro.tree import CopyStats
@@ -107,6 +108,7 @@ class SyncResult:
     drift: list[Drift] = field(default_factory=list)
     missing_program: list[str] = field(default_factory=list)
     missing_config: list[str] = field(default_factory=list)
+    config_path: Path | None = None  # the config the run used, for its command line
 
     @property
     def ok(self) -> bool:

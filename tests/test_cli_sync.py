@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import structlog
 
 from syncpro import __version__
 
@@ -83,7 +85,34 @@ def test_sync_logs_one_json_event_per_sync_on_stderr_carrying_the_response(
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
     finished = [e for e in events if e.get("event") == "sync.finished"]
     assert len(finished) == 1
-    assert finished[0]["response"]["param"]["k"] == "server1"
+    response = finished[0]["response"]
+    assert response["param"]["k"] == "server1"
+    assert response == one_document(proc.stdout) | {"started": response["started"]}
+    assert response["drift"] == []
+    program = response["apps"][0]["program"]
+    assert program["status"] == "published"
+    assert (program["files"], program["copied"]) == (1, 1)
+    assert program["bytes_copied"] == len("v1")
+    assert program["seconds"] >= 0
+
+
+def test_on_a_terminal_log_events_are_rendered_for_people_not_as_json(tmp_path: Path) -> None:
+    import pty
+
+    from syncpro import log
+
+    main, side = pty.openpty()
+    with os.fdopen(side, "w") as terminal:
+        log.configure(terminal)
+        structlog.get_logger().info("sync.finished", k="server1", ok=True)
+        terminal.flush()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", os.read(main, 4096).decode())  # colours aside
+    os.close(main)
+
+    assert "sync.finished" in text
+    assert "k=server1" in text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
 
 
 def test_sync_with_update_publishes_from_updatedir(demo: Path, tmp_path: Path) -> None:

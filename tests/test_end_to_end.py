@@ -542,3 +542,26 @@ def test_an_unreachable_inventory_still_lets_the_daemon_start_and_says_so(
         assert len(lines) == 1, proc.stderr
         assert re.search(r"127\.0\.0\.1:1\b", lines[0])
         assert daemon.stop() == 0
+
+
+def test_a_one_shot_sync_against_a_server_that_never_greets_exits_2_within_its_timeout(
+    base: Path, run_dir: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        # The kernel completes every connection; nobody ever sends the server's greeting.
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = int(silent.getsockname()[1])
+        config = mysql_config(base, run_dir, f"mysql://root@127.0.0.1:{port}/autotask")
+        started = time.monotonic()
+
+        proc = syncpro("sync", "-k", "server1", "--config", str(config))
+
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"syncpro: cannot read inventory from mysql 127.0.0.1:{port}/autotask: connected, but no"
+        " answer within 2s (is it a MySQL/MariaDB server?)"
+    ]
+    assert elapsed < 20  # not PyMySQL's 30 s read timeout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -319,6 +321,35 @@ def test_an_unreachable_server_gives_one_line_naming_host_port_and_database(
     assert message == "cannot read inventory from mysql 127.0.0.1:1/autotask: connection refused"
     for secret in (secret_file, secret_env):
         assert_secret_absent(secret, caught.value, logs)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port whose connections the kernel completes and nobody ever answers: a server that
+    accepts and sends no greeting."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield int(listener.getsockname()[1])
+
+
+def test_a_server_that_never_greets_is_given_up_on_after_the_connect_timeout(
+    silent_server: int,
+) -> None:
+    settings = InventorySettings(
+        source="mysql", url=f"mysql://root@127.0.0.1:{silent_server}/autotask", connect_timeout=1.0
+    )
+    started = time.monotonic()
+
+    with pytest.raises(InventoryError) as caught:
+        load_mysql_inventory(settings)
+
+    # PyMySQL alone would wait max(connect_timeout, 30) s for the greeting.
+    assert time.monotonic() - started < 20
+    assert str(caught.value) == (
+        f"cannot read inventory from mysql 127.0.0.1:{silent_server}/autotask:"
+        " connected, but no answer within 1s (is it a MySQL/MariaDB server?)"
+    )
 
 
 def test_a_password_in_the_url_never_appears_when_the_server_is_unreachable() -> None:

@@ -25,11 +25,9 @@ SCHEMES = ("mysql", "mariadb")
 COLUMNS = ("app_key", "local_name", "auto_deloy", "configure_file_status", "configure_file_list")
 
 _IDENTIFIER = re.compile(r"[A-Za-z0-9_]{1,64}")
-# The table is a few hundred rows; a server that takes longer than this to send them is stuck,
-# and a stuck refresh must not hang the daemon forever.
-_MIN_QUERY_TIMEOUT = 30.0
 # PyMySQL refuses a connect timeout of 0; the config allows it, read as "as short as possible".
 _MIN_CONNECT_TIMEOUT = 0.1
+_LOST = 2013  # CR_SERVER_LOST: the server went quiet or away mid-conversation
 
 
 @dataclass(frozen=True)
@@ -122,6 +120,11 @@ def load_mysql_inventory(settings: InventorySettings) -> tuple[Inventory, list[s
     started = time.monotonic()
     try:
         rows, has_id = _fetch(target, table, settings)
+    except _Silent as exc:
+        raise InventoryError(
+            f"cannot read inventory from mysql {target.where}: connected, but no answer within"
+            f" {settings.connect_timeout:g}s{exc.hint}"
+        ) from None
     except (pymysql.MySQLError, OSError) as exc:
         raise InventoryError(
             f"cannot read inventory from mysql {target.where}: {_reason(exc, target, settings)}"
@@ -150,23 +153,42 @@ class _MissingColumns(Exception):
         self.columns = columns
 
 
+class _Silent(Exception):
+    """The server took the connection and then sent nothing within the timeout."""
+
+    def __init__(self, hint: str) -> None:
+        super().__init__(hint)
+        self.hint = hint
+
+
+def _timed_out(exc: pymysql.MySQLError) -> bool:
+    return len(exc.args) >= 2 and exc.args[0] == _LOST and "timed out" in str(exc.args[1])
+
+
 def _fetch(
     target: MysqlTarget, table: str, settings: InventorySettings
 ) -> tuple[Sequence[Sequence[Any]], bool]:
-    connect_timeout = max(settings.connect_timeout, _MIN_CONNECT_TIMEOUT)
-    query_timeout = max(settings.connect_timeout, _MIN_QUERY_TIMEOUT)
-    conn = pymysql.connect(
-        host=target.host,
-        port=target.port,
-        user=target.user,
-        password=target.password or "",
-        database=target.database,
-        connect_timeout=connect_timeout,
-        read_timeout=query_timeout,
-        write_timeout=query_timeout,
-        charset="utf8mb4",
-        autocommit=True,
-    )
+    # One bound for every wait, the greeting included: PyMySQL would otherwise wait for the
+    # greeting as long as read_timeout, which defaults to nothing at all. The table is a few
+    # hundred rows, so a healthy server never keeps a read waiting that long.
+    timeout = max(settings.connect_timeout, _MIN_CONNECT_TIMEOUT)
+    try:
+        conn = pymysql.connect(
+            host=target.host,
+            port=target.port,
+            user=target.user,
+            password=target.password or "",
+            database=target.database,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            write_timeout=timeout,
+            charset="utf8mb4",
+            autocommit=True,
+        )
+    except pymysql.MySQLError as exc:
+        if _timed_out(exc):
+            raise _Silent(" (is it a MySQL/MariaDB server?)") from None
+        raise
     try:
         with conn.cursor() as cursor:
             # LIMIT 0 asks only for the column names: the shape is checked before any row is read.
@@ -180,8 +202,14 @@ def _fetch(
             order = " ORDER BY `id`" if has_id else ""
             cursor.execute(f"SELECT {columns} FROM {table}{order}")  # noqa: S608 - fixed names
             rows = cursor.fetchall()
+    except pymysql.MySQLError as exc:
+        if _timed_out(exc):
+            raise _Silent(f" to a query of table {settings.table}") from None
+        raise
     finally:
-        conn.close()
+        # After a lost connection PyMySQL has closed it already, and a second close() raises.
+        if conn.open:
+            conn.close()
     return rows, has_id
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
+from syncpro import config as config_module
 from syncpro.config import (
     DEFAULT_IGNORE,
     SECTIONS,
@@ -605,6 +606,22 @@ def test_find_config_then_takes_config_yml_in_the_working_directory(
 
     assert find_config().resolve() == (tmp_path / "config.yml").resolve()
     assert load_config().dirs.softdir == tmp_path.resolve() / "var/softdir"
+
+
+def test_without_config_env_or_local_file_the_system_wide_config_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert config_module.DEFAULT_PATHS[-1] == Path("/etc/syncpro/config.yml")
+    system = write(tmp_path / "etc/syncpro/config.yml", doc())
+    # The real /etc is the host's: the same lookup, with the system path moved into tmp_path.
+    monkeypatch.setattr(config_module, "DEFAULT_PATHS", (Path("config.yml"), system))
+    monkeypatch.delenv("SYNCPRO_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    assert find_config() == system
+    assert load_config().dirs.softdir == system.parent / "var/softdir"
+    write(tmp_path / "config.yml", doc())
+    assert find_config() == Path("config.yml")  # ./config.yml comes first
 
 
 def test_no_config_anywhere_is_a_config_error_saying_what_was_tried(

@@ -63,10 +63,27 @@ def test_a_json_object_with_the_same_fields_is_understood() -> None:
     assert (req.action, req.k, req.update) == (DIFF_ACTION, "server1", True)
 
 
-@pytest.mark.parametrize(("value", "expected"), [(0, False), (1, True), ("0", False), ("", False)])
-def test_json_update_may_be_the_number_0_or_1(value: object, expected: bool) -> None:
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(0, False), (1, True), (False, False), (True, True), ("0", False), ("1", True), ("", False)],
+)
+def test_json_update_may_be_0_or_1_as_a_string_or_a_number_or_a_boolean(
+    value: object, expected: bool
+) -> None:
     raw = json.dumps({"action": SYNC_ACTION, "k": "a", "update": value}).encode()
-    assert parse_request(raw).update is expected
+    req = parse_request(raw)
+    assert req.update is expected
+    assert req.echo()["update"] == ("1" if expected else "0")
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1, "1"), ("1", "1"), (2.5, "2.5"), (0, "0")])
+def test_json_w_may_be_a_string_or_a_number(value: object, expected: str) -> None:
+    raw = json.dumps({"action": SYNC_ACTION, "k": "a", "w": value}).encode()
+    assert parse_request(raw).w == expected
+
+
+def test_json_pretty_may_be_a_boolean() -> None:
+    assert parse_request(b'{"action": "status", "pretty": true}').pretty is True
 
 
 def test_status_and_reload_need_no_k() -> None:
@@ -192,10 +209,32 @@ def test_an_update_other_than_0_or_1_is_refused(update: str) -> None:
     assert "update must be 0 or 1" in error.reason
 
 
-@pytest.mark.parametrize("update", ["true", "2", "1.0", "[1]"])
-def test_a_json_update_other_than_0_or_1_is_refused(update: str) -> None:
+@pytest.mark.parametrize("update", ["2", "-1", "1.0", "[1]", '{"a": 1}', '"yes"'])
+def test_a_json_update_other_than_0_or_1_is_refused_saying_what_it_may_be(update: str) -> None:
     raw = f'{{"action": "Deploy:Core:syncpro", "k": "a", "update": {update}}}'.encode()
-    assert "update must" in refused(raw).reason
+    reason = refused(raw).reason
+    assert reason.startswith("update must be 0 or 1"), reason
+    assert "must be a string" not in reason
+
+
+@pytest.mark.parametrize(
+    ("w", "shown"), [("true", "true"), ("[1]", "[...]"), ("1e400", "Infinity"), ("null", None)]
+)
+def test_a_json_w_that_is_not_a_string_or_a_finite_number_is_refused(
+    w: str, shown: str | None
+) -> None:
+    raw = f'{{"action": "Deploy:Core:syncpro", "k": "a", "w": {w}}}'.encode()
+    if shown is None:
+        assert parse_request(raw).w is None  # null: as if not given
+        return
+    reason = refused(raw).reason
+    assert reason == f"w must be a string or a finite number, not {shown}"
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_json_constants_outside_the_json_standard_are_refused(constant: str) -> None:
+    raw = f'{{"action": "Deploy:Core:syncpro", "k": "a", "w": {constant}}}'.encode()
+    assert "not valid JSON" in refused(raw).reason
 
 
 def test_a_json_k_that_is_not_a_string_is_refused() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
@@ -19,6 +20,7 @@ NEEDS_K = frozenset({SYNC_ACTION, DIFF_ACTION})
 
 MAX_REQUEST = 64 * 1024
 FIELDS = ("action", "k", "update", "w", "token", "pretty")
+_FLAGS = ("update", "pretty")
 _QUOTES = "'\""
 # An echoed value is a hint for the operator, not a copy of whatever was sent.
 _ECHO_LIMIT = 200
@@ -106,7 +108,7 @@ def _looks_like_json(text: str) -> bool:
 
 def _json_pairs(text: str) -> list[tuple[str, Any]]:
     try:
-        document = json.loads(text, object_pairs_hook=_Pairs)
+        document = json.loads(text, object_pairs_hook=_Pairs, parse_constant=_not_json)
     except RecursionError:
         raise ProtocolError("request is not valid JSON: nested too deeply") from None
     except ValueError as exc:
@@ -115,6 +117,11 @@ def _json_pairs(text: str) -> list[tuple[str, Any]]:
         kind = "array" if isinstance(document, list) else type(document).__name__
         raise ProtocolError(f"a JSON request must be an object of fields, not {kind}")
     return list(document)
+
+
+def _not_json(constant: str) -> Any:
+    # Python's json reads NaN and Infinity; JSON has neither, and no field means them.
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 class _Pairs(list[tuple[str, Any]]):
@@ -159,15 +166,7 @@ def _validate(pairs: list[tuple[str, Any]]) -> ControlRequest:
     if problems:
         raise ProtocolError("; ".join(problems), echo)
 
-    values: dict[str, str | None] = {}
-    for name in FIELDS:
-        value = fields.get(name)
-        if value is None or isinstance(value, str):
-            values[name] = None if value is None else _unquote(value)
-        elif name in ("update", "pretty") and type(value) is int:
-            values[name] = str(value)
-        else:
-            raise ProtocolError(f"{name} must be a string, not {_text(value)}", echo)
+    values = {name: _field_text(name, fields.get(name), echo) for name in FIELDS}
 
     action = values["action"]
     if not action:
@@ -187,6 +186,29 @@ def _validate(pairs: list[tuple[str, Any]]) -> ControlRequest:
     return ControlRequest(
         action=action, k=k, update=update, w=values["w"], token=values["token"], pretty=pretty
     )
+
+
+def _field_text(name: str, value: Any, echo: dict[str, str]) -> str | None:
+    """Given a field as sent (a form's text, or any JSON value), return it as the form's text
+    would be. Raise ProtocolError if JSON gave a kind of value the field cannot be."""
+    if value is None:
+        return None  # absent, or JSON null: the same
+    if isinstance(value, str):
+        return _unquote(value)
+    if name in _FLAGS:
+        # bool before int: True is an int too, and JSON's true means 1 here.
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if type(value) is int and value in (0, 1):
+            return str(value)
+        raise ProtocolError(
+            f"{name} must be 0 or 1 (a string, a number or a boolean), not {_text(value)}", echo
+        )
+    if name == "w":
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return json.dumps(value)
+        raise ProtocolError(f"w must be a string or a finite number, not {_text(value)}", echo)
+    raise ProtocolError(f"{name} must be a string, not {_text(value)}", echo)
 
 
 def _flag(name: str, value: str | None, echo: dict[str, str]) -> bool:

@@ -222,14 +222,98 @@ def test_a_large_body_far_over_the_limit_still_gets_its_413(server: HttpServer) 
         connection.close()
 
 
-def test_a_post_without_content_length_is_refused_with_411(
+def test_a_post_without_body_or_content_length_is_an_empty_request_refused_by_its_document(
     server: HttpServer, handler: FakeHandler
 ) -> None:
     reply = raw_exchange(server, f"POST /rex?token={TOKEN} HTTP/1.0\r\n\r\n".encode())
     head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 411")
-    assert json.loads(body)["code"] == "411"
+    assert head.startswith(b"HTTP/1.0 200")
+    doc = json.loads(body)
+    assert doc["code"] == "1"
+    assert "empty request" in doc["data"]["msg"]
     assert handler.calls == []
+
+
+def test_a_chunked_post_is_refused_with_411(server: HttpServer, handler: FakeHandler) -> None:
+    status, doc = curl(
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        SEED_BODY,
+        url(server, f"/rex?token={TOKEN}"),
+    )
+    assert status == 411
+    assert "Content-Length" in doc["data"]["msg"]
+    assert handler.calls == []
+
+
+@pytest.mark.parametrize("body", [[], ["-d", ""]])
+def test_fields_in_the_query_string_are_the_request_when_the_body_is_empty(
+    server: HttpServer, handler: FakeHandler, body: list[str]
+) -> None:
+    query = f"token={TOKEN}&action=Deploy:Core:syncpro&k=server1,server2&update=1"
+    status, doc = curl("-X", "POST", *body, url(server, f"/rex?{query}"))
+    assert status == 200, doc
+    assert doc["code"] == "0"
+    assert doc["param"]["token"] == REDACTED
+    [(name, request)] = handler.calls
+    assert name == "sync"
+    assert request is not None
+    assert (request.normalised_k, request.update, request.token_given) == (
+        "server1 server2",
+        True,
+        True,
+    )
+
+
+def test_fields_in_the_query_string_still_need_the_token(
+    server: HttpServer, handler: FakeHandler
+) -> None:
+    status, doc = curl("-X", "POST", url(server, "/rex?action=Deploy:Core:syncpro&k=server"))
+    assert status == 403
+    assert doc["data"]["msg"] == "token missing"
+    assert handler.calls == []
+
+
+def test_when_both_carry_fields_the_body_is_the_request_and_the_query_only_gives_the_token(
+    server: HttpServer, handler: FakeHandler
+) -> None:
+    query = f"token={TOKEN}&action=Deploy:Core:syncpro&k=web1&update=1"
+    status, doc = curl("-d", "action=Deploy:Core:syncpro&k=server", url(server, f"/rex?{query}"))
+    assert status == 200, doc
+    assert doc["param"]["k"] == "server"
+    [(_, request)] = handler.calls
+    assert request is not None
+    assert (request.k, request.update) == ("server", False)
+
+
+def test_head_healthz_answers_200_with_headers_only(server: HttpServer) -> None:
+    connection = http.client.HTTPConnection(*server.address, timeout=20)
+    try:
+        connection.request("HEAD", "/healthz")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+        assert int(response.headers["Content-Length"]) > 0  # what a GET would send
+        assert response.read() == b""
+    finally:
+        connection.close()
+    reply = raw_exchange(server, b"HEAD /nowhere HTTP/1.0\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 404")
+    assert body == b""
+
+
+def test_curl_head_healthz_succeeds(server: HttpServer) -> None:
+    done = subprocess.run(
+        ["curl", "-sS", "-I", "--fail", "--max-time", "20", url(server, "/healthz")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("HTTP/1.0 200")
 
 
 def test_healthz_needs_no_token(server: HttpServer) -> None:

@@ -1,4 +1,9 @@
-"""The original platform's HTTP endpoint: `POST /rex?token=...` with the seed's form body."""
+"""The original platform's HTTP endpoint: `POST /rex?token=...` with the seed's form body.
+
+The request's fields come from one place: the body when it has any, as the seed's clients send
+them; else the query string (`POST /rex?token=...&action=...&k=...`). When both carry fields the
+body is the request and the query string only gives the token.
+"""
 
 from __future__ import annotations
 
@@ -161,6 +166,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     # --- routes ---
 
+    def do_HEAD(self) -> None:
+        self.do_GET()  # the same status and headers; _answer sends no body for HEAD
+
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         if path == "/healthz":
@@ -180,6 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         query = parse_qs(url.query, keep_blank_values=True)
         tokens = query.get("token", [])
+        if not body.strip() and set(query) - {"token"}:
+            # http.server decoded the request line as latin-1: these are the bytes as sent.
+            body = url.query.encode("latin-1", "replace")
         try:
             req: ControlRequest | None = parse_request(body)
             error: ProtocolError | None = None
@@ -213,8 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         raw_length = self.headers.get("Content-Length")
         if raw_length is None:
-            self._refuse(411, "Content-Length required")
-            return None
+            return b""  # neither a length nor chunks: the request has no body (RFC 9112 6.3)
         if not raw_length.strip().isdigit():
             self._refuse(400, "Content-Length must be a number of bytes")
             return None
@@ -275,7 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in (extra or {}).items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(body)
         except OSError:
             delivered = False
         self.close_connection = True

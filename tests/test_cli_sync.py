@@ -290,6 +290,22 @@ def test_a_cli_sync_leaves_sources_untouched_and_targets_exact(demo: Path, tmp_p
     )
 
 
+def test_a_fifo_in_a_source_is_skipped_by_the_cli_without_hanging(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict([app("a1", "a")], grace=0))
+    source = write_tree(tmp_path / "var/remotecomdir/softdir/a1", {"bin/run": "1"})
+    write_tree(tmp_path / "var/remotecomdir/configuredir/a1", {"c": "1"})
+    os.mkfifo(source / "bin/pipe")  # opening it for reading would block for ever
+
+    proc = run("sync", "-k", "a1", "--config", str(config), cwd=tmp_path)  # 60 s timeout
+
+    assert proc.returncode == 0, proc.stderr
+    assert one_document(proc.stdout)["apps"][0]["program"]["skipped"] == ["bin/pipe"]
+    skipped = [json.loads(line) for line in proc.stderr.splitlines() if "special" in line]
+    assert [(e["event"], e["kind"]) for e in skipped] == [("copy.special_file_skipped", "fifo")]
+    assert not (tmp_path / "var/softdir/a/bin/pipe").exists()
+    assert (tmp_path / "var/softdir/a/bin/run").read_text() == "1"
+
+
 def test_a_file_name_of_non_utf8_bytes_keeps_stdout_and_logs_valid_utf8_json(
     tmp_path: Path,
 ) -> None:

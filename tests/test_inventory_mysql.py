@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import time
 import traceback
 import uuid
@@ -24,6 +26,7 @@ from syncpro.inventory_mysql import (
     parse_mysql_url,
 )
 
+from daemon_harness import write_config
 from mysql_support import Database, Server, app_row, reachable_server, throwaway_database
 
 
@@ -434,11 +437,19 @@ def test_a_url_names_user_host_port_database_and_maybe_a_password() -> None:
     ("url", "problem"),
     [
         ("postgres://root:hunter2@h/db", "scheme must be mysql:// or mariadb://"),
-        ("mysql://root:hunter2@h:port/db", "the port is not a number"),
+        ("mysql://root:hunter2@h:port/db", "the port must be a number from 1 to 65535"),
         ("mysql://root:hunter2@h:3306", "names no database"),
         ("mysql://root:hunter2@h:3306/db/extra", "names no database"),
         ("mysql://:hunter2@h:3306/db", "names no user"),
         ("mysql://root:hunter2@h/db?ssl=1", "takes no ?query"),
+        ("mysql://root:hunter2@h:33x6/db", "the port must be a number from 1 to 65535"),
+        ("mysql://root:hunter2@h:0/db", "the port must be a number from 1 to 65535"),
+        ("mysql://root:hunter2@h:65536/db", "the port must be a number from 1 to 65535"),
+        ("mysql://root:hunter2@h:/db", "the port must be a number from 1 to 65535"),
+        ("mysql://root:hunter2@h:+80/db", "the port must be a number from 1 to 65535"),
+        ("mysql://root:hunter2@[::1/db", "names no host"),
+        ("mysql://root:hunter2@ho st/db", "names no host"),
+        ("mysql://root:hunter2@/db", "names no host"),
     ],
 )
 def test_a_malformed_url_is_refused_without_repeating_it(url: str, problem: str) -> None:
@@ -454,3 +465,53 @@ def test_a_target_never_shows_its_password_in_repr() -> None:
 
     assert "hunter2" not in repr(target)
     assert "hunter2" not in target.where
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("mysql://root:hunter2@127.0.0.1:33x6/autotask", "the port must be a number"),
+        ("mysql://root:hunter2@127.0.0.1:3306/", "names no database"),
+        ("http://root:hunter2@127.0.0.1:3306/autotask", "scheme must be"),
+    ],
+)
+def test_check_config_refuses_a_malformed_inventory_url_naming_the_key_not_the_password(
+    tmp_path: Path, url: str, problem: str
+) -> None:
+    config = write_config(tmp_path, [], inventory={"source": "mysql", "url": url})
+    text = config.read_text(encoding="utf-8").replace("apps: []\n", "")
+    config.write_text(text, encoding="utf-8")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "syncpro", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 2, done.stdout
+    assert "valid" not in done.stdout
+    [line] = [line for line in done.stderr.splitlines() if "inventory.url" in line]
+    assert problem in line
+    assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_a_well_formed_inventory_url_passes_check_config(tmp_path: Path) -> None:
+    url = "mysql://root:hunter2@127.0.0.1:3306/autotask"
+    config = write_config(tmp_path, [], inventory={"source": "mysql", "url": url})
+    config.write_text(
+        config.read_text(encoding="utf-8").replace("apps: []\n", ""), encoding="utf-8"
+    )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "syncpro", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert "valid" in done.stdout
+    assert "hunter2" not in done.stderr + done.stdout

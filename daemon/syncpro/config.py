@@ -230,6 +230,18 @@ def _marker(value: Any, base: Path) -> str:
 _TABLE = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 
+def _mysql_url(value: Any, base: Path) -> str:
+    text = _secret(value, base)
+    # Imported here: inventory_mysql imports this module, and pymysql is loaded only by a
+    # config that names a database.
+    from syncpro.inventory_mysql import url_problem
+
+    problem = url_problem(text)
+    if problem is not None:
+        raise ValueError(problem)  # never the URL itself: it may hold the password
+    return text
+
+
 def _table(value: Any, base: Path) -> str:
     # The name is spliced into SQL (it cannot be a query parameter), hence this strictness.
     text = _str(value, base)
@@ -333,7 +345,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
         InventorySettings,
         {
             "source": Opt(_choice("config", "mysql"), "where the apps come from", "config"),
-            "url": Opt(_optional(_secret), "mysql://user@host:port/database", None),
+            "url": Opt(_optional(_mysql_url), "mysql://user@host:port/database", None),
             "table": Opt(_table, "the inventory table", "pre_server_detail"),
             "password_file": Opt(_optional(_path), "file holding the database password", None),
             "refresh": Opt(_interval, "seconds between re-reads by the daemon", 60.0),

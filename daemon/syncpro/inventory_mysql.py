@@ -47,30 +47,68 @@ class MysqlTarget:
         return f"{host}:{self.port}/{self.database}"
 
 
+_URL_FORM = "must look like mysql://user@host:port/database"
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+class _BadUrl(Exception):
+    """What is wrong with an inventory URL, in words that never repeat it."""
+
+
 def parse_mysql_url(url: str) -> MysqlTarget:
     """Given mysql://user[:password]@host[:port]/database (or mariadb://), return the target,
     with the URL's password if it has one. Raise InventoryError if the URL is not of that form;
     the message never repeats the URL, which may hold a password."""
-    problem = "must look like mysql://user@host:port/database"
+    try:
+        return _parse_url(url)
+    except _BadUrl as exc:
+        raise InventoryError(f"inventory.url: {exc}; {_URL_FORM}") from None
+
+
+def url_problem(url: str) -> str | None:
+    """Given an inventory URL, return what is wrong with it (never repeating it), or None."""
+    try:
+        _parse_url(url)
+    except _BadUrl as exc:
+        return f"{exc}; {_URL_FORM}"
+    return None
+
+
+def _parse_url(url: str) -> MysqlTarget:
     try:
         parts = urlsplit(url.strip())
-        port = parts.port
     except ValueError:
-        raise InventoryError(f"inventory.url: the port is not a number; {problem}") from None
+        raise _BadUrl("names no host (an IPv6 address goes in [brackets])") from None
     if parts.scheme.lower() not in SCHEMES:
-        raise InventoryError(f"inventory.url: scheme must be mysql:// or mariadb://; {problem}")
-    if not parts.hostname:
-        raise InventoryError(f"inventory.url: names no host; {problem}")
+        raise _BadUrl("scheme must be mysql:// or mariadb://")
+    # Read the port here rather than by urlsplit: it takes port 0 and an empty port as "none"
+    # and would quietly connect to 3306 instead.
+    hostport = parts.netloc.rpartition("@")[2]
+    port_text: str | None = None
+    if hostport.startswith("["):
+        rest = hostport.partition("]")[2]
+        if rest:
+            port_text = rest[1:] if rest.startswith(":") else rest
+    elif ":" in hostport:
+        port_text = hostport.partition(":")[2]
+    host = parts.hostname
+    if not host or any(c.isspace() or c in "/\\" for c in host):
+        raise _BadUrl("names no host")
+    port = DEFAULT_PORT
+    if port_text is not None:
+        if not _PORT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+            raise _BadUrl("the port must be a number from 1 to 65535")
+        port = int(port_text)
     if not parts.username:
-        raise InventoryError(f"inventory.url: names no user; {problem}")
+        raise _BadUrl("names no user")
     database = unquote(parts.path.lstrip("/"))
     if not database or "/" in database:
-        raise InventoryError(f"inventory.url: names no database (or more than one); {problem}")
+        raise _BadUrl("names no database (or more than one)")
     if parts.query or parts.fragment:
-        raise InventoryError(f"inventory.url: takes no ?query or #fragment; {problem}")
+        raise _BadUrl("takes no ?query or #fragment")
     return MysqlTarget(
-        host=parts.hostname,
-        port=port or DEFAULT_PORT,
+        host=host,
+        port=port,
         user=unquote(parts.username),
         database=database,
         password=None if parts.password is None else unquote(parts.password),

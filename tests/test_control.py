@@ -13,12 +13,16 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 import structlog
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import control_fakes
 from control_fakes import FakeHandler, ask, client_threads, document, fd_count, read_line
+from reference_request import reading
 from syncpro.config import Config, ControlSettings
 from syncpro.control import ControlServer, Peer
 from syncpro.diff import diff
@@ -179,6 +183,77 @@ def response_document_stub(request: SyncRequest) -> dict[str, Any]:
     from syncpro.response import param_of
 
     return document(param=param_of(request))
+
+
+# --- random input to a live server ---
+
+FORM_FIELD = st.sampled_from(["action", "k", "update", "w", "token", "pretty", "x", ""])
+FORM_VALUE = st.one_of(
+    st.sampled_from(["Deploy:Core:syncpro", "Deploy:Core:diff", "status", "reload", "server"]),
+    st.sampled_from(["0", "1", "'1'", "'", "", "all", " , "]),
+    st.text(max_size=12),
+)
+LINE = st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.tuples(FORM_FIELD, FORM_VALUE), max_size=5).map(lambda p: urlencode(p).encode()),
+    st.dictionaries(FORM_FIELD, st.one_of(FORM_VALUE, st.integers(-1, 2), st.booleans())).map(
+        lambda d: json.dumps(d).encode()
+    ),
+)
+
+
+def _exchange(path: Path, raw: bytes, newline: bool) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(raw + b"\n" if newline else raw)
+        if not newline:
+            sock.shutdown(socket.SHUT_WR)
+        reply = read_line(sock)
+    doc = json.loads(reply)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def test_random_input_to_a_live_server_runs_only_valid_requests_and_never_stops_it(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    @settings(max_examples=300, deadline=None)
+    @given(raw=LINE, newline=st.booleans())
+    def check(raw: bytes, newline: bool) -> None:
+        with handler.lock:
+            handler.calls.clear()
+        if not newline and b"\n" not in raw and not raw:
+            return  # nothing sent at all: nothing to answer
+        doc = _exchange(server.path, raw, newline)
+        line = raw.partition(b"\n")[0] + b"\n" if newline or b"\n" in raw else None
+        expected = None if line is None else reading(line)
+        calls = list(handler.calls)
+        if expected is None:
+            assert calls == [], (raw, calls)
+            assert doc["code"] not in ("0", "")
+            assert doc["data"]["msg"]
+            if line is None:
+                assert "newline" in doc["data"]["msg"]
+            return
+        assert doc["code"] == "0", (raw, doc)
+        [(name, request)] = calls
+        method = {"Deploy:Core:syncpro": "sync", "Deploy:Core:diff": "diff"}
+        assert name == method.get(expected["action"], expected["action"])
+        if request is not None:
+            assert (request.action, request.normalised_k, request.update, request.w) == (
+                expected["action"],
+                expected["k"],
+                expected["update"],
+                expected["w"],
+            )
+            assert request.token_given is expected["token"]
+
+    with structlog.testing.capture_logs():
+        check()
+    handler.calls.clear()
+    assert ask(server.path, b"action=Deploy:Core:syncpro&k=server\n")["code"] == "0"
+    assert [name for name, _ in handler.calls] == ["sync"]
 
 
 # --- many clients, idle clients, clients that leave ---

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from reference_request import reading
 from syncpro.errors import RequestError
 from syncpro.protocol import (
     ACTIONS,
@@ -263,15 +264,69 @@ def test_an_echoed_value_is_kept_short() -> None:
 FUZZ = settings(max_examples=400, deadline=None)
 
 
+def understood(req: ControlRequest) -> dict[str, object]:
+    """A parsed request in the terms of reference_request.reading."""
+    return {
+        "action": req.action,
+        "k": req.normalised_k,
+        "update": req.update,
+        "w": req.w,
+        "token": req.token_given,
+        "pretty": req.pretty,
+    }
+
+
 def _never_wrong(raw: bytes) -> None:
+    """The parser succeeds exactly on what a second, plain reading of the rules calls valid,
+    and then means the same; every refusal says why."""
+    expected = reading(raw)
     try:
         req = parse_request(raw)
-    except ProtocolError:
+    except ProtocolError as exc:
+        assert exc.reason
+        assert expected is None, f"a valid request was refused ({exc.reason}): {raw!r}"
         return
     assert isinstance(req, ControlRequest)
+    assert expected is not None, f"garbage was understood as {req!r}: {raw!r}"
+    assert understood(req) == expected
     assert req.action in ACTIONS
     if req.action in NEEDS_K:
         assert req.k is not None and req.normalised_k
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"action=Deploy:Core:syncpro&k=a&update='1",
+        b"action=Deploy:Core:syncpro&k=a&update=1'",
+        b"action=Deploy:Core:syncpro&k=a&update=\"'1'\"",
+        b"action=Deploy:Core:syncpro&k=a&update=''1''",
+        b"action=Deploy:Core:syncpro&k=a&update=%20'1'%20",
+        b"action=Deploy:Core:syncpro&k=a&update=''",
+        b"action=status&pretty='",
+        b"action=Deploy:Core:syncpro&k='",
+        b"action='status'",
+        b"action=' status '",
+        b'{"action": "Deploy:Core:syncpro", "k": "a", "update": "\'1"}',
+        b'{"action": "status", "pretty": "1"}',
+        b"\xef\xbb\xbfaction=status",
+        b"action=status\r\r\n",
+    ],
+)
+def test_odd_lines_are_read_as_the_rules_say(raw: bytes) -> None:
+    _never_wrong(raw)
+
+
+QUOTED = st.text(alphabet="01 '\"", max_size=6)
+
+
+@FUZZ
+@given(action=st.sampled_from([*ACTIONS, "x"]), update=QUOTED, pretty=QUOTED, k=QUOTED)
+def test_quotes_and_spaces_around_flags_are_read_as_the_rules_say(
+    action: str, update: str, pretty: str, k: str
+) -> None:
+    _never_wrong(urlencode({"action": action, "k": k + "a", "update": update}).encode())
+    _never_wrong(json.dumps({"action": action, "pretty": pretty, "k": k}).encode())
 
 
 @FUZZ

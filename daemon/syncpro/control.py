@@ -348,9 +348,10 @@ class ControlServer:
                             return
                         if key.fileobj is self._listener:
                             self._accept(selector)
-                        elif self._waiting.get(key.fd) is key.data:
+                        elif (waiting := self._waiting.get(key.fd)) is key.data:
                             # (else dropped earlier in this round; its number may be reused)
-                            self._service(selector, key.data, events)
+                            assert waiting is not None
+                            self._service(selector, waiting, events)
                     self._expire(selector)
             finally:
                 for waiting in list(self._waiting.values()):

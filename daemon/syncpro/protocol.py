@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from syncpro.errors import RequestError
-from syncpro.request import SYNC_ACTION, SyncRequest, parse_update, split_k, validate_k
+from syncpro.request import SYNC_ACTION, SyncRequest, split_k, validate_k
 from syncpro.response import REDACTED
 
 DIFF_ACTION = "Deploy:Core:diff"
@@ -212,10 +212,13 @@ def _field_text(name: str, value: Any, echo: dict[str, str]) -> str | None:
 
 
 def _flag(name: str, value: str | None, echo: dict[str, str]) -> bool:
-    try:
-        return parse_update(value)
-    except RequestError:
-        raise ProtocolError(f"{name} must be 0 or 1, not {echo.get(name)!r}", echo) from None
+    # One pair of quotes is the seed's style (update='1'); a stray or doubled quote is a
+    # mangled request, and guessing what it meant could sync the wrong area.
+    if value in (None, "", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ProtocolError(f"{name} must be 0 or 1, not {echo.get(name)!r}", echo)
 
 
 def _unquote(value: str) -> str:

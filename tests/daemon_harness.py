@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import yaml
 
@@ -77,6 +78,8 @@ class Daemon:
         self.notify_sock.settimeout(0.2)
         self.events: list[Event] = []
         self.notes: list[str] = []
+        self.messages: list[list[str]] = []
+        """Every sd_notify datagram, as its lines: fields sent together stay together."""
         self.raw: list[str] = []
         self._cond = threading.Condition()
         full_env = dict(os.environ)
@@ -117,7 +120,9 @@ class Daemon:
             except OSError:
                 return
             with self._cond:
-                self.notes.extend(data.decode().splitlines())
+                lines = data.decode().splitlines()
+                self.notes.extend(lines)
+                self.messages.append(lines)
                 self._cond.notify_all()
 
     # --- waiting on conditions, never sleeping ---
@@ -165,6 +170,23 @@ class Daemon:
         with self._cond:
             return any(n.startswith(prefix) for n in self.notes)
 
+    def notes_after(self, note: str) -> list[str]:
+        """The notes that came after the last `note` (all of them if it never came)."""
+        with self._cond:
+            found = [i for i, n in enumerate(self.notes) if n == note]
+            return list(self.notes[found[-1] + 1 :] if found else self.notes)
+
+    def waits_for_lock(self, lock_file: Path) -> bool:
+        """Whether the daemon is blocked on the flock of lock_file, as /proc/locks shows."""
+        inode = lock_file.stat().st_ino
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "->" in fields and len(fields) > 6 and fields[2] == "FLOCK":
+                pid, where = fields[5], fields[6]
+                if pid == str(self.proc.pid) and where.rsplit(":", 1)[-1] == str(inode):
+                    return True
+        return False
+
     # --- lifecycle ---
 
     def signal(self, signum: int) -> None:
@@ -190,6 +212,25 @@ class Daemon:
         self.notify_sock.close()
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
+
+
+@contextlib.contextmanager
+def holding(root: Path, rel: str) -> Iterator[Path]:
+    """Hold the publish lock of the target `rel` under root (softdir or configuredir) as
+    another syncpro process would: a sync of it waits, in the middle, until the block ends.
+    Yield the lock file, for `Daemon.waits_for_lock`."""
+    from syncpro.layout import Target
+    from syncpro.publish import target_lock, work_area
+
+    target = Target(root, rel)
+    with target_lock(target):
+        yield work_area(root) / "locks" / f"{quote(rel, safe='')}.lock"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

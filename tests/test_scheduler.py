@@ -586,3 +586,23 @@ def test_fewer_workers_after_a_reconfigure_run_fewer_batches_at_once(
         return [t.name for t in threading.enumerate() if t.name.startswith(prefix)]
 
     wait_until(lambda: workers() == ["syncpro-scheduler-worker-1"], timeout=WAIT)
+
+
+def test_touching_a_temporary_pushes_the_settle_time_back_but_never_runs(
+    make: MakeScheduler,
+) -> None:
+    settle = 0.2
+    recorder = Recorder()
+    scheduler = make(recorder, settle=settle, max_wait=30)
+    scheduler.touch("app1", False)  # nothing pending: nothing to push, nothing to run
+    scheduler.submit("app1", False, "/src/app1/a")
+    touched = 0.0
+    for _ in range(4):
+        pause(settle / 2)
+        touched = time.monotonic()
+        scheduler.touch("app1", False)
+    batch = recorder.started.get(timeout=WAIT)
+    assert recorder.runs[0].start - touched >= settle
+    assert (batch.events, batch.paths) == (1, ("/src/app1/a",))
+    assert scheduler.wait_idle(WAIT)
+    assert len(recorder.runs) == 1

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon_harness import Daemon, put, running, tree, write_config
+from daemon_harness import Daemon, holding, put, running, tree, write_config
+from helpers import wait_until
 
 APPS = [
     {"app_key": "server1", "local_name": "server"},
@@ -138,20 +139,28 @@ def test_a_restart_syncs_only_what_changed_while_down(base: Path) -> None:
         assert daemon.stop() == 0
 
 
-def test_both_modes_changed_while_down_apply_oldest_first(base: Path) -> None:
+def test_both_modes_changed_while_down_apply_oldest_arrival_first(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    put(upload, {"index.html": "uploaded last, with the uploader's old mtime\n"})
+    os.utime(upload / "index.html", (1_000_000, 1_000_000))
     put(base / "u/softdir/web", {"index.html": "newer build\n"})
     put(base / "u/configuredir/web/web1", {"web.conf": "w2\n"})
-    old = base / "r/softdir/web1/index.html"
-    os.utime(old, (1_000_000, 1_000_000))
-    os.utime(base / "r/configuredir/web1/web.conf", (1_000_000, 1_000_000))
-    os.utime(base / "r/softdir/web1", (1_000_000, 1_000_000))
-    os.utime(base / "r/configuredir/web1", (1_000_000, 1_000_000))
+    build_arrived = max(p.stat().st_ctime_ns for p in (base / "u").rglob("*"))
+    # File times tick coarsely: let the clock pass the build's arrival before the upload.
+    probe = tmp_path_factory.mktemp("clock") / "probe"
+    wait_until(lambda: probe.write_text("x") and probe.stat().st_ctime_ns > build_arrived)
+    subprocess.run(["rsync", "-a", f"{upload}/", str(base / "r/softdir/web1")], check=True)
+    assert (base / "r/softdir/web1/index.html").stat().st_mtime == 1_000_000
     with running(write_config(base, APPS)) as daemon:
         daemon.wait_sync("web1", update=True)
         daemon.wait_sync("web1", update=False)
         order = [e["update"] for e in daemon.syncs("web1")]
-        assert order == [False, True]
-        assert tree(base / "soft/web") == {"index.html": "newer build\n"}
+        assert order == [True, False]
+        assert tree(base / "soft/web") == {
+            "index.html": "uploaded last, with the uploader's old mtime\n"
+        }
         assert daemon.stop() == 0
 
 
@@ -363,4 +372,170 @@ def test_a_manual_sync_counts_as_published_for_the_next_catch_up(base: Path) -> 
     with running(config) as daemon:
         rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
         assert rescan["changed"] == []
+        assert daemon.stop() == 0
+
+
+def test_a_slow_multi_file_rsync_upload_is_published_once_and_whole(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    # rsync renames each file into place once it is whole, seconds apart at this rate.
+    put(upload, {f"lib/part{i}.bin": os.urandom(75_000).hex() for i in range(3)})
+    old = {"bin/run.sh": "v1\n"}
+    new = {**old, **tree(upload)}
+    seen: list[dict[str, str]] = []
+    done = threading.Event()
+
+    def watch_target() -> None:
+        while not done.is_set():
+            state = tree(base / "soft/server")
+            if state and (not seen or seen[-1] != state):
+                seen.append(state)
+            done.wait(0.02)
+
+    config = write_config(base, APPS, watch={"settle": 0.3, "max_wait": 30, "workers": 1})
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        watcher = threading.Thread(target=watch_target)
+        watcher.start()
+        try:
+            subprocess.run(
+                ["rsync", "-a", "--bwlimit=100", f"{upload}/", str(base / "r/softdir/server1")],
+                check=True,
+            )
+            daemon.wait(lambda: tree(base / "soft/server") == new, what="the whole upload")
+            # A later change elsewhere syncs after any second run of server1 would have.
+            put(base / "r/softdir/web1", {"after.txt": "a\n"})
+            daemon.wait_sync("web1", count=2)
+        finally:
+            done.set()
+            watcher.join()
+        assert [s for s in seen if s not in (old, new)] == [], "a partial upload was published"
+        assert seen[-1] == new
+        assert len(daemon.syncs("server1")) == 2  # the catch-up, then the upload, once
+        assert daemon.stop() == 0
+
+
+def test_an_rsync_upload_gives_exactly_one_sync(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upload = tmp_path_factory.mktemp("upload")
+    put(upload, {"bin/run.sh": "version 2\n", "lib/app.jar": "jar v2\n", "lib/x.so": "so\n"})
+    with running(write_config(base, APPS, watch={"workers": 1})) as daemon:
+        daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        subprocess.run(["rsync", "-a", f"{upload}/", str(base / "r/softdir/server1")], check=True)
+        daemon.wait_sync("server1", count=2)
+        # One worker: a second run of server1, due a settle time after its last event at the
+        # latest, would run before this later change of web1 is even due.
+        put(base / "r/softdir/web1", {"after.txt": "a\n"})
+        daemon.wait_sync("web1", count=2)
+        assert len(daemon.syncs("server1")) == 2
+        assert tree(base / "soft/server") == tree(upload)
+        assert daemon.stop() == 0
+
+
+def test_a_ready_marker_written_while_a_sync_runs_is_honoured_by_the_next(base: Path) -> None:
+    config = write_config(base, APPS, watch={"ready_marker": "READY"})
+    source = base / "r/softdir/server1"
+    with running(config) as daemon:
+        daemon.wait_event("sync.waiting_for_marker", app="server1")
+        with holding(base / "conf", "server/server1") as lock:
+            put(source, {"READY": "1\n"})
+            # The sync published the program and waits on the config target: it is running.
+            daemon.wait(lambda: daemon.waits_for_lock(lock), what="the sync blocked mid-way")
+            assert tree(base / "soft/server") == {"bin/run.sh": "v1\n"}
+            put(source, {"bin/run.sh": "second upload\n"})
+            # The uploader's marker arrives as rsync leaves it: a new file renamed into place.
+            put(source, {"READY.new": "2\n"})
+            (source / "READY.new").rename(source / "READY")
+        daemon.wait_sync("server1")
+        daemon.wait(
+            lambda: tree(base / "soft/server") == {"bin/run.sh": "second upload\n"},
+            timeout=15,
+            what="the second upload, behind a marker written during the first sync",
+        )
+        assert len(daemon.syncs("server1")) == 2
+        assert daemon.stop() == 0
+
+
+def test_user_ignore_patterns_add_to_the_defaults(base: Path) -> None:
+    config = write_config(base, APPS, watch={"ignore": ["*.bak"]})
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        put(base / "r/softdir/server1", {"run.sh.bak": "user's", ".run.sh.AbC123": "rsync's"})
+        put(base / "r/softdir/web1", {"after.txt": "a\n"})
+        daemon.wait_sync("web1", count=2)
+        assert len(daemon.syncs("server1")) == 1
+        put(base / "r/softdir/server1", {"real.txt": "r\n"})
+        daemon.wait(
+            lambda: tree(base / "soft/server") == {"bin/run.sh": "v1\n", "real.txt": "r\n"},
+            what="the real file published without either kind of ignored file",
+        )
+        assert daemon.stop() == 0
+
+
+def test_a_path_glob_in_watch_ignore_never_triggers_a_sync(base: Path) -> None:
+    (base / "r/softdir/server1/logs").mkdir()
+    config = write_config(base, APPS, watch={"ignore": ["logs/*"]})
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        for n in range(5):
+            put(base / "r/softdir/server1", {f"logs/app{n}.log": "line\n"})
+        put(base / "r/softdir/web1", {"after.txt": "a\n"})
+        daemon.wait_sync("web1", count=2)
+        assert len(daemon.syncs("server1")) == 1
+        assert daemon.find("scheduler.reconfigured") == []
+        put(base / "r/softdir/server1", {"bin/run.sh": "v2\n"})
+        daemon.wait_sync("server1", count=2)
+        assert tree(base / "soft/server") == {"bin/run.sh": "v2\n"}
+        assert daemon.stop() == 0
+
+
+def test_a_stray_path_beside_softdir_and_configuredir_is_logged_once(base: Path) -> None:
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        put(base / "r", {"stray.txt": "1\n"})
+        daemon.wait_event("watch.unknown_app", where="remotecomdir:stray.txt")
+        put(base / "r", {"stray.txt": "2\n"})
+        put(base / "r/softdir/web1", {"after.txt": "a\n"})
+        daemon.wait_sync("web1", count=2)
+        assert len(daemon.find("watch.unknown_app", where="remotecomdir:stray.txt")) == 1
+        assert daemon.stop() == 0
+
+
+def test_sigterm_while_a_sync_runs_lets_it_publish_whole_and_exits_zero(base: Path) -> None:
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        with holding(base / "soft", "server") as lock:
+            put(base / "r/softdir/server1", {"bin/run.sh": "v2\n", "lib/new.jar": "jar\n"})
+            daemon.wait(lambda: daemon.waits_for_lock(lock), what="the sync blocked mid-way")
+            daemon.signal(signal.SIGTERM)
+            daemon.wait_event("service.stopping")
+            assert daemon.proc.poll() is None  # still waiting for its sync
+        assert daemon.proc.wait(30) == 0
+        daemon.wait_event("service.stopped")
+        sync = daemon.wait_sync("server1", count=2)
+        assert sync["response"]["trigger"]["by"] == "watcher"
+        assert tree(base / "soft/server") == {"bin/run.sh": "v2\n", "lib/new.jar": "jar\n"}
+        assert daemon.find("service.abandoned") == []
+        daemon.close()
+
+
+def test_the_periodic_rescan_catches_a_change_the_watcher_never_saw(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # inotify reports a write to the directory it was made through: one through a hard link
+    # elsewhere changes the watched file with no event in the watched tree.
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "run.sh"
+    os.link(base / "r/softdir/server1/bin/run.sh", elsewhere)
+    config = write_config(base, APPS, watch={"rescan_interval": 1})
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        with elsewhere.open("a", encoding="utf-8") as out:
+            out.write("appended unseen\n")
+        sync = daemon.wait_sync("server1", count=2)
+        assert sync["response"]["trigger"]["by"] == "rescan"
+        assert tree(base / "soft/server") == {"bin/run.sh": "v1\nappended unseen\n"}
         assert daemon.stop() == 0

@@ -188,6 +188,12 @@ def _patterns(value: Any, base: Path) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _more_patterns(value: Any, base: Path) -> tuple[str, ...]:
+    # watch.ignore adds to the defaults: a user naming one pattern of their own must not lose
+    # rsync's temporaries without a word, which would publish half-written files.
+    return tuple(dict.fromkeys((*DEFAULT_IGNORE, *_patterns(value, base))))
+
+
 def _mode(value: Any, base: Path) -> int:
     if isinstance(value, str):
         try:
@@ -313,7 +319,10 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
             "settle": Opt(_positive, "quiet seconds before an app syncs", 3.0),
             "max_wait": Opt(_positive, "latest sync after a burst's first event", 60.0),
             "ignore": Opt(
-                _patterns, "globs that never trigger nor get published", list(DEFAULT_IGNORE)
+                _more_patterns,
+                "globs that never trigger nor get published, added to the defaults"
+                " (rsync's .name.XXXXXX, *.part, *.tmp, editor swap files)",
+                list(DEFAULT_IGNORE),
             ),
             "ready_marker": Opt(_optional(_marker), "file that must exist and be newer", None),
             "rescan_interval": Opt(_interval, "seconds between full re-checks", 300.0),

@@ -6,10 +6,11 @@ the paths and the cause that triggered them, and calls one function with a `Batc
 - a key becomes due `settle` seconds after its last event, but at the latest `max_wait` seconds
   after the first event of its burst (a quiet period *and* a maximum delay, as watchfiles does;
   a steady stream is flushed, never postponed for ever), or at once when submitted `immediate`;
-- a key can be held: while an upload's temporary file of it exists, it is not due before
-  `max_wait` (rsync writes a file under a temporary name, with no event for seconds, then
-  renames it; the files already renamed must not be published without the rest). A hold is
-  never by itself a reason to run;
+- a key can be held: while an upload's temporary file of it is being written, it is not due
+  before `max_wait` (rsync writes a file under a temporary name, with no event for seconds,
+  then renames it; the files already renamed must not be published without the rest). Holds
+  and touches of temporaries push the settle time back but are never by themselves a reason
+  to run;
 - a burst of any number of events costs one run;
 - a group (an app's local name) is never run twice at once: events arriving while it runs are
   kept and give exactly one more run afterwards, so every event is followed by a run that
@@ -208,9 +209,9 @@ class Scheduler:
                 self._dispatcher_cv.notify()
 
     def hold(self, app_key: str, update: bool, path: str) -> None:
-        """Given that an upload's temporary file `path` of (app_key, update) exists, keep the
-        key from being due while it does: at most until `max_wait` after its burst began, or
-        after this call when no `release` follows. Never makes the key run by itself."""
+        """Given that an upload's temporary file `path` of (app_key, update) is being written,
+        keep the key from being due until it is released: at most until `max_wait` after its
+        burst began, or after this call. Never makes the key run by itself."""
         with self._lock:
             if self._stop_event.is_set():
                 return
@@ -224,10 +225,18 @@ class Scheduler:
                 burst.last = max(burst.last, now)
             # Due times only move later: the dispatcher need not look again.
 
+    def touch(self, app_key: str, update: bool) -> None:
+        """Given an event of an upload temporary of (app_key, update) that says nothing of its
+        writing (its mode or times set), push a pending run's settle time back."""
+        with self._lock:
+            burst = self._pending.get((app_key, update))
+            if burst is not None:
+                burst.last = max(burst.last, self._clock())
+
     def release(self, app_key: str, update: bool, path: str) -> None:
-        """Given that the temporary file `path` of (app_key, update) is gone (renamed to its
-        real name, or deleted), stop holding the key for it; a pending run of the key is then
-        due `settle` seconds from now, unless another temporary still holds it."""
+        """Given that the temporary file `path` of (app_key, update) is written (closed), or
+        gone (renamed to its real name, deleted), stop holding the key for it; a pending run
+        of the key is then due `settle` seconds from now, unless another temporary holds it."""
         with self._lock:
             now = self._clock()
             key = (app_key, update)

@@ -2,28 +2,31 @@
 
 startup() → run() → shutdown(timeout). Signal handlers only record the signal; the main loop
 acts on it. Everything a sync needs (config, inventory) is swapped as one snapshot on reload.
+The main loop never blocks on anything slow (a reload's database read, a server restart that
+waits for its clients): that runs in a thread while the loop keeps pinging the watchdog.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
 from syncpro import __version__, layout
-from syncpro.config import Config, load_config
+from syncpro.config import Config, Dirs, load_config
 from syncpro.engine import ignore_for, run_sync
-from syncpro.errors import ConfigError, InventoryError, StartupError, SyncproError
+from syncpro.errors import ConfigError, InventoryError, RequestError, StartupError, SyncproError
 from syncpro.inventories import load_inventory
 from syncpro.inventory import App, Inventory
 from syncpro.publish import next_expiry, sweep
@@ -33,13 +36,15 @@ from syncpro.result import FAILED, SyncResult
 from syncpro.scheduler import Batch, Scheduler
 from syncpro.sdnotify import Notifier
 from syncpro.selection import select
-from syncpro.state import StateStore, fingerprint
+from syncpro.state import StateStore, fingerprint, marker_is_new, marker_signature
 from syncpro.tree import Ignore
-from syncpro.watch import Watcher
+from syncpro.watch import DONE, WRITING, Watcher
 
 log = structlog.get_logger()
 
 _TICK = 1.0
+_AREAS = ("softdir", "configuredir")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,9 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.watcher: Watcher | None = None
         self.state: StateStore | None = None
+        self._retired_states: list[StateStore] = []
+        self._ping_interval: float | None = None
+        self._next_ping = 0.0
         self.control: Any = None
         self.http: Any = None
         self._previous_handlers: dict[int, Any] = {}
@@ -95,16 +103,18 @@ class Service:
             assert self._snapshot is not None, "startup() not called"
             return self._snapshot
 
-    def _load(self, previous: Snapshot | None) -> Snapshot:
+    def _load(self, previous: Snapshot | None) -> tuple[Snapshot, str | None]:
+        """Return a snapshot of the config and its inventory, and why the inventory could not
+        be read (the previous one is kept then). Raise ConfigError on a broken config."""
         config = load_config(self.config_path)
         try:
             inventory = load_inventory(config)
-            self.inventory_error = None
+            error = None
         except InventoryError as exc:
-            self.inventory_error = str(exc)
+            error = str(exc)
             inventory = previous.inventory if previous is not None else Inventory(())
-            log.error("inventory.unavailable", error=str(exc), apps_kept=len(inventory.apps))
-        return Snapshot(config, inventory, ignore_for(config))
+            log.error("inventory.unavailable", error=error, apps_kept=len(inventory.apps))
+        return Snapshot(config, inventory, ignore_for(config)), error
 
     # --- lifecycle ---
 
@@ -113,7 +123,7 @@ class Service:
         # Before READY: a SIGHUP or SIGTERM sent right after it must not find the default
         # handlers, which would kill the process.
         self._install_signals()
-        snap = self._load(None)
+        snap, self.inventory_error = self._load(None)
         with self._snapshot_lock:
             self._snapshot = snap
         refresh = snap.config.inventory.refresh
@@ -157,54 +167,138 @@ class Service:
         )
 
     def _new_watcher(self, config: Config) -> Watcher:
+        dirs = config.dirs
         return Watcher(
-            [config.dirs.remotecomdir, config.dirs.updatedir],
+            [dirs.remotecomdir, dirs.updatedir],
             ignore=Ignore(config.watch.ignore),
             on_change=self._on_change,
+            on_temporary=self._on_temporary,
             on_trouble=self.request_rescan,
+            source_root_of=lambda path: source_root_of(dirs, path),
             poll_interval=config.watch.poll_interval,
             force_polling=os.environ.get("SYNCPRO_WATCH_POLLING") == "1",
         )
 
     def _start_servers(self, config: Config) -> None:
+        self._start_control(config)
+        self._start_http(config)
+
+    def _start_control(self, config: Config) -> None:
         from syncpro.control import ControlServer
 
-        self.control = ControlServer(config.control, self)
-        self.control.start()
+        control = ControlServer(config.control, self)
+        control.start()
+        self.control = control
+
+    def _start_http(self, config: Config) -> None:
         if config.http.enabled:
             from syncpro.http import HttpServer
 
-            self.http = HttpServer(config.http, self)
-            self.http.start()
+            http = HttpServer(config.http, self)
+            http.start()
+            self.http = http
+
+    def _stop_control(self) -> None:
+        control, self.control = self.control, None
+        if control is not None:
+            control.stop()
+
+    def _stop_http(self) -> None:
+        http, self.http = self.http, None
+        if http is not None:
+            http.stop()
 
     def _stop_servers(self) -> None:
-        for server in (self.http, self.control):
-            if server is not None:
-                server.stop()
-        self.http = self.control = None
+        self._stop_http()
+        self._stop_control()
+
+    def _restart_servers(self, old: Config, new: Config) -> None:
+        """Serve the control and HTTP settings of `new` where they differ from `old`. Raise
+        the error of a server that cannot start (a busy port), once the servers of `old` serve
+        again; when even those cannot, log it: the daemon goes on watching and syncing."""
+        changed = [
+            (start, stop)
+            for differs, start, stop in (
+                (new.control != old.control, self._start_control, self._stop_control),
+                (new.http != old.http, self._start_http, self._stop_http),
+            )
+            if differs
+        ]
+        for _, stop in changed:
+            stop()
+        try:
+            for start, _ in changed:
+                start(new)
+        except (SyncproError, OSError):
+            for _, stop in changed:
+                stop()
+            for start, _ in changed:
+                try:
+                    start(old)
+                except (SyncproError, OSError) as exc:
+                    log.error("service.server_not_restored", error=str(exc))
+            raise
+
+    # --- the watchdog: pinged by the main loop, also while it waits for slow work ---
+
+    def _keepalive(self) -> None:
+        if self._ping_interval is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_ping:
+            self.notifier.watchdog()
+            self._next_ping = now + self._ping_interval
+
+    def _until_ping(self) -> float:
+        if self._ping_interval is None:
+            return _TICK
+        return min(_TICK, max(0.0, self._next_ping - time.monotonic()))
+
+    def _off_loop(self, work: Callable[[], T], name: str) -> T:
+        """Run work in a thread of its own and return its result (or raise its exception),
+        pinging the watchdog meanwhile."""
+        outcome: list[T] = []
+        failure: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                outcome.append(work())
+            except BaseException as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=target, name=name, daemon=False)
+        thread.start()
+        while thread.is_alive():
+            thread.join(max(0.01, self._until_ping()))
+            self._keepalive()
+        if failure:
+            raise failure[0]
+        return outcome[0]
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; return the exit code."""
         snap = self.snapshot
         next_rescan = time.monotonic() + snap.config.watch.rescan_interval
-        ping = self.notifier.watchdog_interval()
-        next_ping = time.monotonic()
+        self._ping_interval = self.notifier.watchdog_interval()
+        self._next_ping = time.monotonic()
         next_status = 0.0
         while not self._term:
-            now = time.monotonic()
-            wait = _TICK if ping is None else min(_TICK, max(0.0, next_ping - now))
-            self._wake.wait(wait)
+            self._wake.wait(self._until_ping())
             self._wake.clear()
+            self._keepalive()
             now = time.monotonic()
-            if ping is not None and now >= next_ping:
-                self.notifier.watchdog()
-                next_ping = now + ping
             if self._term:
                 break
             if self._hup:
                 self._hup = False
-                self.reload_now()
+                try:
+                    self._off_loop(self.reload_now, "syncpro-reload")
+                except Exception as exc:
+                    # Whatever broke half way, the daemon goes on with what it has.
+                    log.exception("service.reload_crashed", error=str(exc))
+                    self.notifier.ready(f"reload failed: {exc}")
                 snap = self.snapshot
+                now = time.monotonic()
                 next_rescan = now + snap.config.watch.rescan_interval
             if self.watcher is not None:
                 self.watcher.check()
@@ -238,8 +332,9 @@ class Service:
                 )
         if self._inventory_thread is not None:
             self._inventory_thread.join(timeout)
-        if self.state is not None:
-            self.state.close()
+        for store in [*self._retired_states, self.state]:
+            if store is not None:
+                store.close()
         log.info("service.stopped")
         self.notifier.close()
         self._restore_signals()
@@ -281,24 +376,30 @@ class Service:
     # --- reload ---
 
     def reload_now(self) -> bool:
-        """Re-read config and inventory; on a broken config keep the running one."""
+        """Re-read config and inventory and apply them; on a broken config, or servers that
+        cannot serve the new settings, keep the running config. Slow (a database read, a
+        server waiting for its clients): the main loop runs it in a thread."""
         self.notifier.reloading("reloading configuration")
         old = self.snapshot
         try:
-            new = self._load(old)
+            new, inventory_error = self._load(old)
         except ConfigError as exc:
             log.error("service.reload_failed", error=str(exc))
             self.notifier.ready(f"reload failed, old config kept: {exc.problems[0]}")
             return False
+        try:
+            self._restart_servers(old.config, new.config)
+        except (SyncproError, OSError) as exc:
+            log.error("service.reload_failed", error=str(exc), config_kept=str(old.config.path))
+            self.notifier.ready(f"reload failed, old config kept: {exc}")
+            return False
         with self._snapshot_lock:
             self._snapshot = new
-        retry = 1.0 if self.inventory_error else new.config.inventory.refresh
+        self.inventory_error = inventory_error
+        retry = 1.0 if inventory_error else new.config.inventory.refresh
         self._inventory_due = time.monotonic() + retry
         if new.config.dirs != old.config.dirs or new.config.watch != old.config.watch:
             self._restart_watching(old.config, new.config)
-        if new.config.control != old.config.control or new.config.http != old.config.http:
-            self._stop_servers()
-            self._start_servers(new.config)
         log.info("service.reloaded", config=str(new.config.path), apps=len(new.inventory.apps))
         self.request_rescan("reload")
         self.notifier.ready(self._status_line())
@@ -311,11 +412,16 @@ class Service:
         if self.scheduler is not None and any(
             getattr(old.watch, name) != getattr(config.watch, name) for name in timing
         ):
-            self.scheduler.stop(60.0)
-            self.scheduler = self._new_scheduler(config)
-            self.scheduler.start()
+            # In place: a new scheduler would have to wait for the running syncs first, and
+            # the keys pending in the old one would be lost.
+            self.scheduler.reconfigure(
+                settle=config.watch.settle,
+                max_wait=config.watch.max_wait,
+                workers=config.watch.workers,
+            )
         if self.state is not None and self.state.path.parent != config.dirs.state:
-            self.state.close()
+            # A running sync may still record into the old store: close it at shutdown.
+            self._retired_states.append(self.state)
             self.state = StateStore(config.dirs.state)
         self.watcher = self._new_watcher(config)
         self.watcher.start()
@@ -326,14 +432,18 @@ class Service:
         app = self.snapshot.app(app_key)
         return app.local_name if app is not None else None
 
-    def _on_change(self, path: Path) -> None:
-        snap = self.snapshot
-        scheduler = self.scheduler
-        if scheduler is None:
-            return
-        owner = layout.owner_of(snap.config.dirs, path)
+    def _keys_of(self, snap: Snapshot, path: Path) -> tuple[list[str], bool, str | None]:
+        """Return the app keys a source path concerns, their mode, and where the path lies
+        when it concerns no known app ("remotecomdir:ghost"), None when nothing is amiss."""
+        dirs = snap.config.dirs
+        owner = layout.owner_of(dirs, path)
         if owner is None:
-            return  # the roots and their softdir/configuredir folders themselves
+            for root, name in ((dirs.remotecomdir, "remotecomdir"), (dirs.updatedir, "updatedir")):
+                with contextlib.suppress(ValueError):
+                    parts = path.relative_to(root).parts
+                    if parts and parts[0] not in _AREAS:
+                        return [], False, f"{name}:{parts[0]}"  # a stray beside the areas
+            return [], False, None  # the roots and their softdir/configuredir folders
         keys: list[str] = []
         if owner.app_key is not None:
             app = snap.app(owner.app_key)
@@ -341,14 +451,32 @@ class Service:
                 keys.append(app.app_key)
         elif owner.group is not None:
             keys = [a.app_key for a in snap.inventory.group(owner.group) if a.auto_deploy]
-        if not keys:
-            where = f"{'updatedir' if owner.update else 'remotecomdir'}:{owner.top}"
-            if where not in self._unmapped:
-                self._unmapped.add(where)
-                log.warning("watch.unknown_app", path=str(path), where=where)
+        where = f"{'updatedir' if owner.update else 'remotecomdir'}:{owner.top}"
+        return keys, owner.update, None if keys else where
+
+    def _on_change(self, path: Path) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
             return
+        keys, update, unknown = self._keys_of(self.snapshot, path)
+        if unknown is not None and unknown not in self._unmapped:
+            self._unmapped.add(unknown)
+            log.warning("watch.unknown_app", path=str(path), where=unknown)
         for key in keys:
-            scheduler.submit(key, owner.update, str(path), "watcher")
+            scheduler.submit(key, update, str(path), "watcher")
+
+    def _on_temporary(self, path: Path, state: str) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        keys, update, _ = self._keys_of(self.snapshot, path)
+        for key in keys:
+            if state == WRITING:
+                scheduler.hold(key, update, str(path))
+            elif state == DONE:
+                scheduler.release(key, update, str(path))
+            else:
+                scheduler.touch(key, update)
 
     # --- rescans: catch-up at start, periodic, after watcher trouble ---
 
@@ -386,10 +514,12 @@ class Service:
                 record = state.get(app.app_key, update)
                 if record is None or record.fingerprint != fp.digest:
                     changed.append((fp.newest, app.app_key, update))
-        # Oldest change first, so that where both modes changed the newest arrival wins.
+        # Oldest arrival first, so that where both modes changed the newest arrival wins.
         changed.sort()
         for _, key, update in changed:
-            scheduler.submit(key, update, None, trigger, immediate=True)
+            # At start nothing is being uploaded that we know of: sync at once. Later, an
+            # upload may be half way: settle like any event, and wait for its temporaries.
+            scheduler.submit(key, update, None, trigger, immediate=trigger == "catch-up")
         log.info(
             "service.rescanned",
             trigger=trigger,
@@ -417,38 +547,39 @@ class Service:
         self, snap: Snapshot, request: SyncRequest, apps: Iterable[App]
     ) -> SyncResult:
         """Sync, then record per app the fingerprint its sources had before the sync started:
-        a change that lands during the sync differs from it and is synced again."""
+        a change that lands during the sync differs from it and is synced again. The ready
+        marker is recorded as it was then too: one written during the sync is honoured next."""
+        started = time.time()
+        dirs, marker = snap.config.dirs, snap.config.watch.ready_marker
         prints = {
-            app.app_key: fingerprint(snap.config.dirs, app, request.update, snap.ignore)
+            app.app_key: (
+                fingerprint(dirs, app, request.update, snap.ignore),
+                marker_signature(dirs, app, request.update, marker) if marker else None,
+            )
             for app in apps
         }
         result = run_sync(request, snap.config, snap.inventory)
         now = time.time()
         for outcome in result.apps:
-            fp = prints.get(outcome.app_key)
+            fp, signature = prints.get(outcome.app_key, (None, None))
             failed = any(
                 t is not None and t.status == FAILED for t in (outcome.program, outcome.config)
             )
             if fp is not None and not failed and self.state is not None:
-                self.state.record(outcome.app_key, request.update, fp.digest, now)
+                self.state.record(outcome.app_key, request.update, fp.digest, started, signature)
             self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
         return result
 
     def _marker_ready(self, snap: Snapshot, app: App, update: bool) -> bool:
+        """Whether the app's ready marker exists and was written after the last sync of the
+        app started (that sync may not have seen what came with it)."""
         marker = snap.config.watch.ready_marker
         if not marker or self.state is None:
             return True
-        for source in (
-            layout.program_source(snap.config.dirs, app, update),
-            layout.config_source(snap.config.dirs, app, update),
-        ):
-            try:
-                mtime = (source / marker).stat().st_mtime
-            except OSError:
-                continue
-            record = self.state.get(app.app_key, update)
-            if record is None or mtime > record.published_at:
-                return True
+        current = marker_signature(snap.config.dirs, app, update, marker)
+        record = self.state.get(app.app_key, update)
+        if marker_is_new(current, record.marker if record is not None else None):
+            return True
         log.info("sync.waiting_for_marker", app=app.app_key, update=update, marker=marker)
         return False
 
@@ -525,8 +656,21 @@ class Service:
 
     # --- the control plane's handler ---
 
+    def _check_known(self, snap: Snapshot, request: SyncRequest) -> None:
+        """Raise RequestError when `k` names an app not in the inventory while the inventory
+        cannot be read: "unknown key" would be a guess, the reason is the inventory."""
+        error = self.inventory_error
+        if error is None:
+            return
+        unknown = select(request.tokens, snap.inventory).unknown
+        if unknown:
+            raise RequestError(
+                f"inventory unavailable, cannot look up {' '.join(unknown)}: {error}"
+            )
+
     def sync(self, request: SyncRequest) -> dict[str, Any]:
         snap = self.snapshot
+        self._check_known(snap, request)
         apps = select(request.tokens, snap.inventory).apps
         return response_document(self._sync_and_record(snap, request, apps))
 
@@ -534,6 +678,7 @@ class Service:
         from syncpro.diff import diff
 
         snap = self.snapshot
+        self._check_known(snap, request)
         return diff(request, snap.config, snap.inventory)
 
     def status(self) -> dict[str, Any]:
@@ -565,6 +710,23 @@ class Service:
     def reload(self) -> dict[str, Any]:
         self.request_reload()
         return {"code": "0", "msg": "reload requested"}
+
+
+def source_root_of(dirs: Dirs, path: Path) -> Path | None:
+    """Given a path under remotecomdir or updatedir, return the source root of the app (or
+    group program) it lies in, which path globs of watch.ignore are relative to; None for a
+    path outside every source."""
+    for root, update in ((dirs.remotecomdir, False), (dirs.updatedir, True)):
+        try:
+            parts = path.relative_to(root).parts
+        except ValueError:
+            continue
+        # <updatedir>/configuredir/L/A is one app's config; every other source is one level.
+        depth = 3 if update and parts[:1] == ("configuredir",) else 2
+        if len(parts) < depth or parts[0] not in _AREAS:
+            return None
+        return root.joinpath(*parts[:depth])
+    return None
 
 
 def serve(config_path: str | None) -> int:

@@ -22,23 +22,30 @@ CREATE TABLE IF NOT EXISTS published (
     mode INTEGER NOT NULL,
     fingerprint TEXT NOT NULL,
     published_at REAL NOT NULL,
+    marker TEXT,
     PRIMARY KEY (app_key, mode)
 )
 """
+_ABSENT = "-"
 
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """A digest of an app's sources in one mode, and the newest change time seen in them."""
+    """A digest of an app's sources in one mode, and when the newest of them arrived."""
 
     digest: str
     newest: float
+    """The largest ctime in the sources: `rsync -a` keeps the uploader's mtimes, so only the
+    inode change time says when a file landed here."""
 
 
 @dataclass(frozen=True)
 class Record:
     fingerprint: str
     published_at: float
+    """When the sync that published these sources started reading them."""
+    marker: str | None = None
+    """The ready marker as that sync saw it at its start (`marker_signature`), or None."""
 
 
 class StateStore:
@@ -51,20 +58,34 @@ class StateStore:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(published)")}
+        if "marker" not in columns:  # a state written before ready markers were recorded
+            self._db.execute("ALTER TABLE published ADD COLUMN marker TEXT")
 
     def get(self, app_key: str, update: bool) -> Record | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT fingerprint, published_at FROM published WHERE app_key=? AND mode=?",
+                "SELECT fingerprint, published_at, marker FROM published"
+                " WHERE app_key=? AND mode=?",
                 (app_key, int(update)),
             ).fetchone()
-        return Record(row[0], row[1]) if row else None
+        return Record(row[0], row[1], row[2]) if row else None
 
-    def record(self, app_key: str, update: bool, fingerprint: str, at: float | None = None) -> None:
+    def record(
+        self,
+        app_key: str,
+        update: bool,
+        fingerprint: str,
+        at: float | None = None,
+        marker: str | None = None,
+    ) -> None:
+        """Record what a sync that started `at` (default now) read: the fingerprint of the
+        sources and the signature of the ready marker."""
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO published VALUES (?, ?, ?, ?)",
-                (app_key, int(update), fingerprint, time.time() if at is None else at),
+                "INSERT OR REPLACE INTO published"
+                " (app_key, mode, fingerprint, published_at, marker) VALUES (?, ?, ?, ?, ?)",
+                (app_key, int(update), fingerprint, time.time() if at is None else at, marker),
             )
 
     def close(self) -> None:
@@ -74,7 +95,8 @@ class StateStore:
 
 def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerprint | None:
     """Given an app and a mode, return a digest of its program and config sources (names,
-    types, sizes, mtimes, modes, link targets), or None when neither source exists."""
+    types, sizes, mtimes, modes, link targets) and their newest ctime, or None when neither
+    source exists."""
     digest = hashlib.blake2b(digest_size=16)
     newest = 0.0
     found = False
@@ -88,13 +110,41 @@ def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerpri
         found = True
         digest.update(f"{kind}:\0".encode())
         for rel, st, link in _walk(root, ignore):
-            newest = max(newest, st.st_mtime)
+            newest = max(newest, st.st_ctime)
             digest.update(
                 f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{link}\0".encode(
                     "utf-8", "surrogateescape"
                 )
             )
     return Fingerprint(digest.hexdigest(), newest) if found else None
+
+
+def marker_signature(dirs: Dirs, app: App, update: bool, marker: str) -> str:
+    """Given an app, a mode and the ready marker's name, return what identifies the marker
+    files of its program and config sources as they are now (inode, mtime, ctime; "-" for
+    one that is absent). Comparing two signatures needs no clock: a marker rewritten or
+    replaced in between differs, whatever times its uploader gave it."""
+    parts = []
+    for root in (
+        layout.program_source(dirs, app, update),
+        layout.config_source(dirs, app, update),
+    ):
+        try:
+            st = os.stat(root / marker)
+        except OSError:
+            parts.append(_ABSENT)
+            continue
+        parts.append(f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return "|".join(parts)
+
+
+def marker_is_new(current: str, recorded: str | None) -> bool:
+    """Given the marker's signature now and the one recorded by the last sync (None if none
+    was), return whether a marker exists that the last sync did not see at its start."""
+    now = current.split("|")
+    before = recorded.split("|") if recorded is not None else []
+    before += [_ABSENT] * (len(now) - len(before))
+    return any(part != _ABSENT and part != old for part, old in zip(now, before, strict=True))
 
 
 def _walk(root: Path, ignore: Ignore) -> list[tuple[str, os.stat_result, str]]:

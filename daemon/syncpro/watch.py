@@ -1,5 +1,11 @@
 """Watch the source areas with inotify (polling where inotify fails) and report changed paths.
 
+Each event is one of three kinds: a change of a real file (a reason to sync), an event of an
+upload's temporary file (a name the ignore patterns match: while it is being written it holds
+the app's sync back, since rsync renames each file into place only once it is whole, often
+seconds after it began, with no event in between), or nothing at all (a path glob of the
+ignore patterns, our own reads, directory listings).
+
 watchdog only logs an inotify queue overflow and rebuilds its watches; nothing reaches handler
 code. We listen to its log records so the daemon can re-check everything after one.
 """
@@ -26,6 +32,11 @@ log = structlog.get_logger()
 # Reads by our own syncs open and close source files: those events must never trigger.
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
 _WATCHES_LIMIT = Path("/proc/sys/fs/inotify/max_user_watches")
+_INSTANCES_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+# What an event says of a temporary: it is being written, it is done with (closed after
+# writing, deleted, renamed away), or only touched (its mode or times set).
+WRITING, DONE, TOUCHED = "writing", "done", "touched"
+_TEMPORARY_STATES = {"created": WRITING, "modified": WRITING, "closed": DONE, "deleted": DONE}
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -33,34 +44,74 @@ _IN_CLOEXEC = 0o2000000
 _IN_ATTRIB = 0x4
 
 
-def inotify_room_left(path: Path) -> bool:
-    """Return False when this user cannot add one more inotify watch (ENOSPC).
+def inotify_problem(path: Path) -> OSError | None:
+    """Return why this user cannot add one more inotify watch on path: ENOSPC when the watch
+    limit is reached, EMFILE when no inotify instance can be made; None when there is room.
 
     watchdog 7.1 silently skips subdirectories it cannot watch, so the only way to learn that
     the limit was hit is to try one watch of our own.
     """
     fd = _libc.inotify_init1(_IN_CLOEXEC)
     if fd < 0:
-        return ctypes.get_errno() not in (errno.EMFILE, errno.ENOSPC)
+        err = ctypes.get_errno()
+        if err in (errno.EMFILE, errno.ENFILE):
+            return OSError(err, "cannot create an inotify instance")
+        return None
     try:
-        wd = _libc.inotify_add_watch(fd, os.fsencode(path), _IN_ATTRIB)
-        return wd >= 0 or ctypes.get_errno() != errno.ENOSPC
+        failed = _libc.inotify_add_watch(fd, os.fsencode(path), _IN_ATTRIB) < 0
+        if failed and ctypes.get_errno() == errno.ENOSPC:
+            return OSError(errno.ENOSPC, "inotify watch limit reached")
+        return None
     finally:
         os.close(fd)
 
 
-def _watch_limit() -> str:
+def _limit(path: Path) -> str:
     try:
-        return _WATCHES_LIMIT.read_text().strip()
+        return path.read_text().strip()
     except OSError:
         return "unknown"
 
 
+def limit_message(exc: OSError) -> str | None:
+    """Given the error of an inotify call, return what to raise to get past it, or None when
+    it is no limit of inotify's."""
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"inotify watch limit reached ({_limit(_WATCHES_LIMIT)}); raise"
+            " fs.inotify.max_user_watches. Polling this root meanwhile."
+        )
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return (
+            f"cannot create an inotify instance: limit of inotify instances reached"
+            f" ({_limit(_INSTANCES_LIMIT)}) or of open files; raise"
+            " fs.inotify.max_user_instances (or the open files limit)."
+            " Polling this root meanwhile."
+        )
+    return None
+
+
+SourceRootOf = Callable[[Path], Path | None]
+"""Given a watched path, return the source root of the app it belongs to, or None."""
+
+
 class _Events(FileSystemEventHandler):
-    def __init__(self, root: Path, ignore: Ignore, on_change: Callable[[Path], None]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        ignore: Ignore,
+        source_root_of: SourceRootOf,
+        on_change: Callable[[Path], None],
+        on_temporary: Callable[[Path, str], None],
+    ) -> None:
         self.root = root
-        self.ignore = ignore
+        # Name patterns are what uploaders name their temporaries; path globs are trees the
+        # user keeps out (a logs/ folder written all the time must not hold anything back).
+        self.names = Ignore(p for p in ignore.patterns if "/" not in p)
+        self.paths = Ignore(p for p in ignore.patterns if "/" in p)
+        self.source_root_of = source_root_of
         self.on_change = on_change
+        self.on_temporary = on_temporary
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _QUIET_EVENTS:
@@ -69,22 +120,34 @@ class _Events(FileSystemEventHandler):
             # A directory's entries changed: the entry's own event says which, and an upload's
             # ignored temp file must not trigger a sync through its parent directory.
             return
-        paths = [event.src_path]
+        # An upload's rename from its temp name to the real one is the signal that the file
+        # is complete: the destination counts even though the source is ignored.
+        paths = [(event.src_path, _TEMPORARY_STATES.get(event.event_type, TOUCHED))]
         if event.event_type == "moved":
-            # An upload's rename from its temp name to the real one is the signal that the
-            # file is complete: the destination counts even though the source is ignored.
-            paths.append(event.dest_path)
-        for raw in paths:
+            paths = [(event.src_path, DONE), (event.dest_path, TOUCHED)]
+        for raw, state in paths:
             path = Path(raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape"))
-            if not self._ignored(path):
+            kind = self.kind(path)
+            if kind == "real":
                 self.on_change(path)
+            elif kind == "temporary":
+                self.on_temporary(path, state)
 
-    def _ignored(self, path: Path) -> bool:
+    def kind(self, path: Path) -> str:
+        """Return "real", "temporary" (a name pattern matches a part of the path) or "excluded"
+        (a path glob matches the path relative to its app's source root, or a leading part of
+        it: the publisher leaves out a folder's whole tree)."""
+        source = self.source_root_of(path)
+        base = source if source is not None else self.root
         try:
-            parts = path.relative_to(self.root).parts
+            parts = path.relative_to(base).parts
         except ValueError:
-            return False
-        return any(self.ignore(part) for part in parts)
+            return "real"
+        if source is not None:
+            for depth in range(1, len(parts) + 1):
+                if self.paths("", "/".join(parts[:depth])):
+                    return "excluded"
+        return "temporary" if any(self.names(part) for part in parts) else "real"
 
 
 class _TroubleLog(logging.Handler):
@@ -102,8 +165,11 @@ class _TroubleLog(logging.Handler):
 
 
 class Watcher:
-    """Observes each root recursively; calls on_change(path) per relevant event and
-    on_trouble(reason) whenever events may have been lost."""
+    """Observes each root recursively; calls on_change(path) per change of a real file,
+    on_temporary(path, state) per event of an upload temporary (WRITING, DONE or TOUCHED),
+    and on_trouble(reason)
+    whenever events may have been lost. `source_root_of` says where the path globs of
+    `ignore` are anchored."""
 
     def __init__(
         self,
@@ -112,12 +178,16 @@ class Watcher:
         ignore: Ignore,
         on_change: Callable[[Path], None],
         on_trouble: Callable[[str], None],
+        on_temporary: Callable[[Path, str], None] | None = None,
+        source_root_of: SourceRootOf | None = None,
         poll_interval: float = 2.0,
         force_polling: bool = False,
     ) -> None:
         self.roots = roots
         self.ignore = ignore
         self.on_change = on_change
+        self.on_temporary = on_temporary or (lambda path, state: None)
+        self.source_root_of = source_root_of or (lambda path: None)
         self.on_trouble = on_trouble
         self.poll_interval = poll_interval
         self.force_polling = force_polling
@@ -132,14 +202,15 @@ class Watcher:
             self._start_root(root, polling=self.force_polling)
 
     def _start_root(self, root: Path, *, polling: bool) -> None:
-        handler = _Events(root, self.ignore, self.on_change)
+        handler = _Events(root, self.ignore, self.source_root_of, self.on_change, self.on_temporary)
         if not polling:
             observer: BaseObserver = Observer()
             try:
                 observer.schedule(handler, str(root), recursive=True)
                 observer.start()
-                if not inotify_room_left(root):
-                    raise OSError(errno.ENOSPC, "inotify watch limit reached")
+                problem = inotify_problem(root)
+                if problem is not None:
+                    raise problem
             except OSError as exc:
                 observer.stop()
                 if observer.is_alive():
@@ -157,13 +228,9 @@ class Watcher:
         self.backends[root] = "polling"
 
     def _report_failure(self, root: Path, exc: OSError) -> None:
-        if exc.errno == errno.ENOSPC:
-            log.error(
-                "watch.inotify_limit",
-                root=str(root),
-                error=f"inotify watch limit reached ({_watch_limit()}); raise"
-                " fs.inotify.max_user_watches. Polling this root meanwhile.",
-            )
+        message = limit_message(exc)
+        if message is not None:
+            log.error("watch.inotify_limit", root=str(root), error=message)
         else:
             log.error("watch.inotify_failed", root=str(root), error=str(exc))
         self.on_trouble("inotify_failed")
@@ -172,10 +239,10 @@ class Watcher:
         """Poll, from now on, any root whose observer died or that may have directories left
         unwatched because the inotify limit was reached (new directories keep coming)."""
         inotify_roots = [r for r, b in self.backends.items() if b == "inotify"]
-        full = bool(inotify_roots) and not inotify_room_left(inotify_roots[0])
+        full = inotify_problem(inotify_roots[0]) if inotify_roots else None
         for root, observer in list(self._observers.items()):
             dead = not observer.is_alive() or any(not e.is_alive() for e in observer.emitters)
-            if not dead and not (full and self.backends[root] == "inotify"):
+            if not dead and not (full is not None and self.backends[root] == "inotify"):
                 continue
             observer.stop()
             if observer.is_alive():
@@ -183,8 +250,8 @@ class Watcher:
             if dead:
                 log.error("watch.observer_died", root=str(root), backend=self.backends[root])
                 self.on_trouble("watcher_died")
-            else:
-                self._report_failure(root, OSError(errno.ENOSPC, "inotify watch limit reached"))
+            elif full is not None:
+                self._report_failure(root, full)
             self._start_root(root, polling=True)
 
     def stop(self) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import selectors
+import socket
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
+from types import TracebackType
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -136,3 +140,105 @@ def throwaway_database(server: Server) -> Iterator[Database]:
     finally:
         with server.connect() as conn, conn.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+class TcpProxy:
+    """Forwards connections on a local port to the database server. stop() is an outage as
+    the daemon sees one: the port refuses connections and open ones are cut; start() again
+    brings the same port back."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None
+
+    def start(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._wake = socket.socketpair()
+        self._thread = threading.Thread(
+            target=self._serve, args=(listener, self._wake[0]), name="test-tcp-proxy"
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None or self._wake is None:
+            return
+        self._wake[1].send(b"x")
+        self._thread.join(10)
+        for sock in self._wake:
+            sock.close()
+        self._thread = self._wake = None
+
+    def __enter__(self) -> TcpProxy:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _serve(self, listener: socket.socket, wake: socket.socket) -> None:
+        partners: dict[socket.socket, socket.socket] = {}
+        with selectors.DefaultSelector() as selector, listener:
+            selector.register(listener, selectors.EVENT_READ)
+            selector.register(wake, selectors.EVENT_READ)
+            try:
+                while True:
+                    for key, _ in selector.select():
+                        sock = key.fileobj
+                        assert isinstance(sock, socket.socket)
+                        if sock is wake:
+                            return
+                        if sock is listener:
+                            self._accept(listener, selector, partners)
+                        elif sock in partners:
+                            self._pump(sock, selector, partners)
+            finally:
+                for sock in partners:
+                    sock.close()
+
+    def _accept(
+        self,
+        listener: socket.socket,
+        selector: selectors.BaseSelector,
+        partners: dict[socket.socket, socket.socket],
+    ) -> None:
+        client, _ = listener.accept()
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        for one, other in ((client, upstream), (upstream, client)):
+            one.settimeout(5)
+            partners[one] = other
+            selector.register(one, selectors.EVENT_READ)
+
+    @staticmethod
+    def _pump(
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        partners: dict[socket.socket, socket.socket],
+    ) -> None:
+        other = partners[sock]
+        data = b""
+        with suppress(OSError):
+            data = sock.recv(65536)
+        if data:
+            with suppress(OSError):
+                other.sendall(data)
+                return
+        for one in (sock, other):
+            selector.unregister(one)
+            del partners[one]
+            one.close()

@@ -22,7 +22,7 @@ import yaml
 from control_fakes import ask, short_dir
 
 from daemon_harness import Daemon, put, running, tree, write_config
-from mysql_support import Database, app_row, reachable_server, throwaway_database
+from mysql_support import Database, TcpProxy, app_row, reachable_server, throwaway_database
 
 APPS = [
     {"app_key": "server1", "local_name": "server"},
@@ -476,10 +476,12 @@ def db() -> Iterator[Database]:
         yield database
 
 
-def mysql_config(base: Path, run_dir: Path, url: str) -> Path:
+def mysql_config(base: Path, run_dir: Path, url: str, **sections: Any) -> Path:
     """A config whose apps come from the database alone: no `apps:` at all."""
     inventory = {"source": "mysql", "url": url, "refresh": 1, "connect_timeout": 2}
-    config = config_for(base, run_dir, [], inventory=inventory, watch={"settle": 0.3})
+    inventory.update(sections.pop("inventory", {}))
+    sections.setdefault("watch", {"settle": 0.3})
+    config = config_for(base, run_dir, [], inventory=inventory, **sections)
     doc = yaml.safe_load(config.read_text(encoding="utf-8"))
     del doc["apps"]
     config.write_text(yaml.safe_dump(doc), encoding="utf-8")
@@ -565,3 +567,66 @@ def test_a_one_shot_sync_against_a_server_that_never_greets_exits_2_within_its_t
         " answer within 2s (is it a MySQL/MariaDB server?)"
     ]
     assert elapsed < 20  # not PyMySQL's 30 s read timeout
+
+
+def status_of(config: Path) -> dict[str, Any]:
+    return ask(socket_of(config), b'{"action": "status"}\n', timeout=30)
+
+
+@pytest.mark.mysql
+def test_the_daemon_keeps_its_last_good_inventory_through_a_database_outage_and_recovers(
+    base: Path, run_dir: Path, db: Database
+) -> None:
+    db.add(app_row("server1", "server"))
+    with TcpProxy(db.server.host, db.server.port) as proxy:
+        where = f"127.0.0.1:{proxy.port}"
+        url = db.url.replace(f"{db.server.host}:{db.server.port}", where)
+        config = mysql_config(base, run_dir, url, inventory={"refresh": 3})
+        with running(config) as daemon:
+            daemon.wait_sync("server1")
+
+            proxy.stop()
+
+            # Retries back off 1 s, 2 s, then the refresh period: no faster, no slower.
+            daemon.wait_event("inventory.unavailable", count=3, timeout=30)
+            outage = daemon.find("inventory.unavailable")[:3]
+            assert [e["retry_in"] for e in outage] == [1.0, 2.0, 3.0]
+            assert [e["level"] for e in outage] == ["error", "warning", "warning"]
+            assert all(where in e["error"] and e["apps_kept"] == 1 for e in outage)
+            status = status_of(config)
+            assert status["inventory"]["apps"] == 1
+            assert where in status["inventory"]["error"]
+            put(base / "r/softdir/server1", {"bin/run.sh": "v2 during the outage\n"})
+            synced = ctl(config, "-k", "server1")
+            assert synced.returncode == 0, synced.stdout  # from the inventory kept
+            assert tree(base / "soft/server") == {"bin/run.sh": "v2 during the outage\n"}
+
+            proxy.start()
+
+            daemon.wait_event("inventory.refreshed", recovered=True, timeout=30)
+            assert status_of(config)["inventory"]["error"] is None
+            assert daemon.stop() == 0
+
+
+def test_ctl_and_http_while_the_inventory_is_unavailable_say_so_naming_the_server(
+    base: Path, run_dir: Path
+) -> None:
+    token = secrets.token_hex(16)
+    port = free_port()
+    http = {"enabled": True, "listen": f"127.0.0.1:{port}", "token": token}
+    config = mysql_config(base, run_dir, "mysql://root@127.0.0.1:1/autotask", http=http)
+    with running(config) as daemon:
+        proc = ctl(config, "-k", "server1")
+
+        assert proc.returncode != 0
+        doc = one_document(proc)
+        assert doc["data"]["data"]["0"] == "0"
+        message = doc["data"]["msg"]
+        assert "inventory" in message and "127.0.0.1:1" in message, message
+        status, body = rex(port, token, f"action={SYNC_ACTION}&k=server1")
+        answer = json.loads(body)
+        assert answer["data"]["data"]["0"] == "0"
+        message = answer["data"]["msg"]
+        assert "inventory" in message and "127.0.0.1:1" in message, (status, message)
+        assert daemon.find("sync.finished", origin="control") == []
+        assert daemon.stop() == 0

@@ -43,6 +43,18 @@ def run(
     )
 
 
+def run_as_deploy_user(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run syncpro as root that obeys file modes, as an unprivileged deploy user would."""
+    return subprocess.run(
+        without_dac_override(SYNCPRO, *args),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def one_document(stdout: str) -> dict[str, object]:
     """Parse stdout as exactly one JSON document (json.loads refuses trailing data)."""
     doc = json.loads(stdout)
@@ -344,14 +356,7 @@ def test_a_failed_build_reports_its_own_error_though_its_staging_has_read_only_d
     os.chmod(source / "a_ro", 0o500)  # copied first, so the staging holds a read-only dir
     os.chmod(source / "z/secret.key", 0)
 
-    proc = subprocess.run(
-        without_dac_override(SYNCPRO, "sync", "-k", "a1", "--config", str(config)),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_as_deploy_user("sync", "-k", "a1", "--config", str(config), cwd=tmp_path)
 
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -374,14 +379,7 @@ def test_an_unreadable_source_fails_only_that_app_and_keeps_its_old_target(
         (tmp_path / f"var/remotecomdir/softdir/{key}/lib/secret.key").write_text("v2")
     os.chmod(tmp_path / "var/remotecomdir/softdir/a1" / unreadable, 0)
 
-    proc = subprocess.run(
-        without_dac_override(SYNCPRO, "sync", "-k", "all", "--config", str(config)),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = run_as_deploy_user("sync", "-k", "all", "--config", str(config), cwd=tmp_path)
 
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr

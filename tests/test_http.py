@@ -6,6 +6,7 @@ import http.client
 import json
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -338,6 +339,28 @@ def test_other_paths_and_methods_get_a_document_with_their_status(
     assert status == expected
     assert doc["code"] == str(expected)
     assert handler.calls == []
+
+
+def test_past_the_connection_cap_a_client_gets_503_at_once_and_idle_ones_hold_no_more(
+    handler: FakeHandler,
+) -> None:
+    settings = HttpSettings(enabled=True, listen="127.0.0.1:0", token=TOKEN)
+    with HttpServer(settings, handler, max_clients=3) as server:
+        idle = [socket.create_connection(server.address, timeout=5) for _ in range(3)]
+        try:
+            wait_until(lambda: _http_threads() == 3)
+            for _ in range(5):  # a flood of more clients starts no thread
+                assert curl(url(server, "/healthz"))[0] == 503
+            assert _http_threads() == 3
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_until(lambda: curl(url(server, "/healthz"))[0] == 200)
+
+
+def _http_threads() -> int:
+    # socketserver names its request threads after the handler, "Thread-N (process_request...)"
+    return sum("process_request_thread" in t.name for t in threading.enumerate())
 
 
 def test_the_server_thread_and_its_request_threads_end_on_stop(handler: FakeHandler) -> None:

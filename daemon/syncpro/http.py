@@ -26,6 +26,7 @@ import structlog
 from syncpro import __version__
 from syncpro.config import HttpSettings
 from syncpro.control import (
+    BUSY_CODE,
     FAILED_CODE,
     REFUSED_CODE,
     ControlHandler,
@@ -48,11 +49,17 @@ class HttpServer:
     """Serves POST /rex and GET /healthz in its own thread, one thread per request."""
 
     def __init__(
-        self, settings: HttpSettings, handler: ControlHandler, *, timeout: float = 10.0
+        self,
+        settings: HttpSettings,
+        handler: ControlHandler,
+        *,
+        timeout: float = 10.0,
+        max_clients: int = 64,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self.timeout = timeout
+        self.max_clients = max_clients
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -75,6 +82,7 @@ class HttpServer:
                 f"cannot serve HTTP on {self.settings.listen}: {exc.strerror or exc}"
             ) from None
         server.syncpro = self
+        server.slots = threading.BoundedSemaphore(self.max_clients)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever,
@@ -129,6 +137,39 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
     syncpro: HttpServer
+    slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # One thread a connection, but not without end: idle clients would each hold one for
+        # the read timeout. Past the cap a client is told to come back, at once.
+        if not self.slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        limit = self.syncpro.max_clients
+        reason = f"busy: {limit} HTTP connections already open; retry later"
+        body = encode(refusal_document({}, reason, BUSY_CODE))
+        head = (
+            f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8"
+            f"\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):
+            request.settimeout(0.5)  # a few hundred bytes: the socket buffer takes them
+            request.sendall(head.encode("ascii") + body)
+        self.shutdown_request(request)
+        log.warning("http.busy", clients=limit)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the host's FQDN, which can stall on a broken resolver.

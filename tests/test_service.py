@@ -320,6 +320,68 @@ def test_running_out_of_inotify_watches_names_the_sysctl_and_falls_back_to_polli
         assert daemon.stop() == 0
 
 
+def test_running_out_of_inotify_instances_names_their_sysctl_and_falls_back_to_polling(
+    base: Path,
+) -> None:
+    probe = subprocess.run(
+        ["unshare", "-U", "-r", "sh", "-c", "echo 2 > /proc/sys/user/max_inotify_instances"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.fail(f"cannot make a user namespace with its own inotify limit: {probe.stderr!r}")
+    config = write_config(base, APPS, watch={"poll_interval": 0.2})
+    wrapper = base / "limited.sh"
+    # Two instances: one per watched root, none left for the check of the watch limit.
+    wrapper.write_text(
+        'echo 2 > /proc/sys/user/max_inotify_instances && exec "$@"\n', encoding="utf-8"
+    )
+    env = {"SYNCPRO_TEST_WRAP": f"unshare -U -r sh {wrapper}"}
+    with running(config, env=env) as daemon:
+        limit = daemon.wait_event("watch.inotify_limit")
+        assert "fs.inotify.max_user_instances" in limit["error"]
+        assert "max_user_watches" not in limit["error"]
+        started = daemon.wait_event("service.started")
+        assert started["backends"][limit["root"]] == "polling"
+        put(base / "u/softdir/web", {"index.html": "polled build\n"})
+        daemon.wait(
+            lambda: tree(base / "soft/web").get("index.html") == "polled build\n",
+            what="the build published by the polling fallback",
+        )
+        assert daemon.stop() == 0
+
+
+def test_the_inotify_instance_limit_reached_while_running_is_named_and_polled_around(
+    base: Path,
+) -> None:
+    env = {"SYNCPRO_TEST_WRAP": "unshare -U -r"}  # a user namespace with limits of its own
+    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), env=env) as daemon:
+        daemon.wait_sync("server1")
+        # Its two roots hold the two instances allowed now: the check of the watch limit
+        # cannot make one of its own.
+        subprocess.run(
+            [
+                "nsenter",
+                "-U",
+                "-t",
+                str(daemon.proc.pid),
+                "sh",
+                "-c",
+                "echo 2 > /proc/sys/user/max_inotify_instances",
+            ],
+            check=True,
+        )
+        limit = daemon.wait_event("watch.inotify_limit")
+        assert "fs.inotify.max_user_instances" in limit["error"]
+        assert "max_user_watches" not in limit["error"]
+        put(base / "r/softdir/server1", {"bin/run.sh": "polled\n"})
+        daemon.wait(
+            lambda: tree(base / "soft/server").get("bin/run.sh") == "polled\n",
+            what="the change published by the polling fallback",
+        )
+        assert daemon.stop() == 0
+
+
 def test_directories_created_while_running_are_watched_too(
     base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

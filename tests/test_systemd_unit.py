@@ -39,6 +39,7 @@ def _systemd_analyze() -> str:
         ("Type", "notify"),
         ("NotifyAccess", "main"),
         ("Restart", "on-failure"),
+        ("RestartPreventExitStatus", "2"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
         ("RuntimeDirectory", "syncpro"),
         ("StateDirectory", "syncpro"),

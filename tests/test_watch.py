@@ -1,0 +1,95 @@
+"""The watcher with real inotify on a real tree: which events are changes, which are an upload's
+temporaries, and which are nothing at all."""
+
+from __future__ import annotations
+
+import os
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from syncpro.config import DEFAULT_IGNORE
+from syncpro.service import source_root_of
+from syncpro.tree import Ignore
+from syncpro.watch import DONE, TOUCHED, WRITING, Watcher
+
+from helpers import make_config
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def watched(tmp_path: Path) -> Iterator[tuple[Path, queue.Queue[tuple[str, str]]]]:
+    config = make_config(tmp_path, [], extra={"watch": {"ignore": ["logs/*", "tmp/*/*"]}})
+    dirs = config.dirs
+    source = dirs.remotecomdir / "softdir" / "server1"
+    source.mkdir(parents=True)
+    # Nested folders made before watching: watchdog 7.1 warns about a doubled watch when a
+    # tree is made faster than it adds watches, and this suite turns warnings into errors.
+    (source / "tmp/a/b/c").mkdir(parents=True)
+    seen: queue.Queue[tuple[str, str]] = queue.Queue()
+
+    def rel(path: Path) -> str:
+        return str(path.relative_to(source))
+
+    watcher = Watcher(
+        [dirs.remotecomdir],
+        ignore=Ignore(config.watch.ignore),
+        on_change=lambda path: seen.put(("change", rel(path))),
+        on_temporary=lambda path, state: seen.put((state, rel(path))),
+        on_trouble=lambda reason: seen.put(("trouble", reason)),
+        source_root_of=lambda path: source_root_of(dirs, path),
+    )
+    with watcher:
+        yield source, seen
+
+
+def until_change(seen: queue.Queue[tuple[str, str]], rel: str) -> list[tuple[str, str]]:
+    """Every event up to the first change of rel: inotify keeps the order of one tree."""
+    events = []
+    while True:
+        event = seen.get(timeout=WAIT)
+        events.append(event)
+        if event == ("change", rel):
+            return events
+
+
+def test_user_patterns_come_on_top_of_the_defaults(tmp_path: Path) -> None:
+    config = make_config(tmp_path, [], extra={"watch": {"ignore": ["*.bak", "*.part"]}})
+    assert config.watch.ignore == (*DEFAULT_IGNORE, "*.bak")
+
+
+def test_an_rsync_temporary_is_written_then_done_and_its_rename_is_the_change(
+    watched: tuple[Path, queue.Queue[tuple[str, str]]],
+) -> None:
+    source, seen = watched
+    temporary = source / ".run.sh.AbC123"
+    temporary.write_text("whole\n", encoding="utf-8")
+    temporary.rename(source / "run.sh")
+    events = until_change(seen, "run.sh")
+    states = [state for state, path in events if path == ".run.sh.AbC123"]
+    assert states[0] == WRITING
+    assert DONE in states
+    assert set(states) <= {WRITING, DONE, TOUCHED}
+    assert [e for e in events if e[0] == "change"] == [("change", "run.sh")]
+
+
+def test_path_globs_are_matched_under_the_source_root_and_never_reported(
+    watched: tuple[Path, queue.Queue[tuple[str, str]]],
+) -> None:
+    source, seen = watched
+    (source / "logs").mkdir()
+    (source / "logs/app.log").write_text("line\n", encoding="utf-8")
+    os.utime(source / "logs/app.log")
+    # tmp/*/* leaves out what lies two levels down, and so the whole tree of tmp/a/b.
+    (source / "tmp/a/b/c/x").write_text("x\n", encoding="utf-8")
+    (source / "tmp/a/b/y").write_text("y\n", encoding="utf-8")
+    (source / "tmp/new").mkdir()
+    (source / "tmp/new/z").write_text("z\n", encoding="utf-8")
+    (source / "real.txt").write_text("r\n", encoding="utf-8")
+    events = until_change(seen, "real.txt")
+    assert [e for e in events if e[1].startswith(("logs/", "tmp/a/", "tmp/new/"))] == []
+    # The folders themselves are published, so they count.
+    assert {("change", "logs"), ("change", "tmp/new")} <= set(events)

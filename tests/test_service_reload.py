@@ -88,7 +88,7 @@ def test_a_reload_with_new_timings_keeps_pinging_and_keeps_the_pending_work(
             daemon.wait(lambda: daemon.waits_for_lock(lock), what="the sync blocked mid-way")
             put(base / "r/softdir/web1", {"after.txt": "a\n"})
             daemon.wait(
-                lambda: [p["app_key"] for p in status(run_dir)["pending"]] == ["web1"],
+                lambda: "web1" in [p["app_key"] for p in status(run_dir)["pending"]],
                 what="web1 pending behind the one busy worker",
             )
             config_for(base, run_dir, watch={"workers": 2, "settle": 0.2, "max_wait": 2})
@@ -101,7 +101,7 @@ def test_a_reload_with_new_timings_keeps_pinging_and_keeps_the_pending_work(
             assert str(base / "r/softdir/web1/after.txt") in sync["response"]["trigger"]["paths"]
             assert daemon.waits_for_lock(lock)
         daemon.wait(lambda: tree(base / "soft/server") == {"bin/run.sh": "v2\n"}, what="v2")
-        assert daemon.find("scheduler.reconfigured", workers=2, settle=0.2)
+        daemon.wait_event("scheduler.reconfigured", workers=2, settle=0.2)
         assert daemon.stop() == 0
 
 
@@ -164,8 +164,8 @@ def test_a_reload_whose_database_never_answers_keeps_pinging_the_watchdog(
             during = daemon.notes_after("RELOADING=1")
             during = during[: during.index("READY=1")]
             assert during.count("WATCHDOG=1") >= 3, during
-            unavailable = daemon.find("inventory.unavailable")
-            assert unavailable and "no answer" in unavailable[-1]["error"]
+            # Log lines and notifications come by two roads: wait for the line.
+            assert "no answer" in daemon.wait_event("inventory.unavailable")["error"]
             assert status(run_dir)["inventory"]["apps"] == 2  # the apps it had are kept
             assert daemon.stop() == 0
 

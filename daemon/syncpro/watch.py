@@ -122,7 +122,10 @@ class _Events(FileSystemEventHandler):
             return
         # An upload's rename from its temp name to the real one is the signal that the file
         # is complete: the destination counts even though the source is ignored.
-        paths = [(event.src_path, _TEMPORARY_STATES.get(event.event_type, TOUCHED))]
+        # A folder is never closed after writing: a temporary-named one must not hold.
+        writes = not event.is_directory
+        state = _TEMPORARY_STATES.get(event.event_type, TOUCHED) if writes else TOUCHED
+        paths = [(event.src_path, state)]
         if event.event_type == "moved":
             paths = [(event.src_path, DONE), (event.dest_path, TOUCHED)]
         for raw, state in paths:

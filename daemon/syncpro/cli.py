@@ -113,6 +113,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     load_config(args.config)  # a broken config is one message and exit 2, before logging
     log.configure(sys.stdout, verbose=args.verbose)
+    log.capture_warnings()
     return serve(args.config)
 
 

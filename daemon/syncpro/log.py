@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from typing import Any, TextIO
 
 import structlog
@@ -40,3 +41,25 @@ def configure(stream: TextIO | None = None, *, verbose: bool = False) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def capture_warnings() -> None:
+    """Log Python warnings (a library's, watchdog's) as structured events, not as bare text that
+    would break the one-JSON-event-per-line log of the daemon."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        structlog.get_logger().warning(
+            "python.warning",
+            category=category.__name__,
+            message=str(message),
+            where=f"{filename}:{lineno}",
+        )
+
+    warnings.showwarning = show

@@ -72,7 +72,11 @@ def _json(text: str) -> list[tuple[str, Any]] | None:
         doc = json.loads(text, object_pairs_hook=_Object, parse_constant=refuse)
     except (ValueError, RecursionError):
         return None
-    return list(doc) if isinstance(doc, _Object) else None
+    if not isinstance(doc, _Object):
+        return None
+    if any("\ud800" <= c <= "\udfff" for c in json.dumps(doc, ensure_ascii=False)):
+        return None  # a lone surrogate escape is no text: nothing valid holds one
+    return list(doc)
 
 
 def _form(text: str) -> list[tuple[str, Any]] | None:

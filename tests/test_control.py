@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -414,6 +415,50 @@ def test_socat_piping_a_request_without_its_newline_gets_a_refusal_and_with_it_a
     assert "newline" in cut["data"]["msg"]
     assert handler.calls == []
     assert socat(b"action=status\n")["code"] == "0"
+    assert [name for name, _ in handler.calls] == ["status"]
+
+
+def test_a_json_lone_surrogate_escape_is_refused_and_nothing_runs(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    doc = ask(server.path, b'{"action": "Deploy:Core:syncpro", "k": "\\udc80"}\n')
+
+    assert doc["code"] != "0"
+    assert "UTF-8" in doc["data"]["msg"]
+    assert handler.calls == []
+
+
+def test_an_answer_holding_a_lone_surrogate_still_reaches_its_client(
+    server: ControlServer, handler: FakeHandler
+) -> None:
+    # A file name's odd byte reaches a document as a lone surrogate; the request ran, so its
+    # client must hear how it went.
+    handler.on_sync = lambda request: document(param={"k": "bad\udcff"})
+
+    doc = ask(server.path, b"action=Deploy:Core:syncpro&k=server\n")
+
+    assert doc["param"]["k"] == "bad\\xff"
+
+
+def test_a_failure_with_one_connection_leaves_the_server_answering_the_others(
+    server: ControlServer, handler: FakeHandler, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = server._service
+
+    def fail_once(*args: Any) -> None:
+        monkeypatch.setattr(server, "_service", service)
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(server, "_service", fail_once)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.path))
+        sock.sendall(b"action=status\n")
+        # Dropped (closed with its line unread, so maybe reset), not left hanging.
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(100) == b""
+
+    assert ask(server.path, b"action=status\n")["code"] == "0"
     assert [name for name, _ in handler.calls] == ["status"]
 
 

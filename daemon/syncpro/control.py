@@ -33,7 +33,7 @@ from syncpro.protocol import (
     to_sync_request,
 )
 from syncpro.request import SYNC_ACTION, SyncRequest
-from syncpro.response import refusal_document
+from syncpro.response import refusal_document, text_safe
 
 log = structlog.get_logger()
 
@@ -42,7 +42,9 @@ BUSY_CODE = "503"
 FAILED_CODE = "500"
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-_MAX_GROUPS = 1024
+# NGROUPS_MAX: with fewer, a peer in more groups fails SO_PEERGROUPS and its groups are looked
+# up in the user database, which (LDAP, sssd) may block the accepting thread.
+_MAX_GROUPS = 65536
 _LINE_LIMIT = MAX_REQUEST + 2  # the line, an optional \r, and its \n
 _ACCEPT_BATCH = 64
 # A refused client may still be sending its request; reading it for this long lets it get to
@@ -105,7 +107,9 @@ def encode(doc: dict[str, Any]) -> bytes:
     """Return a response document as one line of UTF-8 JSON (values JSON cannot hold as
     their str); a document that cannot be encoded at all becomes a refusal saying so."""
     try:
-        text = json.dumps(doc, ensure_ascii=False, default=str)
+        # text_safe: a lone surrogate (a file name's odd byte) would fail the UTF-8 encoding
+        # after the request ran, and its client would get no answer at all.
+        text = json.dumps(text_safe(doc), ensure_ascii=False, default=str)
     except (TypeError, ValueError) as exc:
         log.error("control.unencodable_document", error=str(exc))
         reason = f"internal error: the answer could not be encoded: {exc}"
@@ -351,11 +355,20 @@ class ControlServer:
                         elif (waiting := self._waiting.get(key.fd)) is key.data:
                             # (else dropped earlier in this round; its number may be reused)
                             assert waiting is not None
-                            self._service(selector, waiting, events)
+                            self._guarded(selector, waiting, events)
                     self._expire(selector)
             finally:
                 for waiting in list(self._waiting.values()):
                     self._drop(selector, waiting, "the server is stopping")
+
+    def _guarded(self, selector: selectors.BaseSelector, waiting: _Waiting, events: int) -> None:
+        # One connection's surprise (no thread to be had, say) must not end the accepting
+        # thread: every other client, and every later one, would wait on a dead socket.
+        try:
+            self._service(selector, waiting, events)
+        except Exception as exc:
+            log.exception("control.connection_failed", socket=str(self.path), error=repr(exc))
+            self._drop(selector, waiting, f"internal error: {type(exc).__name__}")
 
     def _select_timeout(self) -> float | None:
         if not self._waiting:
@@ -457,7 +470,11 @@ class ControlServer:
                     daemon=False,
                 )
                 self._clients.add(thread)
-                thread.start()
+                try:
+                    thread.start()
+                except BaseException:
+                    self._clients.discard(thread)  # stop() must never join an unstarted thread
+                    raise
         if busy:
             log.warning("control.busy", clients=self.max_clients)
             reason = f"busy: {self.max_clients} requests already in progress; retry later"

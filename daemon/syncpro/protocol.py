@@ -116,7 +116,18 @@ def _json_pairs(text: str) -> list[tuple[str, Any]]:
     if not isinstance(document, _Pairs):
         kind = "array" if isinstance(document, list) else type(document).__name__
         raise ProtocolError(f"a JSON request must be an object of fields, not {kind}")
+    if _has_lone_surrogate(document):
+        # "\ud800" is valid JSON but no text: it names no app, and no answer could carry it.
+        raise ProtocolError("request is not valid UTF-8: a \\uD8xx-\\uDFxx escape stands alone")
     return list(document)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, list | tuple):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _not_json(constant: str) -> Any:

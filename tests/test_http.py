@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
 import subprocess
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -359,8 +361,73 @@ def test_past_the_connection_cap_a_client_gets_503_at_once_and_idle_ones_hold_no
 
 
 def _http_threads() -> int:
-    # socketserver names its request threads after the handler, "Thread-N (process_request...)"
-    return sum("process_request_thread" in t.name for t in threading.enumerate())
+    return sum(t.name.startswith("syncpro-http-request-") for t in threading.enumerate())
+
+
+def test_a_client_dribbling_its_body_is_cut_off_at_the_request_deadline(
+    handler: FakeHandler,
+) -> None:
+    settings = HttpSettings(enabled=True, listen="127.0.0.1:0", token=TOKEN)
+    head = f"POST /rex?token={TOKEN} HTTP/1.0\r\nContent-Length: 100\r\n\r\n".encode()
+    with (
+        HttpServer(settings, handler, timeout=1.0, max_clients=1) as server,
+        socket.create_connection(server.address, timeout=10) as slow,
+    ):
+        slow.sendall(head)
+        done = threading.Event()
+
+        def dribble() -> None:  # a byte every 0.2 s: each recv is quick, the request never ends
+            with contextlib.suppress(OSError):
+                while not done.wait(0.2):
+                    slow.sendall(b"a")
+
+        dribbler = threading.Thread(target=dribble)
+        dribbler.start()
+        try:
+            wait_until(lambda: curl(url(server, "/healthz"))[0] == 200, timeout=8)
+            assert b" 408 " in slow.recv(4096)
+        finally:
+            done.set()
+            dribbler.join()
+    assert handler.calls == []
+
+
+def test_a_content_length_that_is_not_ascii_digits_is_a_400_not_a_dropped_connection(
+    server: HttpServer, handler: FakeHandler
+) -> None:
+    for length in (b"\xb2", b"9" * 5000):
+        request = b"POST /rex HTTP/1.0\r\nContent-Length: " + length + b"\r\n\r\n"
+        answer = raw_exchange(server, request)
+        assert answer.startswith(b"HTTP/1.0 400 "), answer[:80]
+    assert handler.calls == []
+
+
+def test_a_token_in_a_path_with_an_encoded_question_mark_is_never_logged_or_echoed(
+    server: HttpServer,
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        status, doc = curl(url(server, f"/rex%3Ftoken={TOKEN}"))
+
+    assert status == 404
+    assert TOKEN not in json.dumps(doc)
+    assert TOKEN not in json.dumps(logs, default=str)
+
+
+def test_stop_returns_within_its_timeout_while_a_client_stalls_mid_request(
+    handler: FakeHandler,
+) -> None:
+    settings = HttpSettings(enabled=True, listen="127.0.0.1:0", token=TOKEN)
+    server = HttpServer(settings, handler, timeout=30.0)
+    server.start()
+    with socket.create_connection(server.address, timeout=10) as stalled:
+        stalled.sendall(b"POST /rex HTTP/1.0\r\n")  # and nothing more
+        wait_until(lambda: _http_threads() == 1)
+        started = time.monotonic()
+        with structlog.testing.capture_logs() as logs:
+            server.stop(timeout=1.0)
+        assert time.monotonic() - started < 5
+        assert any(e["event"] == "http.stop_abandoned" for e in logs)
+    wait_until(lambda: _http_threads() == 0)  # its client gone, the thread ends
 
 
 def test_the_server_thread_and_its_request_threads_end_on_stop(handler: FakeHandler) -> None:

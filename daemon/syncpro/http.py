@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hmac
+import io
 import json
 import re
 import socket
@@ -36,7 +37,7 @@ from syncpro.control import (
 )
 from syncpro.errors import ControlError
 from syncpro.protocol import ControlRequest, ProtocolError, parse_request
-from syncpro.response import REDACTED, refusal_document
+from syncpro.response import REDACTED, refusal_document, text_safe
 
 log = structlog.get_logger()
 
@@ -99,9 +100,15 @@ class HttpServer:
         server, self._server = self._server, None
         if server is None or self._thread is None:
             return
+        deadline = time.monotonic() + timeout
         server.shutdown()
-        self._thread.join(timeout)
-        server.server_close()  # joins the request threads
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        server.server_close()
+        for thread in server.request_threads():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        abandoned = [t.name for t in server.request_threads() if t.is_alive()]
+        if abandoned:
+            log.warning("http.stop_abandoned", requests=abandoned)
         self._thread = None
         log.info("http.stopped", listen=self.settings.listen)
 
@@ -135,9 +142,19 @@ class HttpServer:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = False
-    block_on_close = True
+    block_on_close = False  # stop() joins the request threads itself, within its timeout
     syncpro: HttpServer
     slots: threading.BoundedSemaphore
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler]) -> None:
+        super().__init__(address, handler)
+        self._threads_lock = threading.Lock()
+        self._request_threads: set[threading.Thread] = set()
+        self._count = 0
+
+    def request_threads(self) -> list[threading.Thread]:
+        with self._threads_lock:
+            return list(self._request_threads)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, but not without end: idle clients would each hold one for
@@ -145,16 +162,30 @@ class _Server(ThreadingHTTPServer):
         if not self.slots.acquire(blocking=False):
             self._refuse_busy(request)
             return
+        with self._threads_lock:
+            self._count += 1
+            thread = threading.Thread(
+                target=self.process_request_thread,
+                args=(request, client_address),
+                name=f"syncpro-http-request-{self._count}",
+                daemon=False,
+            )
+            self._request_threads.add(thread)
         try:
-            super().process_request(request, client_address)
+            thread.start()
         except BaseException:
+            with self._threads_lock:
+                self._request_threads.discard(thread)
             self.slots.release()
+            self.shutdown_request(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._threads_lock:
+                self._request_threads.discard(threading.current_thread())
             self.slots.release()
 
     def _refuse_busy(self, request: socket.socket) -> None:
@@ -198,8 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self._started = time.monotonic()
         super().setup()
-        # A client that stalls mid-request holds its thread at most this long.
-        self.connection.settimeout(self.server.syncpro.timeout)
+        # A client that stalls mid-request holds its thread at most this long in all: a
+        # per-recv timeout would let one that dribbles a byte now and then hold it for ever.
+        deadline = self._started + self.server.syncpro.timeout
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline), 65536)
 
     @property
     def _app(self) -> HttpServer:
@@ -217,12 +250,15 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/rex":
             self._refuse(405, "use POST /rex?token=... with a form body", extra={"Allow": "POST"})
         else:
-            self._refuse(404, f"no such endpoint: {path} (POST /rex, GET /healthz)")
+            self._refuse(
+                404, f"no such endpoint: {self._app.redact(path)} (POST /rex, GET /healthz)"
+            )
 
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         if url.path != "/rex":
-            self._refuse(404, f"no such endpoint: {url.path} (POST /rex, GET /healthz)")
+            where = self._app.redact(url.path)  # '/rex%3Ftoken=...': an encoded '?' hides one
+            self._refuse(404, f"no such endpoint: {where} (POST /rex, GET /healthz)")
             return
         body = self._read_body()
         if body is None:
@@ -266,7 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
         raw_length = self.headers.get("Content-Length")
         if raw_length is None:
             return b""  # neither a length nor chunks: the request has no body (RFC 9112 6.3)
-        if not raw_length.strip().isdigit():
+        # ASCII digits only (str.isdigit() takes '²'), and not so many that int() refuses them.
+        if not re.fullmatch(r"[0-9]{1,18}", raw_length.strip()):
             self._refuse(400, "Content-Length must be a number of bytes")
             return None
         length = int(raw_length)
@@ -275,7 +312,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(413, f"request body over {limit} bytes ({length})")
             self._linger(length)
             return None
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self._refuse(408, f"request body not received within {self._app.timeout:g} s")
+            return None
         if len(body) < length:
             self._refuse(400, f"request body ended after {len(body)} of {length} bytes")
             return None
@@ -312,11 +353,15 @@ class _Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
     ) -> None:
         try:
-            text = json.dumps(doc, ensure_ascii=False, indent=2 if pretty else None, default=str)
+            text = json.dumps(
+                text_safe(doc), ensure_ascii=False, indent=2 if pretty else None, default=str
+            )
             body = text.encode("utf-8") + b"\n"
         except (TypeError, ValueError):
             body = encode(doc)  # says, as a refusal, that the answer could not be encoded
         delivered = True
+        # The answer gets the whole timeout of its own, whatever reading the request took.
+        self.connection.settimeout(self._app.timeout)
         try:
             self.send_response(status)
             self.send_header("Content-Type", "application/json; charset=utf-8")
@@ -335,7 +380,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.info(
             "http.request",
             method=getattr(self, "command", None) or "",
-            path=urlsplit(getattr(self, "path", "")).path,
+            path=self._app.redact(urlsplit(getattr(self, "path", "")).path),
             status=status,
             client=self.client_address[0],
             action=action or param.get("action"),
@@ -361,3 +406,21 @@ class _Handler(BaseHTTPRequestHandler):
             message=self._app.redact(format % args),
             client=self.client_address[0],
         )
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes, each read bounded by what is left of one deadline for the request."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request took longer than its deadline")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)

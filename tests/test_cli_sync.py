@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -343,6 +344,39 @@ def test_a_file_name_of_non_utf8_bytes_keeps_stdout_and_logs_valid_utf8_json(
     assert any("bad\\xff" in path for path in doc["drift"][0]["paths"])
     assert any(e["event"] == "sync.finished" for e in logs)
     assert os.path.exists(os.fsencode(tmp_path / "var/softdir/server") + b"/ok")
+
+
+def test_folders_syncpro_creates_are_open_to_the_deploy_step_whatever_the_umask(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict(list(SERVER_GROUP)))
+    for key in ("server1", "server2"):
+        write_tree(tmp_path / f"var/remotecomdir/softdir/{key}", {"bin/run": "1"})
+        write_tree(tmp_path / f"var/remotecomdir/configuredir/{key}", {"c": "1"})
+    os.chmod(tmp_path / "var/remotecomdir/softdir/server2", 0o700)  # a source's own mode
+
+    proc = subprocess.run(
+        ["sh", "-c", 'umask 0077 && exec "$@"', "sh", SYNCPRO, "sync", "-k", "server"],
+        cwd=tmp_path,
+        env={**os.environ, "SYNCPRO_CONFIG": str(config)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    mode = {
+        rel: stat.S_IMODE(os.stat(tmp_path / "var" / rel).st_mode)
+        for rel in ("softdir", "configuredir", "configuredir/server", "softdir/server")
+    }
+    # Made by syncpro: 0755 under a umask of 0077. A published tree keeps its source's mode.
+    assert mode == {
+        "softdir": 0o755,
+        "configuredir": 0o755,
+        "configuredir/server": 0o755,
+        "softdir/server": 0o700,
+    }
 
 
 def test_a_failed_build_reports_its_own_error_though_its_staging_has_read_only_dirs(

@@ -109,6 +109,27 @@ def make_durable(path: Path) -> None:
         os.close(fd)
 
 
+def make_public_dirs(path: Path) -> None:
+    """Create path and its missing parents as mode 0755 whatever the umask: the deploy step,
+    often another user, must get through a target root and a group's config folder to the
+    trees inside, which keep their sources' own modes. Folders that exist are left as they are."""
+    missing: list[Path] = []
+    here = path
+    while not here.is_dir():
+        missing.append(here)
+        if here.parent == here:
+            break
+        here = here.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+            continue  # made meanwhile by another process: theirs
+        os.chmod(folder, 0o755)  # noqa: S103 - readable by the deploy step is the point
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -133,6 +154,7 @@ def publish(
     staging_dir, trash_dir = area / "staging", area / "trash"
     final = target.path
     try:
+        make_public_dirs(target.root)
         staging_dir.mkdir(parents=True, exist_ok=True)
         trash_dir.mkdir(parents=True, exist_ok=True)
         lock = target_lock(target)
@@ -176,7 +198,7 @@ def _build_and_swap(
                 # The build's own error is the one to report; the next sweep retries this.
                 log.warning("publish.cleanup_failed", path=str(staging), error=_describe(cleanup))
             raise
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_public_dirs(final.parent)
         if os.path.lexists(final):
             replaced = _swap(staging, final)
             expires = time.time() + grace

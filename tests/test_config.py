@@ -237,11 +237,26 @@ def test_a_nul_byte_in_a_dir_or_a_listed_config_file_is_named_not_a_crash(tmp_pa
     assert all("NUL" in p for p in found)
 
 
-@pytest.mark.parametrize(("value", "mode"), [("0660", 0o660), ("0600", 0o600), (0o640, 0o640)])
+@pytest.mark.parametrize(("value", "mode"), [("0660", 0o660), ("0600", 0o600), ("0o640", 0o640)])
 def test_control_mode_accepts_octal_strings_and_numbers(
     tmp_path: Path, value: Any, mode: int
 ) -> None:
     assert load(tmp_path, doc(control={"mode": value})).control.mode == mode
+
+
+@pytest.mark.parametrize("written", ["440", "600", "7"])
+def test_control_mode_written_as_an_unquoted_decimal_number_is_refused(
+    tmp_path: Path, written: str
+) -> None:
+    path = write(tmp_path / "config.yml", doc())
+    path.write_text(path.read_text() + f"control:\n  mode: {written}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+
+    assert caught.value.problems == [
+        f"control.mode: must be written in octal, like '0{written}' (quoted) or 0{written}"
+    ]
 
 
 def test_control_mode_given_unquoted_in_yaml_is_read_as_octal(tmp_path: Path) -> None:
@@ -251,7 +266,7 @@ def test_control_mode_given_unquoted_in_yaml_is_read_as_octal(tmp_path: Path) ->
     assert load_config(path).control.mode == 0o640
 
 
-@pytest.mark.parametrize("value", ["rw", "0999", 0o1777, True, "-1"])
+@pytest.mark.parametrize("value", ["rw", "0999", "01777", True, "-1"])
 def test_control_mode_refuses_what_is_not_an_octal_mode(tmp_path: Path, value: Any) -> None:
     found = problems(tmp_path, doc(control={"mode": value}))
 
@@ -268,7 +283,7 @@ def test_http_listen_must_be_host_and_port(tmp_path: Path, value: Any) -> None:
     found = problems(tmp_path, doc(http={"listen": value}))
 
     assert len(found) == 1
-    assert found[0].startswith("http.listen: must")
+    assert found[0].startswith("http.listen: must be host:port like '127.0.0.1:3000'")
 
 
 def test_inventory_table_must_be_a_plain_name_because_it_is_spliced_into_sql(

@@ -200,6 +200,9 @@ def _mode(value: Any, base: Path) -> int:
             mode = int(value, 8)
         except ValueError:
             raise ValueError(f"must be an octal mode like '0660', not {value!r}") from None
+    elif isinstance(value, _DecimalInt):
+        # `mode: 440` is the number four hundred and forty (0670): surely not what was meant.
+        raise ValueError(f"must be written in octal, like '0{value}' (quoted) or 0{value}")
     elif isinstance(value, int) and not isinstance(value, bool):
         mode = value
     else:
@@ -210,6 +213,8 @@ def _mode(value: Any, base: Path) -> int:
 
 
 def _listen(value: Any, base: Path) -> str:
+    if not isinstance(value, str):  # `listen: 3000` gives a port alone, a number
+        raise ValueError(f"must be host:port like '127.0.0.1:3000', not {value!r}")
     text = _str(value, base)
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -396,6 +401,19 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _DecimalInt(int):
+    """An integer the YAML file wrote in decimal (`440`), as opposed to octal (`0440`)."""
+
+
+def _construct_int(loader: _UniqueKeyLoader, node: yaml.ScalarNode) -> int:
+    value = loader.construct_yaml_int(node)
+    text = str(node.value).replace("_", "").lstrip("+-")
+    return _DecimalInt(value) if text.isdigit() and not text.startswith("0") else value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

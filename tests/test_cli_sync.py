@@ -109,6 +109,16 @@ def test_sync_logs_one_json_event_per_sync_on_stderr_carrying_the_response(
     assert program["seconds"] >= 0
 
 
+def test_quiet_keeps_stderr_to_warnings_and_errors(demo: Path, tmp_path: Path) -> None:
+    proc = run("sync", "-q", "-k", "server1,nosuch", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 1
+    assert one_document(proc.stdout)["unknown"] == ["nosuch"]
+    levels = {json.loads(line)["level"] for line in proc.stderr.splitlines()}
+    assert levels <= {"warning", "error"}
+    assert "sync.finished" not in proc.stderr
+
+
 def test_on_a_terminal_log_events_are_rendered_for_people_not_as_json(tmp_path: Path) -> None:
     import pty
 
@@ -177,6 +187,7 @@ def test_sync_exits_2_for_an_empty_k_and_runs_nothing(demo: Path, tmp_path: Path
     assert doc["code"] != "0"
     assert doc["parseparameters"]["code"] == doc["code"]
     assert "k must not be empty" in doc["data"]["msg"]
+    assert doc["param"]["k"] == ""  # normalised, as every document echoes k
     assert doc["data"]["data"]["0"] == "0"
     assert "k" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -274,6 +285,21 @@ def test_check_config_validates_and_summarises(demo: Path, tmp_path: Path) -> No
     assert "valid" in proc.stdout
     assert str(tmp_path / "var/softdir") in proc.stdout
     assert "server" in proc.stdout
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert "missing" not in lines["remotecomdir"]
+    assert "missing: made at the first sync" in lines["softdir"]  # not synced yet
+
+
+def test_check_config_points_at_a_source_dir_that_does_not_exist(tmp_path: Path) -> None:
+    doc = config_dict(SERVER_GROUP)
+    doc["dirs"]["remotecomdir"] = "var/remotecomdr"  # the typo
+    config = write_config(tmp_path / "config.yml", doc)
+
+    proc = run("check-config", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == 0
+    line = next(x for x in proc.stdout.splitlines() if "remotecomdir" in x)
+    assert "var/remotecomdr   (missing: nothing to sync; a typo?)" in line
 
 
 def test_version_prints_the_package_version(tmp_path: Path) -> None:

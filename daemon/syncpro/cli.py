@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from syncpro import __version__
 from syncpro.config import Config, load_config
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
         "--update", action="store_true", help="sync from updatedir (default: remotecomdir)"
     )
     sync.add_argument("--pretty", action="store_true", help="indent the response JSON")
+    sync.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="log only warnings and errors on stderr (stdout has the document anyway)",
+    )
 
     with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
@@ -87,17 +94,18 @@ def _sync(args: argparse.Namespace) -> int:
     from syncpro.engine import run_sync
     from syncpro.inventories import load_inventory
     from syncpro.publish import sweep_later
-    from syncpro.request import SYNC_ACTION, SyncRequest, validate_k
+    from syncpro.request import SYNC_ACTION, SyncRequest, split_k, validate_k
     from syncpro.response import refusal_document, response_document
 
     config = load_config(args.config)
     # stdout carries the response document alone; log events go to stderr.
-    log.configure(sys.stderr, verbose=args.verbose)
+    log.configure(sys.stderr, verbose=args.verbose, quiet=args.quiet)
     try:
         k = validate_k(args.k)
     except RequestError as exc:
         # Refused as the socket and HTTP refuse it: a document saying why, and nothing runs.
-        param = {"action": SYNC_ACTION, "k": args.k, "update": "1" if args.update else "0"}
+        normalised = " ".join(split_k(args.k))
+        param = {"action": SYNC_ACTION, "k": normalised, "update": "1" if args.update else "0"}
         print_document(refusal_document(param, str(exc)), args.pretty)
         raise
     inventory = load_inventory(config)
@@ -118,8 +126,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _import_config(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from syncpro import log
     from syncpro.import_config import import_original_config
 
@@ -135,14 +141,20 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _missing(path: Path, then: str) -> str:
+    # A typo in a dir is valid config; seen here, it is not silently created and published to.
+    return "" if path.is_dir() else f"   (missing: {then}; a typo?)"
+
+
 def summary(config: Config) -> str:
     dirs = config.dirs
     lines = [
         f"config {config.path}: valid",
-        f"  remotecomdir  {dirs.remotecomdir}",
-        f"  updatedir     {dirs.updatedir}",
-        f"  softdir       {dirs.softdir}",
-        f"  configuredir  {dirs.configuredir}",
+        f"  remotecomdir  {dirs.remotecomdir}{_missing(dirs.remotecomdir, 'nothing to sync')}",
+        f"  updatedir     {dirs.updatedir}{_missing(dirs.updatedir, 'nothing to sync')}",
+        f"  softdir       {dirs.softdir}{_missing(dirs.softdir, 'made at the first sync')}",
+        f"  configuredir  {dirs.configuredir}"
+        f"{_missing(dirs.configuredir, 'made at the first sync')}",
         f"  state         {dirs.state}",
         f"  inventory     {config.inventory.source}",
     ]

@@ -17,8 +17,9 @@ def _text_safe(_logger: object, _name: str, event: structlog.typing.EventDict) -
     return text_safe(event)
 
 
-def configure(stream: TextIO | None = None, *, verbose: bool = False) -> None:
-    """Send log events to stream (default stdout): JSON lines unless it is a terminal."""
+def configure(stream: TextIO | None = None, *, verbose: bool = False, quiet: bool = False) -> None:
+    """Send log events to stream (default stdout): JSON lines unless it is a terminal.
+    `verbose` adds debug events; `quiet` keeps only warnings and errors."""
     stream = stream or sys.stdout
     renderer: structlog.typing.Processor
     if stream.isatty():
@@ -36,7 +37,7 @@ def configure(stream: TextIO | None = None, *, verbose: bool = False) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
-            logging.DEBUG if verbose else logging.INFO
+            logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
         ),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,

@@ -199,6 +199,23 @@ def test_the_token_never_appears_in_any_log_event(server: HttpServer, handler: F
     assert requests[0]["k"] == "server"
 
 
+def test_the_request_log_says_ok_only_for_a_request_that_ran_and_succeeded(
+    server: HttpServer, handler: FakeHandler
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        curl("-d", "action=Deploy:Core:syncpro&k=", url(server, f"/rex?token={TOKEN}"))
+        curl("-d", "action=nope", url(server, f"/rex?token={TOKEN}"))
+        curl("-d", SEED_BODY, url(server, f"/rex?token={TOKEN}"))
+        wait_until(lambda: sum(e["event"] == "http.request" for e in logs) == 3)
+
+    requests = [e for e in logs if e["event"] == "http.request"]
+    assert [(e["status"], e["code"] != "0", e["ok"]) for e in requests] == [
+        (200, True, False),  # empty k: refused by its document
+        (200, True, False),  # unknown action
+        (200, False, True),
+    ]
+
+
 # --- limits and other paths ---
 
 

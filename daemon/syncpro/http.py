@@ -386,7 +386,9 @@ class _Handler(BaseHTTPRequestHandler):
             action=action or param.get("action"),
             k=param.get("k"),
             update=param.get("update"),
-            ok=status == 200 and succeeded(doc, action) if action else status == 200,
+            # succeeded(): the document's code (and, for a sync, its result), never the status
+            # alone: an invalid request is answered 200 with a non-zero code.
+            ok=status == 200 and succeeded(doc, action),
             code=doc.get("code"),
             delivered=delivered,
             seconds=round(time.monotonic() - self._started, 6),

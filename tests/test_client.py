@@ -185,6 +185,22 @@ def test_an_invalid_config_exits_2_with_its_problem(
     assert str(bad) in err
 
 
+def test_a_typo_in_the_config_on_disk_still_lets_ctl_reach_the_running_daemon(
+    tmp_path: Path, sock_dir: Path, handler: FakeHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "c.sock"
+    config = make_config(tmp_path, SERVER_GROUP, extra={"control": {"socket": str(path)}})
+    # An operator edits the file; the daemon still runs on what it loaded before.
+    config.path.write_text(config.path.read_text() + "watch:\n  setle: 3\n")
+    with ControlServer(config.control, handler):
+        code, out, err = ctl(["status", "--config", str(config.path)], capsys)
+
+    assert code == 0
+    assert json.loads(out)["msg"] == "ok"
+    assert "watch.setle: unknown key" in err
+    assert str(path) in err
+
+
 def test_a_canned_failure_document_maps_to_exit_1_not_2() -> None:
     from syncpro.client import exit_code
 

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from syncpro.config import ControlSettings, find_config, load_config
+from syncpro.config import ControlSettings, control_socket_of, find_config, load_config
 from syncpro.errors import ConfigError, ControlError
 from syncpro.protocol import DIFF_ACTION, MAX_REQUEST, NEEDS_K, RELOAD_ACTION, STATUS_ACTION
 from syncpro.request import SYNC_ACTION
@@ -97,7 +97,14 @@ def socket_path(explicit: str | None, config: str | None) -> Path:
         found = find_config(config)
     except ConfigError:
         return ControlSettings().socket
-    return load_config(found).control.socket
+    try:
+        return load_config(found).control.socket
+    except ConfigError as exc:
+        fallback = control_socket_of(found)
+        if fallback is None:
+            raise
+        print(f"syncpro ctl: {exc}; trying its control.socket {fallback}", file=sys.stderr)
+        return fallback
 
 
 def send_request(path: Path, fields: dict[str, str], timeout: float) -> dict[str, Any]:

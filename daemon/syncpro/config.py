@@ -473,6 +473,18 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     return parse_config(raw, config_path)
 
 
+def control_socket_of(path: Path) -> Path | None:
+    """Given a config file that does not validate, return the control.socket it names, if it
+    names one a client can still use; else None. A typo elsewhere in the file must not keep
+    `syncpro ctl status` from the daemon that runs on the config it loaded before."""
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+        value = raw["control"]["socket"]
+        return _path(value, Path(os.path.abspath(path)).parent)
+    except (OSError, UnicodeError, yaml.YAMLError, TypeError, KeyError, ValueError):
+        return None
+
+
 def parse_config(raw: Any, config_path: Path) -> Config:
     """Given the parsed YAML document, return the Config. Raise ConfigError with all problems."""
     # Relative paths follow the folder the config is named in: a symlinked config.yml in

@@ -278,6 +278,15 @@ def test_a_missing_environment_section_is_named_with_the_ones_found(tmp_path: Pa
     ]
 
 
+def test_a_missing_environment_chosen_by_env_says_so_not_env_key(tmp_path: Path) -> None:
+    problems = problems_of(write_original(tmp_path), env_key="staging")
+
+    assert problems == [
+        "staging: missing (the environment section selected by --env;"
+        " environment sections found: dev, prod)"
+    ]
+
+
 def test_a_missing_env_key_is_named(tmp_path: Path) -> None:
     path = write_original(tmp_path, ORIGINAL.replace(' env:\n   key: "dev"\n', ""))
 

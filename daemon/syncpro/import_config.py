@@ -176,7 +176,9 @@ def _select_environment(
     db_section = raw.get("db")
     if not isinstance(db_section, Mapping):
         db_section = {}
+    chosen_by = "--env"
     if env_key is None:
+        chosen_by = "env.key"
         env = raw.get("env")
         env_key = _text(env.get("key")) if isinstance(env, Mapping) else None
         if env_key is None:
@@ -192,7 +194,7 @@ def _select_environment(
         found = ", ".join(sections) or "none"
         state = "missing" if section is None else "not a mapping"
         problems.append(
-            f"{env_key}: {state} (the environment section selected by env.key;"
+            f"{env_key}: {state} (the environment section selected by {chosen_by};"
             f" environment sections found: {found})"
         )
         return env_key, None, db_section

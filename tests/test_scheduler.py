@@ -322,6 +322,36 @@ def test_both_modes_of_one_app_run_oldest_change_first(make: MakeScheduler, olde
     assert recorder.batches() == [("app1", older, ("app1",)), ("app1", not older, ("app1",))]
 
 
+def test_an_apps_older_change_in_the_other_mode_runs_before_its_newer_one_in_a_group(
+    make: MakeScheduler,
+) -> None:
+    recorder = Recorder()
+    scheduler = make(recorder, start=False, group_of=lambda _: "g")
+    # The catch-up's order: oldest arrival first. B's update=1 is the oldest of all, so a
+    # batch of update=1 runs first, but it must not take A's update=1 along: A's update=0
+    # is older and would then overwrite it.
+    for app_key, update in (("B", True), ("A", False), ("A", True), ("B", False)):
+        scheduler.submit(app_key, update, trigger="catch-up", immediate=True)
+    scheduler.start()
+    assert scheduler.wait_idle(WAIT)
+    assert recorder.batches() == [
+        ("g", True, ("B",)),
+        ("g", False, ("A", "B")),
+        ("g", True, ("A",)),
+    ]
+
+
+def test_a_due_change_waits_for_the_same_apps_older_change_still_settling(
+    make: MakeScheduler,
+) -> None:
+    recorder = Recorder()
+    scheduler = make(recorder, settle=QUIET, max_wait=WAIT)
+    scheduler.submit("A", False, "/r/A/x")
+    scheduler.submit("A", True, "/u/A/y", trigger="manual", immediate=True)
+    assert scheduler.wait_idle(WAIT)
+    assert recorder.batches() == [("A", False, ("A",)), ("A", True, ("A",))]
+
+
 def test_an_immediate_submission_does_not_wait_for_settle(make: MakeScheduler) -> None:
     recorder = Recorder()
     scheduler = make(recorder, settle=60, max_wait=120)

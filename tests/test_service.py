@@ -32,6 +32,11 @@ def base(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def tick_past(probe: Path, ctime_ns: int) -> None:
+    """File times tick coarsely: wait until a file written now has a later ctime."""
+    wait_until(lambda: probe.write_text("x") and probe.stat().st_ctime_ns > ctime_ns)
+
+
 def test_ready_is_notified_and_the_catch_up_syncs_existing_sources(base: Path) -> None:
     with running(write_config(base, APPS)) as daemon:
         sync = daemon.wait_sync("server1")
@@ -162,6 +167,53 @@ def test_both_modes_changed_while_down_apply_oldest_arrival_first(
             "index.html": "uploaded last, with the uploader's old mtime\n"
         }
         assert daemon.stop() == 0
+
+
+def test_a_catch_up_in_one_group_leaves_each_apps_newest_arrival_published(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    apps = [
+        {"app_key": "C", "local_name": "other"},
+        {"app_key": "A", "local_name": "g"},
+        {"app_key": "B", "local_name": "g"},
+    ]
+    probe = tmp_path_factory.mktemp("clock") / "probe"
+    # Arrival order, oldest first: B's update=1 comes before A's two changes, A's update=0
+    # before its update=1, and B's update=0 last of all.
+    arrivals = [
+        ("r/softdir/C", {"c.txt": "c\n"}),
+        ("u/configuredir/g/B", {"b.conf": "B update=1, older\n"}),
+        ("r/configuredir/A", {"a.conf": "A update=0, older\n"}),
+        ("u/configuredir/g/A", {"a.conf": "A update=1, newest\n"}),
+        ("r/configuredir/B", {"b.conf": "B update=0, newest\n"}),
+    ]
+    for rel, files in arrivals:
+        put(tmp_path / rel, files)
+        tick_past(probe, max(p.stat().st_ctime_ns for p in (tmp_path / rel).rglob("*")))
+    config = write_config(tmp_path, apps, watch={"workers": 1})
+    # The one worker is kept busy with C while the catch-up hands in all of group g's keys,
+    # so that they are all due together when it frees up.
+    held = contextlib.ExitStack()
+    lock = held.enter_context(holding(tmp_path / "soft", "other"))
+    try:
+        with running(config) as daemon:
+            daemon.wait(lambda: daemon.waits_for_lock(lock), what="C's sync blocked mid-way")
+            daemon.wait_event("service.rescanned", trigger="catch-up")
+            held.close()
+            keys = {(k, u) for k in "AB" for u in (False, True)}
+            daemon.wait(
+                lambda: keys <= {(k, e["update"]) for e in daemon.syncs() for k in e["k"].split()},
+                what="both modes of A and B synced",
+            )
+            runs = [(e["k"], e["update"]) for e in daemon.syncs()]
+            assert runs == [("C", False), ("B", True), ("A B", False), ("A", True)]
+            assert tree(tmp_path / "conf/g") == {
+                "A/a.conf": "A update=1, newest\n",
+                "B/b.conf": "B update=0, newest\n",
+            }
+            assert daemon.stop() == 0
+    finally:
+        held.close()
 
 
 def test_a_program_build_in_updatedir_syncs_the_whole_group_once(base: Path) -> None:

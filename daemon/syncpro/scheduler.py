@@ -12,6 +12,8 @@ the paths and the cause that triggered them, and calls one function with a `Batc
   and touches of temporaries push the settle time back but are never by themselves a reason
   to run;
 - a burst of any number of events costs one run;
+- an app's two modes publish to the same targets: a key never runs while the same app has an
+  older pending change in the other mode, so the newest arrival is the one left published;
 - a group (an app's local name) is never run twice at once: events arriving while it runs are
   kept and give exactly one more run afterwards, so every event is followed by a run that
   started after it;
@@ -52,7 +54,8 @@ class Batch:
     group: str
     update: bool
     app_keys: tuple[str, ...]
-    """Every due key of the group with this mode, in the order their bursts began."""
+    """Every due key of the group with this mode, in the order their bursts began, but for
+    an app whose older change in the other mode is still pending."""
     paths: tuple[str, ...]
     """Paths that triggered the run, deduplicated, the first `PATHS_LIMIT` of them."""
     trigger: str
@@ -439,11 +442,13 @@ class Scheduler:
             if group in self._running:
                 continue  # its release wakes the dispatcher
             dues = [(self._due(b, now), b) for b in bursts]
-            ready = [b for due, b in dues if due <= now]
+            ready = [b for due, b in dues if due <= now and not self._behind_other_mode(b)]
             if ready:
                 candidates.append((min(ready, key=_Burst.age), group, ready))
             else:
-                next_due = min(next_due, min(due for due, _ in dues))
+                # Every due key waits behind its app's older change: that one's due time.
+                waiting = [due for due, _ in dues if due > now]
+                next_due = min(next_due, min(waiting, default=math.inf))
 
         candidates.sort(key=lambda c: c[0].age())
         free = max(0, self._workers - len(self._running))
@@ -475,6 +480,13 @@ class Scheduler:
         self._running[group] = _Running(batch, since=now)
         self._ready.append(group)
         self._workers_cv.notify()
+
+    def _behind_other_mode(self, burst: _Burst) -> bool:
+        """Whether the same app has an older pending change in the other mode. Both modes
+        publish to the same targets: applied oldest change first, the newest arrival wins
+        (SPEC section 7), so this one must wait for that one to run first."""
+        other = self._pending.get((burst.app_key, not burst.update))
+        return other is not None and other.age() < burst.age()
 
     def _due(self, burst: _Burst, now: float) -> float:
         return burst.due(self._settle, self._max_wait, self._held_until(burst, now))

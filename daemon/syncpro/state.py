@@ -35,8 +35,9 @@ class Fingerprint:
 
     digest: str
     newest: float
-    """The largest ctime in the sources: `rsync -a` keeps the uploader's mtimes, so only the
-    inode change time says when a file landed here."""
+    """The largest ctime in the sources, their folders included: `rsync -a` keeps the
+    uploader's mtimes, so only the inode change time says when a file landed here (or, for
+    its folder's, when one was deleted)."""
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ class StateStore:
 
 def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerprint | None:
     """Given an app and a mode, return a digest of its program and config sources (names,
-    types, sizes, mtimes, modes, link targets) and their newest ctime, or None when neither
-    source exists."""
+    types, sizes, mtimes, modes, link targets) and their newest ctime (of the source folders
+    too), or None when neither source exists."""
     digest = hashlib.blake2b(digest_size=16)
     newest = 0.0
     found = False
@@ -104,10 +105,17 @@ def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerpri
         ("program", layout.program_source(dirs, app, update)),
         ("config", layout.config_source(dirs, app, update)),
     ):
-        if not root.is_dir():
+        try:
+            top = os.stat(root)
+        except OSError:
+            top = None
+        if top is None or not stat.S_ISDIR(top.st_mode):
             digest.update(f"{kind}:absent\0".encode())
             continue
         found = True
+        # A deletion leaves no entry behind whose ctime could say when: only the ctime of
+        # the folder it was in does. Those below are entries of _walk; the top one is not.
+        newest = max(newest, top.st_ctime)
         digest.update(f"{kind}:\0".encode())
         for rel, st, link in _walk(root, ignore):
             newest = max(newest, st.st_ctime)

@@ -129,12 +129,21 @@ class Daemon:
 
     def wait(self, predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
         deadline = time.monotonic() + timeout
+        exited = False
         with self._cond:
             while not predicate():
+                if not exited and self.proc.poll() is not None and not self._threads[0].is_alive():
+                    # A daemon that died says nothing more: fail soon instead of at the full
+                    # deadline, leaving a moment for notifications still in the socket.
+                    exited = True
+                    deadline = min(deadline, time.monotonic() + 1.0)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     tail = "\n".join(self.raw[-30:])
-                    raise AssertionError(f"timed out waiting for {what}; daemon said:\n{tail}")
+                    code = f" (it exited with {self.proc.returncode})" if exited else ""
+                    raise AssertionError(
+                        f"timed out waiting for {what}; daemon{code} said:\n{tail}"
+                    )
                 self._cond.wait(min(remaining, 0.5))
 
     def find(self, event: str, **match: Any) -> list[Event]:

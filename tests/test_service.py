@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -451,6 +452,25 @@ def test_directories_created_while_running_are_watched_too(
             lambda: tree(base / "soft/server").get("a/b/c/deep.txt") == "changed later\n",
             what="the deep change published",
         )
+        assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_deleted_watched_root_is_made_again_and_a_later_upload_is_synced(
+    base: Path, polling: bool
+) -> None:
+    env = {"SYNCPRO_WATCH_POLLING": "1"} if polling else {}
+    config = write_config(base, APPS, watch={"poll_interval": 0.2})
+    with running(config, env=env) as daemon:
+        daemon.wait_sync("server1")
+        shutil.rmtree(base / "r")
+        daemon.wait_event("watch.root_missing", root=str(base / "r"))
+        put(base / "r/softdir/server1", {"bin/run.sh": "uploaded again\n"})
+        daemon.wait(
+            lambda: tree(base / "soft/server") == {"bin/run.sh": "uploaded again\n"},
+            what="the upload into the remade root published",
+        )
+        assert daemon.proc.poll() is None
         assert daemon.stop() == 0
 
 

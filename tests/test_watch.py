@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from syncpro.config import DEFAULT_IGNORE
 from syncpro.service import source_root_of
 from syncpro.tree import Ignore
 from syncpro.watch import DONE, TOUCHED, WRITING, Watcher
 
-from helpers import make_config
+from helpers import make_config, wait_until
 
 WAIT = 10.0
 
@@ -56,6 +58,18 @@ def until_change(seen: queue.Queue[tuple[str, str]], rel: str) -> list[tuple[str
             return events
 
 
+def until_event(
+    seen: queue.Queue[tuple[str, str]], wanted: tuple[str, str]
+) -> list[tuple[str, str]]:
+    """Every event up to the first that is `wanted`."""
+    events = []
+    while True:
+        event = seen.get(timeout=WAIT)
+        events.append(event)
+        if event == wanted:
+            return events
+
+
 def test_user_patterns_come_on_top_of_the_defaults(tmp_path: Path) -> None:
     config = make_config(tmp_path, [], extra={"watch": {"ignore": ["*.bak", "*.part"]}})
     assert config.watch.ignore == (*DEFAULT_IGNORE, "*.bak")
@@ -93,3 +107,61 @@ def test_path_globs_are_matched_under_the_source_root_and_never_reported(
     assert [e for e in events if e[1].startswith(("logs/", "tmp/a/", "tmp/new/"))] == []
     # The folders themselves are published, so they count.
     assert {("change", "logs"), ("change", "tmp/new")} <= set(events)
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_deleted_root_is_made_again_and_watched_with_its_own_backend(
+    tmp_path: Path, polling: bool
+) -> None:
+    root = tmp_path / "remotecomdir"
+    (root / "softdir/server1").mkdir(parents=True)
+    seen: queue.Queue[tuple[str, str]] = queue.Queue()
+    watcher = Watcher(
+        [root],
+        ignore=Ignore(DEFAULT_IGNORE),
+        on_change=lambda path: seen.put(("change", str(path.relative_to(tmp_path)))),
+        on_trouble=lambda reason: seen.put(("trouble", reason)),
+        poll_interval=0.05,
+        force_polling=polling,
+    )
+    with watcher, capture_logs() as logs:
+        shutil.rmtree(root)
+
+        def checked() -> bool:
+            watcher.check()  # what the daemon's main loop does every tick
+            return root.is_dir()
+
+        wait_until(checked, WAIT)
+        assert watcher.backends[root] == ("polling" if polling else "inotify")
+        (root / "softdir/server1").mkdir(parents=True)
+        (root / "softdir/server1/run.sh").write_text("back\n", encoding="utf-8")
+        events = until_event(seen, ("change", "remotecomdir/softdir/server1/run.sh"))
+    assert ("trouble", "root_missing") in events
+    missing = [e for e in logs if e["event"] == "watch.root_missing"]
+    assert missing == [{"event": "watch.root_missing", "log_level": "warning", "root": str(root)}]
+
+
+def test_a_root_that_cannot_be_made_again_is_retried_by_every_check(tmp_path: Path) -> None:
+    root = tmp_path / "parent/remotecomdir"
+    root.mkdir(parents=True)
+    seen: queue.Queue[tuple[str, str]] = queue.Queue()
+    watcher = Watcher(
+        [root],
+        ignore=Ignore(DEFAULT_IGNORE),
+        on_change=lambda path: seen.put(("change", path.name)),
+        on_trouble=lambda reason: seen.put(("trouble", reason)),
+    )
+    with watcher, capture_logs() as logs:
+        shutil.rmtree(tmp_path / "parent")
+        # A file where the root's parent was: the root cannot be made.
+        (tmp_path / "parent").write_text("in the way\n", encoding="utf-8")
+        wait_until(lambda: watcher.check() or watcher.backends[root] == "unavailable", WAIT)
+        watcher.check()
+        watcher.check()
+        (tmp_path / "parent").unlink()
+        wait_until(lambda: watcher.check() or watcher.backends[root] == "inotify", WAIT)
+        (root / "new.txt").write_text("n\n", encoding="utf-8")
+        until_event(seen, ("change", "new.txt"))
+    unavailable = [e for e in logs if e["event"] == "watch.root_unavailable"]
+    assert len(unavailable) == 1, "logged once per outage, not once per check"
+    assert unavailable[0]["root"] == str(root)

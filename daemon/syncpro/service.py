@@ -301,7 +301,13 @@ class Service:
                 now = time.monotonic()
                 next_rescan = now + snap.config.watch.rescan_interval
             if self.watcher is not None:
-                self.watcher.check()
+                try:
+                    self.watcher.check()
+                except Exception:
+                    # Nothing on disk may stop the daemon: the next tick checks again, and
+                    # the rescan it asks for catches up on what went unwatched meanwhile.
+                    log.exception("watch.check_failed")
+                    self.request_rescan("watcher_error")
             if now >= next_rescan:
                 self.request_rescan("rescan")
                 next_rescan = now + snap.config.watch.rescan_interval

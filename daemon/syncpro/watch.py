@@ -105,6 +105,8 @@ class _Events(FileSystemEventHandler):
         on_temporary: Callable[[Path, str], None],
     ) -> None:
         self.root = root
+        self.root_deleted = False
+        """Whether the root itself was deleted: watchdog's emitter stops on that."""
         # Name patterns are what uploaders name their temporaries; path globs are trees the
         # user keeps out (a logs/ folder written all the time must not hold anything back).
         self.names = Ignore(p for p in ignore.patterns if "/" not in p)
@@ -116,6 +118,8 @@ class _Events(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _QUIET_EVENTS:
             return
+        if event.event_type == "deleted" and os.fsdecode(event.src_path) == str(self.root):
+            self.root_deleted = True
         if event.is_directory and event.event_type == "modified":
             # A directory's entries changed: the entry's own event says which, and an upload's
             # ignored temp file must not trigger a sync through its parent directory.
@@ -195,8 +199,10 @@ class Watcher:
         self.poll_interval = poll_interval
         self.force_polling = force_polling
         self._observers: dict[Path, BaseObserver] = {}
+        self._handlers: dict[Path, _Events] = {}
         self._trouble_log = _TroubleLog(on_trouble)
         self.backends: dict[Path, str] = {}
+        """Per root: "inotify", "polling", or "unavailable" while it cannot be watched."""
 
     def start(self) -> None:
         logging.getLogger("watchdog").addHandler(self._trouble_log)
@@ -205,7 +211,10 @@ class Watcher:
             self._start_root(root, polling=self.force_polling)
 
     def _start_root(self, root: Path, *, polling: bool) -> None:
+        """Watch root with inotify (polling where inotify fails) or by polling. Raise OSError
+        if root cannot be watched at all (it is missing or no folder)."""
         handler = _Events(root, self.ignore, self.source_root_of, self.on_change, self.on_temporary)
+        self._handlers[root] = handler
         if not polling:
             observer: BaseObserver = Observer()
             try:
@@ -239,23 +248,60 @@ class Watcher:
         self.on_trouble("inotify_failed")
 
     def check(self) -> None:
-        """Poll, from now on, any root whose observer died or that may have directories left
-        unwatched because the inotify limit was reached (new directories keep coming)."""
+        """Watch again any root that was deleted (made again), that could not be watched
+        (retried), whose observer died for another reason or that may have directories left
+        unwatched because the inotify limit was reached (both polled from now on: new
+        directories keep coming). Never raises for what happened on disk."""
         inotify_roots = [r for r, b in self.backends.items() if b == "inotify"]
         full = inotify_problem(inotify_roots[0]) if inotify_roots else None
-        for root, observer in list(self._observers.items()):
+        for root in self.roots:
+            observer = self._observers.get(root)
+            if observer is None:
+                self._rewatch(root, polling=self.force_polling)
+                continue
             dead = not observer.is_alive() or any(not e.is_alive() for e in observer.emitters)
             if not dead and not (full is not None and self.backends[root] == "inotify"):
                 continue
-            observer.stop()
-            if observer.is_alive():
-                observer.join(timeout=10)
+            self._stop_observer(root)
+            handler = self._handlers.get(root)
+            if dead and ((handler is not None and handler.root_deleted) or not root.is_dir()):
+                # A known cause, nothing wrong with the backend: the same one, once made again.
+                self._rewatch(root, polling=self.force_polling)
+                continue
             if dead:
                 log.error("watch.observer_died", root=str(root), backend=self.backends[root])
                 self.on_trouble("watcher_died")
             elif full is not None:
                 self._report_failure(root, full)
-            self._start_root(root, polling=True)
+            self._rewatch(root, polling=True)
+
+    def _stop_observer(self, root: Path) -> None:
+        observer = self._observers.pop(root)
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=10)
+
+    def _rewatch(self, root: Path, *, polling: bool) -> None:
+        """Watch root again, making it first if it is missing: an uploader's tool writes
+        into it by its path, and a daemon that gave up on it would never publish again.
+        When it cannot be made or watched, leave it for the next check."""
+        unavailable = self.backends.get(root) == "unavailable"
+        missing = not root.is_dir()
+        try:
+            if missing:
+                root.mkdir(parents=True, exist_ok=True)
+            self._start_root(root, polling=polling)
+        except OSError as exc:
+            if not unavailable:  # once per outage: check() runs every second
+                log.error("watch.root_unavailable", root=str(root), error=str(exc))
+                self.on_trouble("root_unavailable")
+            self.backends[root] = "unavailable"
+            return
+        if missing:
+            log.warning("watch.root_missing", root=str(root))
+        if missing or unavailable:
+            # Whatever landed before the new watches were in place had no event.
+            self.on_trouble("root_missing")
 
     def stop(self) -> None:
         logging.getLogger("watchdog").removeHandler(self._trouble_log)
@@ -265,6 +311,7 @@ class Watcher:
             if observer.is_alive():
                 observer.join(timeout=10)
         self._observers.clear()
+        self._handlers.clear()
 
     def __enter__(self) -> Watcher:
         self.start()

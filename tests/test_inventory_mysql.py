@@ -467,6 +467,20 @@ def test_a_target_never_shows_its_password_in_repr() -> None:
     assert "hunter2" not in target.where
 
 
+def _check_config_with_url(tmp_path: Path, url: str) -> subprocess.CompletedProcess[str]:
+    """Run check-config on a MySQL-inventory config (no apps: list) with this url."""
+    config = write_config(tmp_path, [], inventory={"source": "mysql", "url": url})
+    text = config.read_text(encoding="utf-8").replace("apps: []\n", "")
+    config.write_text(text, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "syncpro", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
@@ -478,17 +492,7 @@ def test_a_target_never_shows_its_password_in_repr() -> None:
 def test_check_config_refuses_a_malformed_inventory_url_naming_the_key_not_the_password(
     tmp_path: Path, url: str, problem: str
 ) -> None:
-    config = write_config(tmp_path, [], inventory={"source": "mysql", "url": url})
-    text = config.read_text(encoding="utf-8").replace("apps: []\n", "")
-    config.write_text(text, encoding="utf-8")
-
-    done = subprocess.run(
-        [sys.executable, "-m", "syncpro", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _check_config_with_url(tmp_path, url)
 
     assert done.returncode == 2, done.stdout
     assert "valid" not in done.stdout
@@ -498,19 +502,7 @@ def test_check_config_refuses_a_malformed_inventory_url_naming_the_key_not_the_p
 
 
 def test_a_well_formed_inventory_url_passes_check_config(tmp_path: Path) -> None:
-    url = "mysql://root:hunter2@127.0.0.1:3306/autotask"
-    config = write_config(tmp_path, [], inventory={"source": "mysql", "url": url})
-    config.write_text(
-        config.read_text(encoding="utf-8").replace("apps: []\n", ""), encoding="utf-8"
-    )
-
-    done = subprocess.run(
-        [sys.executable, "-m", "syncpro", "check-config", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _check_config_with_url(tmp_path, "mysql://root:hunter2@127.0.0.1:3306/autotask")
 
     assert done.returncode == 0, done.stderr
     assert "valid" in done.stdout

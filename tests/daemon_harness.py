@@ -198,6 +198,12 @@ class Daemon:
 
     # --- lifecycle ---
 
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the process to exit and its output to be read; return its exit code."""
+        code = self.proc.wait(timeout)
+        self._threads[0].join(timeout)
+        return code
+
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 

@@ -487,6 +487,74 @@ def test_a_target_folder_that_cannot_be_made_is_one_message_and_exit_2(base: Pat
         daemon.close()
 
 
+def refusal(daemon: Daemon) -> list[str]:
+    """Wait for a daemon that must refuse to start; return the lines it printed to stderr."""
+    daemon.wait(lambda: daemon.proc.poll() is not None or "READY=1" in daemon.notes, 30, "exit")
+    assert "READY=1" not in daemon.notes, "it started"
+    assert daemon.wait_exit() == 2
+    assert daemon.find("service.started") == []
+    return [line for line in daemon.raw if line.startswith("syncpro: ")]
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_naming_it_and_the_holder(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = tmp_path_factory.mktemp("other")
+    second_config = write_config(other, APPS, dirs={"state": str(base / "state")})
+    with running(write_config(base, APPS)) as first:
+        first.wait_sync("server1")
+        second = Daemon(second_config)
+        try:
+            (message,) = refusal(second)
+            assert str(base / "state") in message
+            assert f"pid {first.proc.pid}" in message
+            assert second.syncs() == []
+        finally:
+            second.close()
+        assert first.proc.poll() is None
+        put(base / "r/softdir/server1", {"bin/run.sh": "still served by the first\n"})
+        first.wait_sync("server1", count=2)
+        assert first.stop() == 0
+
+
+def test_a_daemon_refused_its_control_socket_logs_that_it_failed_to_start_and_nothing_else(
+    base: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    other = tmp_path_factory.mktemp("other")
+    first_config = write_config(base, APPS)
+    socket_path = str(base / "run/control.sock")
+    second_config = write_config(other, APPS, control={"socket": socket_path})
+    with running(first_config) as first:
+        second = Daemon(second_config)
+        try:
+            (message,) = refusal(second)
+            assert "another server is listening on the control socket" in message
+            (failed,) = second.find("service.start_failed")
+            assert failed["level"] == "error"
+            assert socket_path in failed["error"]
+            assert second.find("service.stopping") == second.find("service.stopped") == []
+        finally:
+            second.close()
+        assert first.stop() == 0
+
+
+def test_data_dirs_missing_at_start_are_made_with_a_warning_naming_each(base: Path) -> None:
+    config = write_config(base, APPS)
+    with running(config) as daemon:
+        daemon.wait_event("service.started")
+        made = daemon.find("service.dir_created")
+        assert {(e["key"], e["path"], e["level"]) for e in made} == {
+            ("dirs.updatedir", str(base / "u"), "warning"),
+            ("dirs.softdir", str(base / "soft"), "warning"),
+            ("dirs.configuredir", str(base / "conf"), "warning"),
+        }
+        assert daemon.stop() == 0
+    with running(config) as daemon:
+        daemon.wait_event("service.started")
+        assert daemon.find("service.dir_created") == []
+        assert daemon.stop() == 0
+
+
 def test_a_manual_sync_counts_as_published_for_the_next_catch_up(base: Path) -> None:
     config = write_config(base, APPS, watch={"settle": 60, "max_wait": 120})
     with running(config) as daemon:

@@ -3,11 +3,13 @@ watchdog pings, drops pending work or takes the daemon down (SPEC section 7)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -196,3 +198,165 @@ def test_ctl_with_the_inventory_unavailable_says_so_and_why(base: Path, run_dir:
         assert reason in msg
         assert "unknown key" not in msg
         assert daemon.stop() == 0
+
+
+def reload_outcome(daemon: Daemon) -> None:
+    """Wait for the reload to end, failed as it should or crashed as it must not."""
+    daemon.wait(
+        lambda: bool(daemon.find("service.reload_failed") or daemon.find("service.reload_crashed")),
+        what="the reload's end",
+    )
+    assert daemon.find("service.reload_crashed") == []
+
+
+@pytest.mark.parametrize("where", ["state", "remotecomdir"])
+def test_a_reload_onto_a_dir_it_cannot_make_keeps_the_old_config_servers_and_watcher(
+    base: Path, run_dir: Path, where: str
+) -> None:
+    port = free_port()
+    http = {"enabled": True, "listen": f"127.0.0.1:{port}", "token": "s3cret"}
+    config = config_for(base, run_dir, http=http)
+    (base / "blocker").write_text("a file where a folder should be\n", encoding="utf-8")
+    with running(config) as daemon:
+        daemon.wait_sync("server1")
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+        doc["dirs"][where] = str(base / "blocker" / where)
+        doc["http"]["listen"] = f"127.0.0.1:{free_port()}"
+        doc["apps"].append({"app_key": "api1", "local_name": "api"})
+        config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        daemon.signal(signal.SIGHUP)
+        reload_outcome(daemon)
+        (failed,) = daemon.find("service.reload_failed")
+        assert str(base / "blocker" / where) in failed["error"]
+        daemon.wait_note("READY=1", count=2)
+        ready = [m for m in daemon.messages if "READY=1" in m][1]
+        assert [f for f in ready if f.startswith("STATUS=")] == [
+            f"STATUS=reload failed, old config kept: {failed['error']}"
+        ]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as answer:
+            assert answer.status == 200
+        assert "api1" not in status(run_dir)["apps"]  # the old config, whole
+        put(base / "r/softdir/server1", {"bin/run.sh": "after the failed reload\n"})
+        daemon.wait(
+            lambda: tree(base / "soft/server") == {"bin/run.sh": "after the failed reload\n"},
+            what="a change seen by the old watcher and published",
+        )
+        assert daemon.stop() == 0
+
+
+def test_sigterm_during_a_reload_stops_at_once_without_adopting_the_new_config(
+    base: Path, run_dir: Path
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(30)
+        url = f"mysql://root@127.0.0.1:{silent.getsockname()[1]}/autotask"
+        with running(config_for(base, run_dir)) as daemon:
+            daemon.wait_sync("server1")
+            config = mysql_config(base, run_dir, url)
+            doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+            # Far longer than the test waits: only a daemon that does not wait gets through.
+            doc["inventory"]["connect_timeout"] = 60
+            doc["http"] = {"enabled": True, "listen": f"127.0.0.1:{free_port()}", "token": "t"}
+            config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+            daemon.signal(signal.SIGHUP)
+            connection, _ = silent.accept()  # the reload waits for the database's greeting
+            with connection:
+                daemon.wait_note("RELOADING=1")
+                daemon.signal(signal.SIGTERM)
+                daemon.wait_note("STOPPING=1", timeout=10)
+                assert daemon.wait_exit(20) == 0
+            notes = daemon.notes
+            assert "READY=1" not in notes[notes.index("STOPPING=1") :]
+            assert daemon.find("service.reloaded") == []
+            assert daemon.find("http.listening") == []
+            daemon.wait_event("service.stopped")
+
+
+def end(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(30)
+
+
+def test_shutdown_waits_for_syncs_and_requests_within_one_deadline(
+    base: Path, run_dir: Path
+) -> None:
+    config = config_for(base, run_dir)
+    stop_timeout = 2.0
+    env = {"SYNCPRO_STOP_TIMEOUT": str(stop_timeout)}
+    with running(config, env=env) as daemon, contextlib.ExitStack() as cleanup:
+        daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        server_lock = cleanup.enter_context(holding(base / "soft", "server"))
+        web_lock = cleanup.enter_context(holding(base / "soft", "web"))
+        put(base / "r/softdir/server1", {"bin/run.sh": "v2\n"})
+        daemon.wait(lambda: daemon.waits_for_lock(server_lock), what="a sync blocked mid-way")
+        ctl = subprocess.Popen(
+            [sys.executable, "-m", "syncpro", "ctl", "-k", "web1", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        cleanup.callback(end, ctl)
+        daemon.wait(lambda: daemon.waits_for_lock(web_lock), what="a ctl request blocked")
+        daemon.signal(signal.SIGTERM)
+        # The control server's wait for that request shares the deadline with the sync's
+        # (alone it would wait 30 s), and both end well inside the unit's TimeoutStopSec.
+        assert daemon.wait_exit(stop_timeout + 15) == 0
+        (abandoned,) = daemon.find("service.abandoned")
+        assert abandoned["batches"] == [{"app_keys": ["server1"], "update": False}]
+
+
+def test_an_inventory_refresh_begun_before_a_reload_never_writes_back_its_error(
+    base: Path, run_dir: Path
+) -> None:
+    connections: list[socket.socket] = []
+    second = threading.Event()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as fake:
+        fake.bind(("127.0.0.1", 0))
+        fake.listen(8)
+        fake.settimeout(30)
+
+        def serve() -> None:
+            # The first connection (at start) is closed at once: the inventory is unavailable
+            # and the daemon retries a second later. The second (that retry) is held silent.
+            with contextlib.suppress(OSError):
+                first, _ = fake.accept()
+                first.close()
+                held, _ = fake.accept()
+                connections.append(held)
+                second.set()
+
+        server = threading.Thread(target=serve)
+        server.start()
+        url = f"mysql://root@127.0.0.1:{fake.getsockname()[1]}/autotask"
+        config = mysql_config(base, run_dir, url)
+        doc = yaml.safe_load(config.read_text(encoding="utf-8"))
+        doc["inventory"]["connect_timeout"] = 60
+        config.write_text(yaml.safe_dump(doc), encoding="utf-8")
+        try:
+            with running(config) as daemon:
+                assert second.wait(30), "the daemon never retried the inventory"
+                config_for(base, run_dir)  # the apps listed in the config, no database
+                daemon.signal(signal.SIGHUP)
+                daemon.wait_event("service.reloaded")
+                connections[0].close()  # the refresh begun before the reload fails now
+                daemon.wait(
+                    lambda: bool(
+                        daemon.find("inventory.refresh_discarded")
+                        or len(daemon.find("inventory.unavailable")) >= 2
+                    ),
+                    what="the end of the refresh begun before the reload",
+                )
+                assert status(run_dir)["inventory"] == {
+                    "source": "config",
+                    "apps": 2,
+                    "error": None,
+                }
+                assert daemon.stop() == 0
+        finally:
+            fake.close()
+            server.join(30)
+            for connection in connections:
+                connection.close()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from syncpro.service import STOP_TIMEOUT
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "syncpro.service"
 
 
@@ -62,6 +64,13 @@ def test_the_unit_has_a_watchdog_and_writable_data_dirs() -> None:
         "--config",
         "/etc/syncpro/config.yml",
     ]
+
+
+def test_the_stop_timeout_leaves_room_above_the_daemons_own_deadline() -> None:
+    # systemd SIGKILLs whatever outlives TimeoutStopSec: a sync must never be cut off there,
+    # so the daemon's one deadline for all of shutdown ends well before it.
+    (timeout,) = _settings(UNIT.read_text())["TimeoutStopSec"]
+    assert int(timeout) >= 2 * STOP_TIMEOUT
 
 
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,7 +37,7 @@ from syncpro.result import FAILED, SyncResult
 from syncpro.scheduler import Batch, Scheduler
 from syncpro.sdnotify import Notifier
 from syncpro.selection import select
-from syncpro.state import StateStore, fingerprint, marker_is_new, marker_signature
+from syncpro.state import StateLock, StateStore, fingerprint, marker_is_new, marker_signature
 from syncpro.tree import Ignore
 from syncpro.watch import DONE, WRITING, Watcher
 
@@ -44,6 +45,10 @@ log = structlog.get_logger()
 
 _TICK = 1.0
 _AREAS = ("softdir", "configuredir")
+_DATA_DIRS = ("remotecomdir", "updatedir", "softdir", "configuredir")
+STOP_TIMEOUT = 30.0
+"""Seconds shutdown waits in all, for syncs, requests and threads together (one deadline):
+the systemd unit's TimeoutStopSec leaves room above it, so no sync is SIGKILLed."""
 T = TypeVar("T")
 
 
@@ -60,6 +65,44 @@ class Snapshot:
         return app if app is not None and app.auto_deploy else None
 
 
+@dataclass
+class _Prepared:
+    """What a reload opened and started for its new config before giving up the old one."""
+
+    lock: StateLock | None = None
+    state: StateStore | None = None
+    watcher: Watcher | None = None
+
+    def discard(self) -> None:
+        """Undo it all: the reload is not going to use it."""
+        if self.watcher is not None:
+            self.watcher.stop()
+        if self.state is not None:
+            self.state.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+def make_data_dirs(dirs: Dirs) -> None:
+    """Make each of the data dirs that is missing, with a warning naming it: a typo in the
+    config would otherwise create, and watch, an empty tree in silence. Raise OSError if one
+    cannot be made."""
+    for key in _DATA_DIRS:
+        path: Path = getattr(dirs, key)
+        if not path.is_dir():
+            path.mkdir(parents=True, exist_ok=True)
+            log.warning("service.dir_created", key=f"dirs.{key}", path=str(path))
+
+
+def open_state(directory: Path) -> StateStore:
+    """Given dirs.state, return its store. Raise StartupError if sqlite cannot open it,
+    OSError if the directory cannot be made."""
+    try:
+        return StateStore(directory)
+    except sqlite3.Error as exc:
+        raise StartupError(f"cannot open the state in {directory}: {exc}") from None
+
+
 class Service:
     """The long-running `syncpro serve`."""
 
@@ -72,6 +115,15 @@ class Service:
         self._wake = threading.Event()
         self._hup = False
         self._term = False
+        self._stopping = threading.Event()
+        self._notify_lock = threading.Lock()
+        # Held while a reload applies its config, and by shutdown: once stopping has begun,
+        # no reload adopts a new config or starts servers.
+        self._apply_lock = threading.Lock()
+        # Counts the reloads adopted, so an inventory refresh begun before one knows that
+        # what it read (or failed to read) belongs to a config no longer in use.
+        self._generation = 0
+        self._state_lock: StateLock | None = None
         self._interrupts = 0
         self._rescan_reasons: list[str] = []
         self._rescan_lock = threading.Lock()
@@ -100,21 +152,25 @@ class Service:
     @property
     def snapshot(self) -> Snapshot:
         with self._snapshot_lock:
-            assert self._snapshot is not None, "startup() not called"
-            return self._snapshot
+            return self._snapshot_held()
 
-    def _load(self, previous: Snapshot | None) -> tuple[Snapshot, str | None]:
-        """Return a snapshot of the config and its inventory, and why the inventory could not
-        be read (the previous one is kept then). Raise ConfigError on a broken config."""
-        config = load_config(self.config_path)
+    def _snapshot_held(self) -> Snapshot:
+        """The snapshot, for a caller that holds _snapshot_lock."""
+        assert self._snapshot is not None, "startup() not called"
+        return self._snapshot
+
+    def _load_inventory(
+        self, config: Config, previous: Inventory | None
+    ) -> tuple[Inventory, str | None]:
+        """Return the inventory of config, and why it could not be read (the previous one is
+        kept then)."""
         try:
-            inventory = load_inventory(config)
-            error = None
+            return load_inventory(config), None
         except InventoryError as exc:
             error = str(exc)
-            inventory = previous.inventory if previous is not None else Inventory(())
+            inventory = previous if previous is not None else Inventory(())
             log.error("inventory.unavailable", error=error, apps_kept=len(inventory.apps))
-        return Snapshot(config, inventory, ignore_for(config)), error
+            return inventory, error
 
     # --- lifecycle ---
 
@@ -123,16 +179,20 @@ class Service:
         # Before READY: a SIGHUP or SIGTERM sent right after it must not find the default
         # handlers, which would kill the process.
         self._install_signals()
-        snap, self.inventory_error = self._load(None)
+        config = load_config(self.config_path)
+        # Before anything else: a second daemon on this state is refused before it touches
+        # a file or reads the database.
+        self._state_lock = StateLock(config.dirs.state)
+        self.state = open_state(config.dirs.state)
+        inventory, self.inventory_error = self._load_inventory(config, None)
+        snap = Snapshot(config, inventory, ignore_for(config))
         with self._snapshot_lock:
             self._snapshot = snap
-        refresh = snap.config.inventory.refresh
+        refresh = config.inventory.refresh
         self._inventory_backoff = 1.0 if self.inventory_error else 0.0
         self._inventory_due = time.monotonic() + (1.0 if self.inventory_error else refresh)
-        config = snap.config
-        self.state = StateStore(config.dirs.state)
+        make_data_dirs(config.dirs)
         for root in (config.dirs.softdir, config.dirs.configuredir):
-            root.mkdir(parents=True, exist_ok=True)
             sweep(root)
         self.scheduler = self._new_scheduler(config)
         self.scheduler.start()
@@ -198,19 +258,15 @@ class Service:
             http.start()
             self.http = http
 
-    def _stop_control(self) -> None:
+    def _stop_control(self, timeout: float = STOP_TIMEOUT) -> None:
         control, self.control = self.control, None
         if control is not None:
-            control.stop()
+            control.stop(timeout)
 
-    def _stop_http(self) -> None:
+    def _stop_http(self, timeout: float = STOP_TIMEOUT) -> None:
         http, self.http = self.http, None
         if http is not None:
-            http.stop()
-
-    def _stop_servers(self) -> None:
-        self._stop_http()
-        self._stop_control()
+            http.stop(timeout)
 
     def _restart_servers(self, old: Config, new: Config) -> None:
         """Serve the control and HTTP settings of `new` where they differ from `old`. Raise
@@ -254,22 +310,33 @@ class Service:
             return _TICK
         return min(_TICK, max(0.0, self._next_ping - time.monotonic()))
 
-    def _off_loop(self, work: Callable[[], T], name: str) -> T:
+    def _off_loop(self, work: Callable[[], T], name: str) -> T | None:
         """Run work in a thread of its own and return its result (or raise its exception),
-        pinging the watchdog meanwhile."""
+        pinging the watchdog meanwhile. On SIGTERM, begin stopping and return None at once:
+        work must see `_stopping` and give up by itself."""
         outcome: list[T] = []
         failure: list[BaseException] = []
+        done = threading.Event()
 
         def target() -> None:
             try:
                 outcome.append(work())
             except BaseException as exc:
                 failure.append(exc)
+            finally:
+                done.set()
+                self._wake.set()
 
-        thread = threading.Thread(target=target, name=name, daemon=False)
+        # A daemon thread: a reload blocked on a database that never answers must not keep
+        # the process from exiting. It changes nothing once stopping began (_apply_lock).
+        thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
-        while thread.is_alive():
-            thread.join(max(0.01, self._until_ping()))
+        while not done.is_set():
+            if self._term:
+                self._begin_stopping()
+                return None
+            self._wake.wait(max(0.01, self._until_ping()))
+            self._wake.clear()
             self._keepalive()
         if failure:
             raise failure[0]
@@ -296,7 +363,9 @@ class Service:
                 except Exception as exc:
                     # Whatever broke half way, the daemon goes on with what it has.
                     log.exception("service.reload_crashed", error=str(exc))
-                    self.notifier.ready(f"reload failed: {exc}")
+                    self._ready_unless_stopping(f"reload failed: {exc}")
+                if self._term:
+                    break
                 snap = self.snapshot
                 now = time.monotonic()
                 next_rescan = now + snap.config.watch.rescan_interval
@@ -318,32 +387,75 @@ class Service:
                 next_status = now + 10
         return 0
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop taking work, let running syncs finish (up to timeout), release everything."""
-        self.notifier.stopping("stopping: finishing running syncs")
+    def _begin_stopping(self) -> None:
+        """Say at once that the daemon stops; the rest of shutdown may take a while."""
+        with self._notify_lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            self.notifier.stopping("stopping: finishing running syncs")
         log.info("service.stopping")
-        self._stop_servers()
+
+    def _ready_unless_stopping(self, status: str) -> None:
+        """End a reload with READY=1, unless STOPPING=1 was sent: systemd must not read that
+        the daemon serves again while it stops."""
+        with self._notify_lock:
+            if not self._stopping.is_set():
+                self.notifier.ready(status)
+
+    def shutdown(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop taking work, let running syncs finish, release everything: all within one
+        deadline `timeout` seconds away, whatever is left then is logged and abandoned."""
+        deadline = time.monotonic() + timeout
+        self._begin_stopping()
+        # A reload applying its config finishes that first; one that has not begun never will.
+        applying = not self._apply_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+        if applying:
+            log.warning("service.stop_during_reload")
+        try:
+            self._release(deadline)
+        finally:
+            if not applying:
+                self._apply_lock.release()
+        log.info("service.stopped")
+        self.notifier.close()
+        self._restore_signals()
+
+    def abort_startup(self, reason: str) -> None:
+        """Given why startup failed, log it and release what it had taken. It never ran, so
+        it logs neither stopping nor stopped."""
+        log.error("service.start_failed", error=reason)
+        self.notifier.status(f"start failed: {reason}")
+        self._release(time.monotonic() + 5.0)
+        self.notifier.close()
+        self._restore_signals()
+
+    def _release(self, deadline: float) -> None:
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        self._stop_http(left())
+        self._stop_control(left())
         if self.watcher is not None:
-            self.watcher.stop()
+            self.watcher.stop(left())
         self._rescan_stop.set()
         self._rescan_wanted.set()
         if self._rescan_thread is not None:
-            self._rescan_thread.join(timeout)
+            self._rescan_thread.join(left())
         if self.scheduler is not None:
-            abandoned = self.scheduler.stop(timeout)
+            abandoned = self.scheduler.stop(left())
             if abandoned:
                 log.warning(
                     "service.abandoned",
                     batches=[{"app_keys": list(b.app_keys), "update": b.update} for b in abandoned],
                 )
         if self._inventory_thread is not None:
-            self._inventory_thread.join(timeout)
+            self._inventory_thread.join(left())
         for store in [*self._retired_states, self.state]:
             if store is not None:
                 store.close()
-        log.info("service.stopped")
-        self.notifier.close()
-        self._restore_signals()
+        if self._state_lock is not None:
+            self._state_lock.release()
 
     # --- signals: handlers only record ---
 
@@ -382,41 +494,103 @@ class Service:
     # --- reload ---
 
     def reload_now(self) -> bool:
-        """Re-read config and inventory and apply them; on a broken config, or servers that
-        cannot serve the new settings, keep the running config. Slow (a database read, a
-        server waiting for its clients): the main loop runs it in a thread."""
+        """Re-read config and inventory and apply them, or keep the running config whole when
+        the new one is broken or cannot be served (state, folders, servers). Everything that
+        can fail is opened and started first; only then is the old one given up. Slow (a
+        database read, a server waiting for its clients): the main loop runs it in a thread,
+        and may stop meanwhile: then nothing new is adopted or started."""
         self.notifier.reloading("reloading configuration")
         old = self.snapshot
+        new: Snapshot | None = None
+        problem: ConfigError | None = None
+        inventory_error: str | None = None
         try:
-            new, inventory_error = self._load(old)
+            config = load_config(self.config_path)
         except ConfigError as exc:
-            log.error("service.reload_failed", error=str(exc))
-            self.notifier.ready(f"reload failed, old config kept: {exc.problems[0]}")
-            return False
-        try:
-            self._restart_servers(old.config, new.config)
-        except (SyncproError, OSError) as exc:
-            log.error("service.reload_failed", error=str(exc), config_kept=str(old.config.path))
-            self.notifier.ready(f"reload failed, old config kept: {exc}")
-            return False
-        with self._snapshot_lock:
-            self._snapshot = new
-        self.inventory_error = inventory_error
-        retry = 1.0 if inventory_error else new.config.inventory.refresh
-        self._inventory_due = time.monotonic() + retry
-        if new.config.dirs != old.config.dirs or new.config.watch != old.config.watch:
-            self._restart_watching(old.config, new.config)
-        log.info("service.reloaded", config=str(new.config.path), apps=len(new.inventory.apps))
-        self.request_rescan("reload")
-        self.notifier.ready(self._status_line())
+            problem = exc
+        else:
+            inventory, inventory_error = self._load_inventory(config, old.inventory)
+            new = Snapshot(config, inventory, ignore_for(config))
+        with self._apply_lock:
+            if self._stopping.is_set():
+                log.info("service.reload_abandoned", reason="stopping")
+                return False
+            if new is None:
+                assert problem is not None
+                log.error("service.reload_failed", error=str(problem))
+                first = problem.problems[0]
+                self._ready_unless_stopping(f"reload failed, old config kept: {first}")
+                return False
+            try:
+                prepared = self._prepare(old.config, new.config)
+            except (SyncproError, OSError) as exc:
+                return self._reload_failed(old, exc)
+            if self._stopping.is_set():
+                prepared.discard()
+                log.info("service.reload_abandoned", reason="stopping")
+                return False
+            try:
+                self._restart_servers(old.config, new.config)
+            except (SyncproError, OSError) as exc:
+                prepared.discard()
+                return self._reload_failed(old, exc)
+            except BaseException:
+                prepared.discard()
+                raise
+            self._adopt(old, new, inventory_error, prepared)
         return True
 
-    def _restart_watching(self, old: Config, config: Config) -> None:
-        if self.watcher is not None:
-            self.watcher.stop()
+    def _reload_failed(self, old: Snapshot, exc: BaseException) -> bool:
+        error = str(exc) if not isinstance(exc, OSError) else _os_error(exc)
+        log.error("service.reload_failed", error=error, config_kept=str(old.config.path))
+        self._ready_unless_stopping(f"reload failed, old config kept: {error}")
+        return False
+
+    def _prepare(self, old: Config, new: Config) -> _Prepared:
+        """Open the state and start the watcher `new` needs where they differ from `old`,
+        beside the running ones. Raise what made that fail, with nothing left open."""
+        prepared = _Prepared()
+        try:
+            if not _same_dir(new.dirs.state, old.dirs.state):
+                prepared.lock = StateLock(new.dirs.state)
+                prepared.state = open_state(new.dirs.state)
+            if new.dirs != old.dirs or new.watch != old.watch:
+                make_data_dirs(new.dirs)
+                prepared.watcher = self._new_watcher(new)
+                prepared.watcher.start()
+        except BaseException:
+            prepared.discard()
+            raise
+        return prepared
+
+    def _adopt(
+        self, old: Snapshot, new: Snapshot, inventory_error: str | None, prepared: _Prepared
+    ) -> None:
+        """Make new the running config, with what was prepared for it; nothing here fails on
+        what the config names."""
+        config = new.config
+        with self._snapshot_lock:
+            self._snapshot = new
+            self._generation += 1
+            self.inventory_error = inventory_error
+            retry = 1.0 if inventory_error else config.inventory.refresh
+            self._inventory_due = time.monotonic() + retry
+        if prepared.state is not None:
+            # A running sync may still hold the old store: it is closed at shutdown. Its
+            # lock is not needed any more: another daemon may use that state now.
+            if self.state is not None:
+                self._retired_states.append(self.state)
+            self.state = prepared.state
+            if self._state_lock is not None:
+                self._state_lock.release()
+            self._state_lock = prepared.lock
+        if prepared.watcher is not None:
+            watcher, self.watcher = self.watcher, prepared.watcher
+            if watcher is not None:
+                watcher.stop()
         timing = ("settle", "max_wait", "workers")
         if self.scheduler is not None and any(
-            getattr(old.watch, name) != getattr(config.watch, name) for name in timing
+            getattr(old.config.watch, name) != getattr(config.watch, name) for name in timing
         ):
             # In place: a new scheduler would have to wait for the running syncs first, and
             # the keys pending in the old one would be lost.
@@ -425,12 +599,9 @@ class Service:
                 max_wait=config.watch.max_wait,
                 workers=config.watch.workers,
             )
-        if self.state is not None and self.state.path.parent != config.dirs.state:
-            # A running sync may still record into the old store: close it at shutdown.
-            self._retired_states.append(self.state)
-            self.state = StateStore(config.dirs.state)
-        self.watcher = self._new_watcher(config)
-        self.watcher.start()
+        log.info("service.reloaded", config=str(config.path), apps=len(new.inventory.apps))
+        self.request_rescan("reload")
+        self._ready_unless_stopping(self._status_line())
 
     # --- events → scheduler ---
 
@@ -616,17 +787,24 @@ class Service:
         self._inventory_thread.start()
 
     def _refresh_inventory(self) -> None:
-        snap = self.snapshot
+        with self._snapshot_lock:
+            snap = self._snapshot_held()
+            generation = self._generation
         refresh = snap.config.inventory.refresh
         try:
             inventory = load_inventory(snap.config)
         except InventoryError as exc:
-            first = self.inventory_error is None
-            self.inventory_error = str(exc)
-            # Back off from 1 s, doubling, up to the refresh period: a database restart is
-            # noticed quickly, a long outage is not hammered.
-            self._inventory_backoff = min(max(1.0, self._inventory_backoff * 2), refresh)
-            self._inventory_due = time.monotonic() + self._inventory_backoff
+            with self._snapshot_lock:
+                if self._generation != generation:
+                    # A reload read its own inventory meanwhile: this error is not about it.
+                    log.info("inventory.refresh_discarded", reason="reloaded", error=str(exc))
+                    return
+                first = self.inventory_error is None
+                self.inventory_error = str(exc)
+                # Back off from 1 s, doubling, up to the refresh period: a database restart
+                # is noticed quickly, a long outage is not hammered.
+                self._inventory_backoff = min(max(1.0, self._inventory_backoff * 2), refresh)
+                self._inventory_due = time.monotonic() + self._inventory_backoff
             log.log(
                 logging.ERROR if first else logging.WARNING,
                 "inventory.unavailable",
@@ -636,15 +814,15 @@ class Service:
             )
             self.notifier.status(self._status_line())
             return
-        recovered = self.inventory_error is not None
-        self.inventory_error = None
-        self._inventory_backoff = 0.0
-        self._inventory_due = time.monotonic() + refresh
         with self._snapshot_lock:
-            current = self._snapshot
-            if current is None or current.config is not snap.config:
-                return  # a reload replaced the config meanwhile; it loaded its own inventory
-            self._snapshot = Snapshot(current.config, inventory, current.ignore)
+            if self._generation != generation:
+                log.info("inventory.refresh_discarded", reason="reloaded")
+                return
+            recovered = self.inventory_error is not None
+            self.inventory_error = None
+            self._inventory_backoff = 0.0
+            self._inventory_due = time.monotonic() + refresh
+            self._snapshot = Snapshot(snap.config, inventory, snap.ignore)
         if recovered or inventory.apps != snap.inventory.apps:
             log.info("inventory.refreshed", apps=len(inventory.apps), recovered=recovered)
             self.request_rescan("inventory")
@@ -718,6 +896,21 @@ class Service:
         return {"code": "0", "msg": "reload requested"}
 
 
+def _same_dir(a: Path, b: Path) -> bool:
+    """Whether two paths name one directory: a second lock of our own state would be
+    refused as another daemon's."""
+    try:
+        return a == b or os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _os_error(exc: OSError) -> str:
+    """Given an OSError, return its reason and the path it concerns, without the errno."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
 def source_root_of(dirs: Dirs, path: Path) -> Path | None:
     """Given a path under remotecomdir or updatedir, return the source root of the app (or
     group program) it lies in, which path globs of watch.ignore are relative to; None for a
@@ -740,17 +933,17 @@ def serve(config_path: str | None) -> int:
     service = Service(config_path)
     try:
         service.startup()
-    except SyncproError:
-        service.shutdown(5.0)
+    except SyncproError as exc:
+        service.abort_startup(str(exc))
         raise
     except OSError as exc:
-        service.shutdown(5.0)
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise StartupError(f"cannot start: {exc.strerror or exc}{where}") from exc
+        error = StartupError(f"cannot start: {_os_error(exc)}")
+        service.abort_startup(str(error))
+        raise error from exc
     try:
         code = service.run()
     finally:
-        service.shutdown(timeout=float(os.environ.get("SYNCPRO_STOP_TIMEOUT", "30")))
+        service.shutdown(float(os.environ.get("SYNCPRO_STOP_TIMEOUT", STOP_TIMEOUT)))
     stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
     stuck = [name for name in stuck if name != threading.current_thread().name]
     if stuck:

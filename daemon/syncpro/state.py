@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import sqlite3
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from syncpro import layout
 from syncpro.config import Dirs
+from syncpro.errors import StartupError
 from syncpro.inventory import App
 from syncpro.tree import Ignore
 
@@ -27,6 +30,7 @@ CREATE TABLE IF NOT EXISTS published (
 )
 """
 _ABSENT = "-"
+LOCK_NAME = "serve.lock"
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,56 @@ class StateStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+class StateLock:
+    """An exclusive flock on a file in dirs.state, held by one `serve` for its lifetime: two
+    daemons sharing one state would each sync every change, and record over each other.
+
+    The file holds the holder's pid, for the message that refuses a second one. The kernel
+    drops the lock when the holder's process ends, however it ends: nothing is ever stale.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        """Given the state directory, take its lock (making the directory if needed). Raise
+        StartupError naming the directory and the holder's pid when another process holds
+        it, OSError when the file cannot be opened."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.path = directory / LOCK_NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"syncpro serve (pid {holder})" if holder else "another syncpro serve"
+            raise StartupError(
+                f"{who} already uses the state directory {directory}: every daemon needs a"
+                " dirs.state of its own, or both would sync every change"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        # Best effort: the lock is what excludes, the pid only names the holder.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        """Let another daemon use the directory; later calls do nothing."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerprint | None:

@@ -16,6 +16,7 @@ import ctypes
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -303,13 +304,15 @@ class Watcher:
             # Whatever landed before the new watches were in place had no event.
             self.on_trouble("root_missing")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop every observer, waiting up to `timeout` seconds in all for their threads."""
+        deadline = time.monotonic() + timeout
         logging.getLogger("watchdog").removeHandler(self._trouble_log)
         for observer in self._observers.values():
             observer.stop()
         for observer in self._observers.values():
             if observer.is_alive():
-                observer.join(timeout=10)
+                observer.join(timeout=max(0.0, deadline - time.monotonic()))
         self._observers.clear()
         self._handlers.clear()
 

@@ -329,7 +329,9 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
                 " (rsync's .name.XXXXXX, *.part, *.tmp, editor swap files)",
                 list(DEFAULT_IGNORE),
             ),
-            "ready_marker": Opt(_optional(_marker), "a file in the source that must have changed since the last sync began", None),
+            "ready_marker": Opt(
+                _optional(_marker), "file in the source that must change before a sync", None
+            ),
             "rescan_interval": Opt(_interval, "seconds between full re-checks", 300.0),
             "workers": Opt(_count, "groups synced in parallel", 4),
             "poll_interval": Opt(_interval, "seconds between polls when inotify fails", 2.0),

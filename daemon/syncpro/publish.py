@@ -157,23 +157,21 @@ def publish(
         make_public_dirs(target.root)
         staging_dir.mkdir(parents=True, exist_ok=True)
         trash_dir.mkdir(parents=True, exist_ok=True)
-        lock = target_lock(target)
-        lock.__enter__()
+        with target_lock(target):
+            # Only the work area and the lock raise OSError here: the check and the build
+            # below turn theirs into a result or a PublishError.
+            staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{_name(target)}"
+            if unchanged is not None and final.is_dir() and not final.is_symlink():
+                try:
+                    if unchanged(final):
+                        return Published(final, None, None, unchanged=True)
+                except OSError:
+                    pass  # a source vanishing under the check: the build reports it
+            return _build_and_swap(target, build, staging, trash_dir, grace, durable)
     except OSError as exc:
         raise PublishError(
             f"cannot publish {final}: its work area {area} is unusable: {_describe(exc)}"
         ) from exc
-    try:
-        staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{_name(target)}"
-        if unchanged is not None and final.is_dir() and not final.is_symlink():
-            try:
-                if unchanged(final):
-                    return Published(final, None, None, unchanged=True)
-            except OSError:
-                pass  # a source vanishing under the check: the build reports it
-        return _build_and_swap(target, build, staging, trash_dir, grace, durable)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _build_and_swap(

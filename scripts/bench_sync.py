@@ -308,9 +308,9 @@ class Bench:
         not on a terminal (JSON lines), here to /dev/null."""
         try:
             from syncpro import log
-            from syncpro.config import load_config
-            from syncpro.engine import run_sync
-            from syncpro.request import SyncRequest
+            from syncpro.config.settings import load_config
+            from syncpro.engine.request import SyncRequest
+            from syncpro.engine.sync import run_sync
         except ImportError as exc:
             raise BenchError(
                 f"cannot import syncpro ({exc}); run with the project's .venv/bin/python"

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from syncpro.config import ControlSettings
-from syncpro.control import ControlServer
-from syncpro.request import SyncRequest
+from syncpro.config.settings import ControlSettings
+from syncpro.control.socket_server import ControlServer
+from syncpro.engine.request import SyncRequest
 
 
 def document(ok: bool = True, **extra: Any) -> dict[str, Any]:

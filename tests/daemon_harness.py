@@ -234,8 +234,8 @@ def holding(root: Path, rel: str) -> Iterator[Path]:
     """Hold the publish lock of the target `rel` under root (softdir or configuredir) as
     another syncpro process would: a sync of it waits, in the middle, until the block ends.
     Yield the lock file, for `Daemon.waits_for_lock`."""
-    from syncpro.layout import Target
-    from syncpro.publish import target_lock, work_area
+    from syncpro.engine.layout import Target
+    from syncpro.engine.publish import target_lock, work_area
 
     target = Target(root, rel)
     with target_lock(target):

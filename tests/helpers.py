@@ -14,11 +14,11 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from syncpro import layout
-from syncpro.config import Config, load_config
-from syncpro.engine import run_sync
-from syncpro.request import SyncRequest
-from syncpro.result import SyncResult
+from syncpro.config.settings import Config, load_config
+from syncpro.engine import layout
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.result import SyncResult
+from syncpro.engine.sync import run_sync
 
 T = TypeVar("T")
 

@@ -14,10 +14,10 @@ import structlog
 
 import control_fakes
 from control_fakes import FakeHandler, document
-from syncpro.client import add_ctl_parser, run_ctl
-from syncpro.control import ControlServer
+from syncpro.control.client import add_ctl_parser, run_ctl
+from syncpro.control.socket_server import ControlServer
+from syncpro.engine.request import SyncRequest
 from syncpro.errors import RequestError
-from syncpro.request import SyncRequest
 
 from helpers import SERVER_GROUP, make_config
 
@@ -202,7 +202,7 @@ def test_a_typo_in_the_config_on_disk_still_lets_ctl_reach_the_running_daemon(
 
 
 def test_a_canned_failure_document_maps_to_exit_1_not_2() -> None:
-    from syncpro.client import exit_code
+    from syncpro.control.client import exit_code
 
     assert exit_code("Deploy:Core:syncpro", document(False)) == 1
     assert exit_code("Deploy:Core:syncpro", {"code": "403"}) == 2

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from syncpro import config as config_module
-from syncpro.config import (
+from syncpro.config import settings as config_module
+from syncpro.config.settings import (
     DEFAULT_IGNORE,
     SECTIONS,
     Config,

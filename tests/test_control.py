@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 import control_fakes
 from control_fakes import FakeHandler, ask, client_threads, document, fd_count, read_line
 from reference_request import reading
-from syncpro.config import Config, ControlSettings
-from syncpro.control import ControlServer, Peer
-from syncpro.diff import diff
-from syncpro.engine import run_sync
+from syncpro.config.settings import Config, ControlSettings
+from syncpro.control.socket_server import ControlServer, Peer
+from syncpro.engine.diff import diff
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.response import REDACTED, response_document
+from syncpro.engine.sync import run_sync
 from syncpro.errors import ControlError, RequestError
-from syncpro.request import SyncRequest
-from syncpro.response import REDACTED, response_document
 
 from helpers import (
     SERVER_GROUP,
@@ -181,7 +181,7 @@ def test_the_token_is_echoed_redacted(server: ControlServer, handler: FakeHandle
 
 
 def response_document_stub(request: SyncRequest) -> dict[str, Any]:
-    from syncpro.response import param_of
+    from syncpro.engine.response import param_of
 
     return document(param=param_of(request))
 

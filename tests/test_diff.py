@@ -7,10 +7,10 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from syncpro.config import Config
-from syncpro.diff import diff
-from syncpro.protocol import DIFF_ACTION
-from syncpro.request import SyncRequest
+from syncpro.config.settings import Config
+from syncpro.control.protocol import DIFF_ACTION
+from syncpro.engine.diff import diff
+from syncpro.engine.request import SyncRequest
 
 from helpers import (
     BASE_NS,

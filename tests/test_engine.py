@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro import engine
+from syncpro.engine import sync as engine
+from syncpro.engine.publish import work_area
+from syncpro.engine.response import response_document
+from syncpro.engine.tree import TreeBuilder
 from syncpro.errors import RequestError
-from syncpro.publish import work_area
-from syncpro.response import response_document
-from syncpro.tree import TreeBuilder
 
 from helpers import (
     BASE_NS,

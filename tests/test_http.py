@@ -18,10 +18,10 @@ import pytest
 import structlog
 
 from control_fakes import FakeHandler, document
-from syncpro.config import HttpSettings
-from syncpro.http import HttpServer
-from syncpro.request import SyncRequest
-from syncpro.response import REDACTED, param_of
+from syncpro.config.settings import HttpSettings
+from syncpro.control.http import HttpServer
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.response import REDACTED, param_of
 
 from helpers import wait_until
 

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from syncpro.config import Config, load_config, parse_config
+from syncpro.config.import_original import import_original_config
+from syncpro.config.settings import Config, load_config, parse_config
 from syncpro.errors import ConfigError
-from syncpro.import_config import import_original_config
-from syncpro.inventory_mysql import parse_mysql_url
+from syncpro.inventory.mysql import parse_mysql_url
 
 # Fresh per run, so a match can only mean the importer copied one.
 DB_SECRET = f"db-{uuid.uuid4().hex}"

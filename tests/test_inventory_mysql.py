@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro.config import InventorySettings
+from syncpro.config.settings import InventorySettings
 from syncpro.errors import InventoryError
-from syncpro.inventory import App
-from syncpro.inventory_mysql import (
+from syncpro.inventory.apps import App
+from syncpro.inventory.mysql import (
     PASSWORD_ENV,
     MysqlTarget,
     load_mysql_inventory,

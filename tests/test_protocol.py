@@ -10,8 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reference_request import reading
-from syncpro.errors import RequestError
-from syncpro.protocol import (
+from syncpro.control.protocol import (
     ACTIONS,
     DIFF_ACTION,
     MAX_REQUEST,
@@ -21,8 +20,9 @@ from syncpro.protocol import (
     parse_request,
     to_sync_request,
 )
-from syncpro.request import SYNC_ACTION
-from syncpro.response import REDACTED
+from syncpro.engine.request import SYNC_ACTION
+from syncpro.engine.response import REDACTED
+from syncpro.errors import RequestError
 
 SECRET = "1527669337mxchcptwhwevbwgyiahtilfadcycyfxm"  # noqa: S105 - the seed's example
 

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro import publish as publish_module
+from syncpro.engine import publish as publish_module
+from syncpro.engine.layout import Target
+from syncpro.engine.publish import publish, sweep, target_lock, work_area
 from syncpro.errors import PublishError
-from syncpro.layout import Target
-from syncpro.publish import publish, sweep, target_lock, work_area
 
 from helpers import (
     SERVER_GROUP,
@@ -243,7 +243,8 @@ def test_read_only_leftovers_are_swept_by_a_process_that_obeys_file_modes(
         os.chmod(tree / "ro", 0o500)  # as a source's read-only directory is published
         os.chmod(tree / "closed", 0)
     code = (
-        f"from pathlib import Path; from syncpro.publish import sweep; sweep(Path({str(root)!r}))"
+        "from pathlib import Path; from syncpro.engine.publish import sweep; "
+        f"sweep(Path({str(root)!r}))"
     )
 
     proc = subprocess.run(
@@ -352,8 +353,8 @@ def test_a_build_that_raises_leaves_the_old_target_and_no_staging(tmp_path: Path
 _CRASHER = """
 import sys
 from pathlib import Path
-from syncpro.layout import Target
-from syncpro.publish import publish
+from syncpro.engine.layout import Target
+from syncpro.engine.publish import publish
 
 def build(staging, current):
     staging.mkdir()
@@ -417,8 +418,8 @@ def test_without_rename_exchange_two_renames_still_publish_and_park_the_old_tree
 _HOLDER = """
 import sys
 from pathlib import Path
-from syncpro.layout import Target
-from syncpro.publish import target_lock
+from syncpro.engine.layout import Target
+from syncpro.engine.publish import target_lock
 
 root, rel, order = sys.argv[1:4]
 with target_lock(Target(Path(root), rel)):
@@ -431,8 +432,8 @@ with target_lock(Target(Path(root), rel)):
 _PUBLISHER = """
 import sys
 from pathlib import Path
-from syncpro.layout import Target
-from syncpro.publish import publish
+from syncpro.engine.layout import Target
+from syncpro.engine.publish import publish
 
 root, rel, order = sys.argv[1:4]
 

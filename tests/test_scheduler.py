@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
-from syncpro.scheduler import PATHS_LIMIT, Batch, Scheduler
+from syncpro.daemon.scheduler import PATHS_LIMIT, Batch, Scheduler
 
 from helpers import wait_until
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
-from syncpro.sdnotify import MAX_STATUS, Notifier
+from syncpro.daemon.sdnotify import MAX_STATUS, Notifier
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from syncpro.state import fingerprint
-from syncpro.tree import Ignore
+from syncpro.daemon.state import fingerprint
+from syncpro.engine.tree import Ignore
 
 from helpers import app, make_config, program_source, wait_until
 

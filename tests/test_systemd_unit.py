@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from syncpro.service import STOP_TIMEOUT
+from syncpro.daemon.service import STOP_TIMEOUT
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "syncpro.service"
 

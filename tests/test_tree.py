@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro.config import DEFAULT_IGNORE
-from syncpro.tree import Ignore, ListedFileError, TreeBuilder
+from syncpro.config.settings import DEFAULT_IGNORE
+from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
 
 from helpers import BASE_NS, Dir, Fifo, File, Symlink, inodes, snapshot, write_tree
 

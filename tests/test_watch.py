@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from syncpro.config import DEFAULT_IGNORE
-from syncpro.service import source_root_of
-from syncpro.tree import Ignore
-from syncpro.watch import DONE, TOUCHED, WRITING, Watcher
+from syncpro.config.settings import DEFAULT_IGNORE
+from syncpro.daemon.service import source_root_of
+from syncpro.daemon.watch import DONE, TOUCHED, WRITING, Watcher
+from syncpro.engine.tree import Ignore
 
 from helpers import make_config, wait_until
 

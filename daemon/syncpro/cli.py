@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from syncpro import __version__
-from syncpro.config import Config, load_config
+from syncpro.config.settings import Config, load_config
 from syncpro.errors import ConfigError, RequestError, SyncproError
 
 EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
 
-    from syncpro.client import add_ctl_parser
+    from syncpro.control.client import add_ctl_parser
 
     add_ctl_parser(sub)
 
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "ctl":
-            from syncpro.client import run_ctl
+            from syncpro.control.client import run_ctl
 
             return run_ctl(args)
         if args.command == "import-config":
@@ -90,12 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from syncpro import log
-    from syncpro.client import print_document
-    from syncpro.engine import run_sync
-    from syncpro.inventories import load_inventory
-    from syncpro.publish import sweep_later
-    from syncpro.request import SYNC_ACTION, SyncRequest, split_k, validate_k
-    from syncpro.response import refusal_document, response_document
+    from syncpro.control.client import print_document
+    from syncpro.engine.publish import sweep_later
+    from syncpro.engine.request import SYNC_ACTION, SyncRequest, split_k, validate_k
+    from syncpro.engine.response import refusal_document, response_document
+    from syncpro.engine.sync import run_sync
+    from syncpro.inventory.source import load_inventory
 
     config = load_config(args.config)
     # stdout carries the response document alone; log events go to stderr.
@@ -117,7 +117,7 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from syncpro import log
-    from syncpro.service import serve
+    from syncpro.daemon.service import serve
 
     load_config(args.config)  # a broken config is one message and exit 2, before logging
     log.configure(sys.stdout, verbose=args.verbose)
@@ -127,7 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _import_config(args: argparse.Namespace) -> int:
     from syncpro import log
-    from syncpro.import_config import import_original_config
+    from syncpro.config.import_original import import_original_config
 
     log.configure(sys.stderr)  # stdout carries the generated config alone
     base = Path(args.base) if args.base else None

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 import structlog
 
-from syncpro.response import text_safe
+from syncpro.engine.response import text_safe
 
 
 def _text_safe(_logger: object, _name: str, event: structlog.typing.EventDict) -> Any:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from syncpro.request import SyncRequest
-from syncpro.tree import CopyStats
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.tree import CopyStats
 
 PUBLISHED, MISSING, FAILED, SUPERSEDED = "published", "missing", "failed", "superseded"
 

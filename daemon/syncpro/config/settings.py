@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from syncpro.errors import ConfigError
-from syncpro.inventory import App, Inventory, path_component_problem, split_file_list
+from syncpro.inventory.apps import App, Inventory, path_component_problem, split_file_list
 
 DEFAULT_PATHS = (Path("config.yml"), Path("/etc/syncpro/config.yml"))
 ENV_VAR = "SYNCPRO_CONFIG"
@@ -245,7 +245,7 @@ def _mysql_url(value: Any, base: Path) -> str:
     text = _secret(value, base)
     # Imported here: inventory_mysql imports this module, and pymysql is loaded only by a
     # config that names a database.
-    from syncpro.inventory_mysql import url_problem
+    from syncpro.inventory.mysql import url_problem
 
     problem = url_problem(text)
     if problem is not None:

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from syncpro.config import ControlSettings
-from syncpro.errors import ControlError, RequestError
-from syncpro.protocol import (
+from syncpro.config.settings import ControlSettings
+from syncpro.control.protocol import (
     DIFF_ACTION,
     MAX_REQUEST,
     NEEDS_K,
@@ -32,8 +31,9 @@ from syncpro.protocol import (
     parse_request,
     to_sync_request,
 )
-from syncpro.request import SYNC_ACTION, SyncRequest
-from syncpro.response import refusal_document, text_safe
+from syncpro.engine.request import SYNC_ACTION, SyncRequest
+from syncpro.engine.response import refusal_document, text_safe
+from syncpro.errors import ControlError, RequestError
 
 log = structlog.get_logger()
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from syncpro.config import Dirs
-from syncpro.inventory import App
+from syncpro.config.settings import Dirs
+from syncpro.inventory.apps import App
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import structlog
 
-from syncpro.config import Config
-from syncpro.inventory import Inventory
+from syncpro.config.settings import Config
+from syncpro.inventory.apps import Inventory
 
 log = structlog.get_logger()
 
@@ -14,7 +14,7 @@ def load_inventory(config: Config) -> Inventory:
     """Given the config, return the inventory. Raise InventoryError if its source fails."""
     if config.inventory.source == "config":
         return config.config_inventory
-    from syncpro.inventory_mysql import load_mysql_inventory
+    from syncpro.inventory.mysql import load_mysql_inventory
 
     inventory, warnings = load_mysql_inventory(config.inventory)
     for warning in warnings:

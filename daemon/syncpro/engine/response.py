@@ -7,8 +7,8 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from syncpro.request import SyncRequest
-from syncpro.result import SyncResult
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.result import SyncResult
 
 OK_MSG = "成功"
 FAIL_MSG = "失败"

@@ -25,8 +25,9 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from syncpro import __version__
-from syncpro.config import HttpSettings
-from syncpro.control import (
+from syncpro.config.settings import HttpSettings
+from syncpro.control.protocol import ControlRequest, ProtocolError, parse_request
+from syncpro.control.socket_server import (
     BUSY_CODE,
     FAILED_CODE,
     REFUSED_CODE,
@@ -35,9 +36,8 @@ from syncpro.control import (
     encode,
     succeeded,
 )
+from syncpro.engine.response import REDACTED, refusal_document, text_safe
 from syncpro.errors import ControlError
-from syncpro.protocol import ControlRequest, ProtocolError, parse_request
-from syncpro.response import REDACTED, refusal_document, text_safe
 
 log = structlog.get_logger()
 

@@ -26,7 +26,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
-from syncpro.tree import Ignore
+from syncpro.engine.tree import Ignore
 
 log = structlog.get_logger()
 

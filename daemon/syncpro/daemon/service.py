@@ -24,22 +24,23 @@ from typing import Any, TypeVar
 
 import structlog
 
-from syncpro import __version__, layout
-from syncpro.config import Config, Dirs, load_config
-from syncpro.engine import ignore_for, run_sync
+from syncpro import __version__
+from syncpro.config.settings import Config, Dirs, load_config
+from syncpro.daemon.scheduler import Batch, Scheduler
+from syncpro.daemon.sdnotify import Notifier
+from syncpro.daemon.state import StateLock, StateStore, fingerprint, marker_is_new, marker_signature
+from syncpro.daemon.watch import DONE, WRITING, Watcher
+from syncpro.engine import layout
+from syncpro.engine.publish import next_expiry, sweep
+from syncpro.engine.request import SyncRequest, Trigger
+from syncpro.engine.response import response_document
+from syncpro.engine.result import FAILED, SyncResult
+from syncpro.engine.selection import select
+from syncpro.engine.sync import ignore_for, run_sync
+from syncpro.engine.tree import Ignore
 from syncpro.errors import ConfigError, InventoryError, RequestError, StartupError, SyncproError
-from syncpro.inventories import load_inventory
-from syncpro.inventory import App, Inventory
-from syncpro.publish import next_expiry, sweep
-from syncpro.request import SyncRequest, Trigger
-from syncpro.response import response_document
-from syncpro.result import FAILED, SyncResult
-from syncpro.scheduler import Batch, Scheduler
-from syncpro.sdnotify import Notifier
-from syncpro.selection import select
-from syncpro.state import StateLock, StateStore, fingerprint, marker_is_new, marker_signature
-from syncpro.tree import Ignore
-from syncpro.watch import DONE, WRITING, Watcher
+from syncpro.inventory.apps import App, Inventory
+from syncpro.inventory.source import load_inventory
 
 log = structlog.get_logger()
 
@@ -244,7 +245,7 @@ class Service:
         self._start_http(config)
 
     def _start_control(self, config: Config) -> None:
-        from syncpro.control import ControlServer
+        from syncpro.control.socket_server import ControlServer
 
         control = ControlServer(config.control, self)
         control.start()
@@ -252,7 +253,7 @@ class Service:
 
     def _start_http(self, config: Config) -> None:
         if config.http.enabled:
-            from syncpro.http import HttpServer
+            from syncpro.control.http import HttpServer
 
             http = HttpServer(config.http, self)
             http.start()
@@ -859,7 +860,7 @@ class Service:
         return response_document(self._sync_and_record(snap, request, apps))
 
     def diff(self, request: SyncRequest) -> dict[str, Any]:
-        from syncpro.diff import diff
+        from syncpro.engine.diff import diff
 
         snap = self.snapshot
         self._check_known(snap, request)

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from syncpro.publish import next_expiry, sweep
+from syncpro.engine.publish import next_expiry, sweep
 
 
 def main(argv: list[str]) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from syncpro.inventory import App, Inventory
+from syncpro.inventory.apps import App, Inventory
 
 ALL = "all"
 

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from syncpro.tree import Ignore
+from syncpro.engine.tree import Ignore
 
 
 def _listing(root: Path, ignore: Ignore) -> dict[str, os.stat_result]:

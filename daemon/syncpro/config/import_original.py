@@ -14,9 +14,9 @@ from urllib.parse import quote
 import structlog
 import yaml
 
-from syncpro.config import parse_config
+from syncpro.config.settings import parse_config
 from syncpro.errors import ConfigError, InventoryError
-from syncpro.inventory_mysql import parse_mysql_url, quote_table
+from syncpro.inventory.mysql import parse_mysql_url, quote_table
 
 log = structlog.get_logger()
 

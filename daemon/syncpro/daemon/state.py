@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from syncpro import layout
-from syncpro.config import Dirs
+from syncpro.config.settings import Dirs
+from syncpro.engine import layout
+from syncpro.engine.tree import Ignore
 from syncpro.errors import StartupError
-from syncpro.inventory import App
-from syncpro.tree import Ignore
+from syncpro.inventory.apps import App
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS published (

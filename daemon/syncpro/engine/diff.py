@@ -18,14 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from syncpro import layout
-from syncpro.config import Config
-from syncpro.engine import ignore_for
-from syncpro.inventory import App, Inventory
-from syncpro.request import SyncRequest
-from syncpro.response import command_line, run_document, text_safe
-from syncpro.selection import select
-from syncpro.tree import Ignore, ListedFileError, resolve_listed
+from syncpro.config.settings import Config
+from syncpro.engine import layout
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.response import command_line, run_document, text_safe
+from syncpro.engine.selection import select
+from syncpro.engine.sync import ignore_for
+from syncpro.engine.tree import Ignore, ListedFileError, resolve_listed
+from syncpro.inventory.apps import App, Inventory
 
 OK, MISSING, FAILED = "ok", "missing", "failed"
 DEFAULT_LIMIT = 1000

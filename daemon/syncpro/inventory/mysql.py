@@ -13,9 +13,9 @@ from urllib.parse import unquote, urlsplit
 import pymysql  # type: ignore[import-untyped,unused-ignore]  # stubs: types-PyMySQL
 import structlog
 
-from syncpro.config import InventorySettings
+from syncpro.config.settings import InventorySettings
 from syncpro.errors import InventoryError
-from syncpro.inventory import App, Inventory, path_component_problem, split_file_list
+from syncpro.inventory.apps import App, Inventory, path_component_problem, split_file_list
 
 log = structlog.get_logger()
 

@@ -25,8 +25,8 @@ from urllib.parse import quote, unquote
 
 import structlog
 
+from syncpro.engine.layout import Target
 from syncpro.errors import PublishError
-from syncpro.layout import Target
 
 log = structlog.get_logger()
 
@@ -363,7 +363,7 @@ def sweep_later(roots: list[Path]) -> None:
     if not pending:
         return
     subprocess.Popen(
-        [sys.executable, "-m", "syncpro.sweeper", *pending],
+        [sys.executable, "-m", "syncpro.engine.sweeper", *pending],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from syncpro.config import ControlSettings, control_socket_of, find_config, load_config
+from syncpro.config.settings import ControlSettings, control_socket_of, find_config, load_config
+from syncpro.control.protocol import DIFF_ACTION, MAX_REQUEST, NEEDS_K, RELOAD_ACTION, STATUS_ACTION
+from syncpro.engine.request import SYNC_ACTION
 from syncpro.errors import ConfigError, ControlError
-from syncpro.protocol import DIFF_ACTION, MAX_REQUEST, NEEDS_K, RELOAD_ACTION, STATUS_ACTION
-from syncpro.request import SYNC_ACTION
 
 EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
 ACTIONS = {

@@ -9,15 +9,13 @@ from pathlib import Path
 
 import structlog
 
-from syncpro import layout
-from syncpro.config import Config
-from syncpro.drift import tree_differences
-from syncpro.errors import PublishError, RequestError
-from syncpro.inventory import App, Inventory
-from syncpro.publish import publish, sweep
-from syncpro.request import SyncRequest
-from syncpro.response import response_document
-from syncpro.result import (
+from syncpro.config.settings import Config
+from syncpro.engine import layout
+from syncpro.engine.drift import tree_differences
+from syncpro.engine.publish import publish, sweep
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.response import response_document
+from syncpro.engine.result import (
     FAILED,
     MISSING,
     PUBLISHED,
@@ -27,8 +25,10 @@ from syncpro.result import (
     SyncResult,
     TargetOutcome,
 )
-from syncpro.selection import select
-from syncpro.tree import Ignore, ListedFileError, TreeBuilder, tree_matches
+from syncpro.engine.selection import select
+from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder, tree_matches
+from syncpro.errors import PublishError, RequestError
+from syncpro.inventory.apps import App, Inventory
 
 log = structlog.get_logger()
 

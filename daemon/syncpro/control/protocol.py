@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
+from syncpro.engine.request import SYNC_ACTION, SyncRequest, split_k, validate_k
+from syncpro.engine.response import REDACTED
 from syncpro.errors import RequestError
-from syncpro.request import SYNC_ACTION, SyncRequest, split_k, validate_k
-from syncpro.response import REDACTED
 
 DIFF_ACTION = "Deploy:Core:diff"
 STATUS_ACTION = "status"

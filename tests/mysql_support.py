@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote, urlsplit
 import pymysql
 import pytest
 
-from syncpro.config.settings import InventorySettings
+from syncpro.inventory.settings import InventorySettings
 
 TEST_URL_ENV = "SYNCPRO_TEST_MYSQL_URL"
 DEFAULT_TEST_URL = "mysql://root@127.0.0.1:3306"

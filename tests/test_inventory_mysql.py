@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro.config.settings import InventorySettings
 from syncpro.errors import InventoryError
 from syncpro.inventory.apps import App
 from syncpro.inventory.mysql import (
@@ -25,6 +24,7 @@ from syncpro.inventory.mysql import (
     load_mysql_inventory,
     parse_mysql_url,
 )
+from syncpro.inventory.settings import InventorySettings
 
 from daemon_harness import write_config
 from mysql_support import Database, Server, app_row, reachable_server, throwaway_database

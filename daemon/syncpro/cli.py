@@ -108,7 +108,7 @@ def _sync(args: argparse.Namespace) -> int:
         param = {"action": SYNC_ACTION, "k": normalised, "update": "1" if args.update else "0"}
         print_document(refusal_document(param, str(exc)), args.pretty)
         raise
-    inventory = load_inventory(config)
+    inventory = load_inventory(config.inventory, config.config_inventory)
     result = run_sync(SyncRequest(k=k, update=args.update, origin="cli"), config, inventory)
     print_document(response_document(result), args.pretty)
     sweep_later([config.dirs.softdir, config.dirs.configuredir])

@@ -14,6 +14,7 @@ import yaml
 
 from syncpro.errors import ConfigError
 from syncpro.inventory.apps import App, Inventory, path_component_problem, split_file_list
+from syncpro.inventory.settings import InventorySettings
 
 DEFAULT_PATHS = (Path("config.yml"), Path("/etc/syncpro/config.yml"))
 ENV_VAR = "SYNCPRO_CONFIG"
@@ -81,16 +82,6 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
-class InventorySettings:
-    source: str = "config"
-    url: str | None = field(default=None, repr=False)  # may hold the database password
-    table: str = "pre_server_detail"
-    password_file: Path | None = None
-    refresh: float = 60.0
-    connect_timeout: float = 5.0
-
-
-@dataclass(frozen=True)
 class Config:
     path: Path
     dirs: Dirs
@@ -99,7 +90,7 @@ class Config:
     watch: WatchSettings = WatchSettings()
     control: ControlSettings = ControlSettings()
     http: HttpSettings = HttpSettings()
-    inventory: InventorySettings = InventorySettings()
+    inventory: InventorySettings = field(default_factory=InventorySettings)
 
     @property
     def config_inventory(self) -> Inventory:

@@ -166,7 +166,7 @@ class Service:
         """Return the inventory of config, and why it could not be read (the previous one is
         kept then)."""
         try:
-            return load_inventory(config), None
+            return load_inventory(config.inventory, config.config_inventory), None
         except InventoryError as exc:
             error = str(exc)
             inventory = previous if previous is not None else Inventory(())
@@ -793,7 +793,7 @@ class Service:
             generation = self._generation
         refresh = snap.config.inventory.refresh
         try:
-            inventory = load_inventory(snap.config)
+            inventory = load_inventory(snap.config.inventory, snap.config.config_inventory)
         except InventoryError as exc:
             with self._snapshot_lock:
                 if self._generation != generation:

@@ -13,9 +13,9 @@ from urllib.parse import unquote, urlsplit
 import pymysql  # type: ignore[import-untyped,unused-ignore]  # stubs: types-PyMySQL
 import structlog
 
-from syncpro.config.settings import InventorySettings
 from syncpro.errors import InventoryError
 from syncpro.inventory.apps import App, Inventory, path_component_problem, split_file_list
+from syncpro.inventory.settings import InventorySettings
 
 log = structlog.get_logger()
 

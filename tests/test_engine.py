@@ -579,10 +579,10 @@ class _VanishingBuilder(TreeBuilder):
 
     victim = "vanish.bin"
 
-    def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
-        if os.path.basename(src) == self.victim:
-            os.unlink(src)
-        super()._copy_file(src, dst, st, reuse)
+    def _file(self, here: Any, entry: Any, staged: str) -> None:
+        if entry.name == self.victim:
+            os.unlink(f"/proc/self/fd/{here.src}/{entry.name}")
+        super()._file(here, entry, staged)
 
 
 def test_a_source_vanishing_mid_copy_fails_only_that_app_and_keeps_its_old_target(

@@ -26,7 +26,8 @@ from syncpro.engine.result import (
     TargetOutcome,
 )
 from syncpro.engine.selection import select
-from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder, tree_matches
+from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
+from syncpro.engine.walk import TreePlan
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
 
@@ -164,18 +165,24 @@ def _publish(
 ) -> TargetOutcome:
     started = time.monotonic()
     builder: TreeBuilder | None = None
+    plan: TreePlan | None = None
     preserve_owner = os.geteuid() == 0
+
+    def unchanged(current: Path) -> bool:
+        # The one walk of the source: it answers this and tells the build what to reuse.
+        nonlocal builder, plan
+        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+        plan = builder.plan(source)
+        return plan.unchanged
 
     def build(staging: Path, current: Path | None) -> None:
         nonlocal builder
-        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+        if builder is None or builder.reuse != current:
+            builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
         if listed is None:
-            builder.copy_tree(source, staging)
+            builder.copy_tree(source, staging, plan if builder.reuse == current else None)
         else:
             builder.copy_listed(source, listed, staging)
-
-    def unchanged(current: Path) -> bool:
-        return tree_matches(source, current, ignore, preserve_owner)
 
     outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
     try:

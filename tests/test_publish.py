@@ -25,6 +25,7 @@ from helpers import (
     app,
     config_dict,
     config_source,
+    config_target,
     make_config,
     program_source,
     program_target,
@@ -581,3 +582,39 @@ def test_a_target_that_is_a_symlink_is_replaced_without_touching_what_it_points_
     assert done.replaced is not None
     assert not os.path.lexists(done.replaced)
     assert snapshot(elsewhere, identity=True) == before
+
+
+@pytest.mark.parametrize("key", ["k" * 200, "配置" * 15], ids=["200 bytes", "30 CJK characters"])
+def test_any_key_a_config_accepts_can_be_synced_however_long_its_encoded_name(
+    tmp_path: Path, key: str
+) -> None:
+    config = make_config(tmp_path, [app(key, "grp")])
+    write_tree(program_source(config, key), {"bin": "1"})
+    write_tree(config_source(config, key), {"c": "1"})
+
+    result = sync(config, key)
+
+    assert result.ok, [a.errors for a in result.apps]
+    assert (config_target(config, key) / "c").read_text() == "1"
+    (config_source(config, key) / "c").write_text("2")
+    assert sync(config, key).ok
+    assert (config_target(config, key) / "c").read_text() == "2"
+
+
+def test_a_death_between_the_fallback_renames_is_undone_for_a_hashed_name_too(
+    tmp_path: Path,
+) -> None:
+    rel = "grp/" + "配置" * 15
+    target = Target(tmp_path / "configuredir", rel)
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    name = publish_module._name(target)
+    assert len(name) < 60  # hashed
+    staging = work_area(target.root) / "staging"
+    owner = f"{_dead_pid()}-1.0badc0de.{name}"
+    write_tree(staging / owner, {"v": "2"})
+    os.rename(target.path, staging / f"{owner}+old")
+
+    sweep(target.root)
+
+    assert (target.path / "v").read_text() == "1"
+    assert os.listdir(staging) == []

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -34,6 +35,10 @@ WORK_DIR = ".syncpro"
 # Marks a replaced tree set aside by the two-rename fallback; quote(safe="") turns every '+'
 # of a target's name into %2B, so no staging name of a target can end like this.
 _ASIDE = "+old"
+# A quoted name never holds '+' either: this prefix marks a hashed one.
+_HASHED = "+h"
+# Room left in NAME_MAX (255 bytes) for "<pid>-<start>.<random>." before and "+old" after.
+_MAX_NAME = 150
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -57,7 +62,36 @@ def work_area(root: Path) -> Path:
 
 
 def _name(target: Target) -> str:
-    return quote(target.rel, safe="")
+    """The name of a target's lock, staging and trash entries: its relative path quoted, or,
+    where that would not fit in one file name with the prefixes and suffixes around it, a
+    hash (recorded in the work area so a crashed fallback swap can still be put back)."""
+    quoted = quote(target.rel, safe="")
+    if len(quoted.encode()) <= _MAX_NAME:
+        return quoted
+    digest = hashlib.blake2b(target.rel.encode("utf-8", "surrogateescape"), digest_size=16)
+    return f"{_HASHED}{digest.hexdigest()}"
+
+
+def _record_name(target: Target, name: str) -> None:
+    if not name.startswith(_HASHED):
+        return
+    names = work_area(target.root) / "names"
+    names.mkdir(exist_ok=True)
+    path = names / name
+    if not path.exists():
+        tmp = names / f".{name}.{os.getpid()}"
+        tmp.write_bytes(target.rel.encode("utf-8", "surrogateescape"))
+        os.replace(tmp, path)
+
+
+def _target_of(root: Path, name: str) -> Path | None:
+    if not name.startswith(_HASHED):
+        return root / unquote(name)
+    try:
+        rel = (work_area(root) / "names" / name).read_bytes()
+    except OSError:
+        return None
+    return root / rel.decode("utf-8", "surrogateescape")
 
 
 def _owner_tag() -> str:
@@ -160,7 +194,9 @@ def publish(
         with target_lock(target):
             # Only the work area and the lock raise OSError here: the check and the build
             # below turn theirs into a result or a PublishError.
-            staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{_name(target)}"
+            name = _name(target)
+            _record_name(target, name)
+            staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{name}"
             if unchanged is not None and final.is_dir() and not final.is_symlink():
                 try:
                     if unchanged(final):
@@ -327,8 +363,8 @@ def _restore_aside(root: Path, aside: Path) -> bool:
     parts = aside.name[: -len(_ASIDE)].split(".", 2)
     if len(parts) < 3:
         return _try_remove(aside)
-    final = root / unquote(parts[2])
-    if os.path.lexists(final):
+    final = _target_of(root, parts[2])
+    if final is None or os.path.lexists(final):
         return _try_remove(aside)
     try:
         os.rename(aside, final)

@@ -123,10 +123,15 @@ def same_entry(
     b_xattrs: Xattrs,
     *,
     owners: bool,
+    dir_times: bool = True,
 ) -> bool:
     """The one rule for "unchanged": type and mode, mtime, size of files, link target, extended
-    attributes (ACLs and capabilities are such), and the owner when owners are kept."""
-    if a.st_mode != b.st_mode or a.st_mtime_ns != b.st_mtime_ns:
+    attributes (ACLs and capabilities are such), and the owner when owners are kept. A
+    folder's mtime follows its children: `dir_times=False` leaves it out, to count only what
+    changed inside (a diff's classes); a publish keeps it, so that the tree is exact."""
+    if a.st_mode != b.st_mode:
+        return False
+    if a.st_mtime_ns != b.st_mtime_ns and (dir_times or not stat.S_ISDIR(a.st_mode)):
         return False
     if owners and (a.st_uid, a.st_gid) != (b.st_uid, b.st_gid):
         return False
@@ -309,7 +314,14 @@ def plan_tree(
     )
 
 
-def plan_path(source: Path, published: Path | None, ignore: Ignore, *, owners: bool) -> TreePlan:
+def plan_path(
+    source: Path,
+    published: Path | None,
+    ignore: Ignore,
+    *,
+    owners: bool,
+    rel_prefix: str = "",
+) -> TreePlan:
     """plan_tree for a source given by path. The source root itself may be a symlink to a
     folder (a configured path); nothing below it is followed. Raise NotADirectoryError if it
     is not a folder."""
@@ -318,6 +330,6 @@ def plan_path(source: Path, published: Path | None, ignore: Ignore, *, owners: b
     except NotADirectoryError:
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(source)) from None
     try:
-        return plan_tree(fd, published, ignore, owners=owners)
+        return plan_tree(fd, published, ignore, owners=owners, rel_prefix=rel_prefix)
     finally:
         os.close(fd)

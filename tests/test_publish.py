@@ -618,3 +618,29 @@ def test_a_death_between_the_fallback_renames_is_undone_for_a_hashed_name_too(
 
     assert (target.path / "v").read_text() == "1"
     assert os.listdir(staging) == []
+
+
+def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[int] = []
+    monkeypatch.setattr(publish_module, "_syncfs", lambda fd: flushed.append(fd) or 0)
+    target = Target(tmp_path / "softdir", "server")
+    if not publish_module._journal_in_order(tmp_path):
+        pytest.skip("the per-file path needs ext4 or XFS")
+
+    def few(staging: Path, current: Path | None) -> list[str]:
+        write_tree(staging, {"a": "1", "d/b": "2"})
+        return [str(staging / "a"), str(staging / "d/b")]
+
+    def many(staging: Path, current: Path | None) -> list[str]:
+        count = publish_module.FSYNC_FILES_MAX + 1
+        write_tree(staging, {f"f{i}": "x" for i in range(count)})
+        return [str(staging / f"f{i}") for i in range(count)]
+
+    publish(target, few, grace=0, durable=True)
+    assert flushed == [] and (target.path / "d/b").read_text() == "2"
+    publish(target, many, grace=0, durable=True)
+    assert len(flushed) == 1
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=True)
+    assert len(flushed) == 2  # a build that does not say what it wrote: syncfs

@@ -15,10 +15,11 @@ import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,11 @@ _AT_FDCWD = -100
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 _syncfs = getattr(_libc, "syncfs", None)
+_statfs = getattr(_libc, "statfs", None)
+_EXT4_MAGIC, _XFS_MAGIC = 0xEF53, 0x58465342
+_ORDERED: dict[int, bool] = {}
+# Up to this many copied files, fsync each (and the tree's root) rather than syncfs.
+FSYNC_FILES_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -133,14 +139,43 @@ def exchange(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def make_durable(path: Path) -> None:
-    """Flush everything written on path's filesystem (one syncfs, not an fsync per file)."""
+def make_durable(path: Path, written: Sequence[str] | None = None) -> None:
+    """Make the tree at path durable. Given the files the build wrote (the rest of the tree
+    being folders, symlinks and hard links to durable files), and a filesystem whose journal
+    commits metadata in order (ext4, XFS), fsync exactly those files and then the tree's root:
+    the root's metadata was set last, so its commit carries every folder and link made before
+    it. Otherwise, or for many files, one syncfs: it flushes the filesystem's other writers
+    too (uploads in flight), a price worth paying only when most of the tree is new."""
+    if written is not None and len(written) <= FSYNC_FILES_MAX and _journal_in_order(path):
+        for name in written:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(path)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if _syncfs is None or _syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)
+
+
+def _journal_in_order(path: Path) -> bool:
+    """Whether path's filesystem is one whose fsync of a folder commits all metadata written
+    before it (ext4, XFS), by statfs's f_type; remembered per device."""
+    dev = os.stat(path).st_dev
+    known = _ORDERED.get(dev)
+    if known is None:
+        buf = ctypes.create_string_buffer(256)
+        if _statfs is None or _statfs(os.fsencode(path), buf) != 0:
+            known = False
+        else:
+            known = struct.unpack_from("l", buf)[0] in (_EXT4_MAGIC, _XFS_MAGIC)
+        _ORDERED[dev] = known
+    return known
 
 
 def make_public_dirs(path: Path) -> None:
@@ -174,7 +209,7 @@ def _fsync_dir(path: Path) -> None:
 
 def publish(
     target: Target,
-    build: Callable[[Path, Path | None], None],
+    build: Callable[[Path, Path | None], object],
     *,
     grace: float,
     durable: bool = True,
@@ -212,7 +247,7 @@ def publish(
 
 def _build_and_swap(
     target: Target,
-    build: Callable[[Path, Path | None], None],
+    build: Callable[[Path, Path | None], object],
     staging: Path,
     trash_dir: Path,
     grace: float,
@@ -222,9 +257,10 @@ def _build_and_swap(
     try:
         current = final if final.is_dir() and not final.is_symlink() else None
         try:
-            build(staging, current)
+            written = build(staging, current)
             if durable:
-                make_durable(staging)
+                # A build that returns the list of files it wrote lets us flush just those.
+                make_durable(staging, written if isinstance(written, list) else None)
         except BaseException:
             try:
                 _remove(staging)

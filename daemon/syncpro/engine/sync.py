@@ -175,14 +175,17 @@ def _publish(
         plan = builder.plan(source)
         return plan.unchanged
 
-    def build(staging: Path, current: Path | None) -> None:
-        nonlocal builder
+    def build(staging: Path, current: Path | None) -> list[str]:
+        nonlocal builder, plan
         if builder is None or builder.reuse != current:
+            # No walk yet against this published tree: copy_tree makes its own.
             builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+            plan = None
         if listed is None:
-            builder.copy_tree(source, staging, plan if builder.reuse == current else None)
+            builder.copy_tree(source, staging, plan)
         else:
             builder.copy_listed(source, listed, staging)
+        return builder.written
 
     outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
     try:

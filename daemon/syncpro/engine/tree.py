@@ -100,6 +100,8 @@ class TreeBuilder:
         self.reuse = reuse
         self.preserve_owner = preserve_owner
         self.stats = CopyStats()
+        # Staging paths of the files copied (not linked): what a durable publish must flush.
+        self.written: list[str] = []
         # Source inode -> the staging path of its first name: later names become hard links.
         self._inodes: dict[tuple[int, int], str] = {}
 
@@ -236,6 +238,7 @@ class TreeBuilder:
             self._copy_open(fd_in, entry.name, here.dst, entry.rel)
         finally:
             os.close(fd_in)
+        self.written.append(staged)
 
     def _copy_open(self, fd_in: int, name: str, dst_fd: int | None, rel: str) -> None:
         st_in = os.fstat(fd_in)
@@ -322,6 +325,7 @@ class TreeBuilder:
                         self.stats.linked += 1
                     else:
                         self._copy_open(fd, target, None, norm)
+                        self.written.append(target)
                 else:
                     self.stats.skipped.append(norm)
                     log.warning(

@@ -3,14 +3,23 @@ keep up with the code they describe (config keys, control actions, the package l
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from syncpro.config.settings import describe_keys
 from syncpro.control.protocol import ACTIONS, FIELDS
+
+from daemon_harness import running
+from helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "daemon" / "syncpro"
@@ -122,3 +131,56 @@ def test_the_readme_and_design_name_every_subpackage_and_module() -> None:
         m.name for m in PACKAGE.glob("*.py") if not m.stem.startswith("_") and m.name not in readme
     ]
     assert missing == [], "describe these in the README's layout and docs/design.md"
+
+
+def _text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None  # not published yet
+
+
+def test_the_readme_try_it_step_works_as_written(tmp_path: Path) -> None:
+    # The demo exactly as the README's first command sets it up, in a scratch folder.
+    shutil.copy(REPO / "config.yml", tmp_path / "config.yml")
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "demo_data.py"), "--var", str(tmp_path / "var")],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    _, _, after = (REPO / "README.md").read_text(encoding="utf-8").partition("**Try it**")
+    block = re.search(r"```sh\n(.*?)```", after, re.DOTALL)
+    assert block is not None, "the README lost its try-it block"
+    lines = [line.partition("  #")[0].strip() for line in block.group(1).splitlines()]
+    upload = re.fullmatch(r"echo '([^']*)' > (\S+)", lines[0])
+    look = re.fullmatch(r"sleep \d+; cat (\S+)", lines[1])
+    assert upload is not None and look is not None, lines[:2]
+    content, source = upload.groups()
+    target = tmp_path / look.group(1)
+
+    with running(tmp_path / "config.yml") as daemon:
+        daemon.wait_event("service.rescanned")  # the start's catch-up has been scheduled
+        (tmp_path / source).write_text(content + "\n", encoding="utf-8")
+        # Where the README sleeps, wait for the published file with a deadline.
+        wait_until(lambda: _text(target) == content + "\n", timeout=30)
+        for line in lines[2:]:
+            words = shlex.split(line)
+            assert words[0] == ".venv/bin/syncpro", line
+            result = subprocess.run(
+                [sys.executable, "-m", "syncpro", *words[1:]],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,  # ctl finds ./config.yml and its control socket there
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 0, (line, result.stdout, result.stderr)
+            doc = json.loads(result.stdout)
+            assert doc["code"] == "0", line
+            if "-k" in words:
+                assert doc["data"]["data"]["0"] == "1", line
+        # "Stop it with Ctrl-C": running syncs finish and it exits 0.
+        daemon.signal(signal.SIGINT)
+        assert daemon.wait_exit(timeout=60) == 0
+        assert daemon.find("service.stopped")

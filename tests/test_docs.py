@@ -149,14 +149,17 @@ def test_the_readme_try_it_step_works_as_written(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
     )
-    _, _, after = (REPO / "README.md").read_text(encoding="utf-8").partition("**Try it**")
-    block = re.search(r"```sh\n(.*?)```", after, re.DOTALL)
-    assert block is not None, "the README lost its try-it block"
-    lines = [line.partition("  #")[0].strip() for line in block.group(1).splitlines()]
-    upload = re.fullmatch(r"echo '([^']*)' > (\S+)", lines[0])
-    look = re.fullmatch(r"sleep \d+; cat (\S+)", lines[1])
-    assert upload is not None and look is not None, lines[:2]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    steps = readme.partition("**Try it**")[2].partition("**Stop it**")[0]
+    # The commands are inline code, so that the README's first two code blocks stay the two
+    # commands it starts with.
+    spans = re.findall(r"`([^`]+)`", steps)
+    (upload,) = [re.fullmatch(r"echo '([^']*)' > (\S+)", s) for s in spans if s.startswith("echo ")]
+    (look,) = [re.fullmatch(r"cat (\S+)", s) for s in spans if s.startswith("cat ")]
+    commands = [s for s in spans if s.startswith(".venv/bin/syncpro ")]
+    assert upload is not None and look is not None and len(commands) == 2, spans
     content, source = upload.groups()
+    assert f"`{content}`" in steps  # what the README says the target will show
     target = tmp_path / look.group(1)
 
     with running(tmp_path / "config.yml") as daemon:
@@ -164,7 +167,7 @@ def test_the_readme_try_it_step_works_as_written(tmp_path: Path) -> None:
         (tmp_path / source).write_text(content + "\n", encoding="utf-8")
         # Where the README sleeps, wait for the published file with a deadline.
         wait_until(lambda: _text(target) == content + "\n", timeout=30)
-        for line in lines[2:]:
+        for line in commands:
             words = shlex.split(line)
             assert words[0] == ".venv/bin/syncpro", line
             result = subprocess.run(

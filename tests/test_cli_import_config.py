@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from syncpro.config.settings import parse_config
+from syncpro.config.load import parse_config
 
 ORIGINAL = """\
 env:

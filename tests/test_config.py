@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -9,21 +10,20 @@ from typing import Any
 import pytest
 import yaml
 
-from syncpro.config import settings as config_module
-from syncpro.config.settings import (
+from syncpro.config import load as config_module
+from syncpro.config.load import find_config, load_config
+from syncpro.config.model import (
     DEFAULT_IGNORE,
-    SECTIONS,
     Config,
     ControlSettings,
     HttpSettings,
-    InventorySettings,
     PublishSettings,
     WatchSettings,
-    describe_keys,
-    find_config,
-    load_config,
 )
+from syncpro.config.schema import APP_KEYS, REQUIRED, SECTIONS, describe_keys
 from syncpro.errors import ConfigError
+from syncpro.inventory.apps import App
+from syncpro.inventory.settings import InventorySettings
 
 DIRS = {
     "remotecomdir": "var/remotecomdir",
@@ -692,6 +692,23 @@ def test_every_section_default_matches_its_settings_class_default(tmp_path: Path
     for section, (cls, _) in SECTIONS.items():
         if section != "dirs":
             assert getattr(config, section) == cls(), section
+
+
+def test_every_schema_key_is_a_field_of_its_model_class_and_back() -> None:
+    # The model holds the one default of each key; a key in one place only would be lost.
+    for section, (cls, opts) in SECTIONS.items():
+        assert set(opts) == {item.name for item in dataclasses.fields(cls)}, section
+    assert set(APP_KEYS) == {item.name for item in dataclasses.fields(App)}
+
+
+def test_described_defaults_are_the_model_defaults_and_dirs_are_required() -> None:
+    rows = {key: default for key, _, default in describe_keys()}
+
+    assert rows["publish.grace"] == PublishSettings().grace
+    assert rows["control.mode"] == 0o660
+    assert rows["dirs.state"] == Path("/var/lib/syncpro")
+    assert rows["dirs.softdir"] is REQUIRED
+    assert rows["apps[].app_key"] is REQUIRED
 
 
 def test_shipped_config_validates() -> None:

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from syncpro.config.import_original import import_original_config
-from syncpro.config.settings import Config, load_config, parse_config
+from syncpro.config.load import load_config, parse_config
+from syncpro.config.model import Config
 from syncpro.errors import ConfigError
 from syncpro.inventory.mysql import parse_mysql_url
 

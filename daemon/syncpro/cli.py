@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from syncpro import __version__
-from syncpro.config.settings import Config, load_config
+from syncpro.config.load import load_config
+from syncpro.config.model import Config
 from syncpro.errors import ConfigError, RequestError, SyncproError
 
 EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import structlog
 import yaml
 
-from syncpro.config.settings import parse_config
+from syncpro.config.load import parse_config
 from syncpro.errors import ConfigError, InventoryError
 from syncpro.inventory.mysql import parse_mysql_url, quote_table
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.response import command_line, run_document, text_safe

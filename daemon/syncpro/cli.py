@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
 
 from syncpro import __version__
 from syncpro.config.load import load_config
 from syncpro.config.model import Config
-from syncpro.errors import ConfigError, RequestError, SyncproError
+from syncpro.errors import ExitCode, RequestError, SyncproError
+from syncpro.inventory.apps import Inventory
+from syncpro.log import FORMATS, is_terminal
 
-EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:
+    from syncpro.engine.result import SyncResult
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syncpro",
         description="Publish builds and downloaded programs atomically into pending-release"
-        " directories (the Deploy:Core:syncpro action).",
+        " directories (the Deploy:Core:syncpro action). Exit 0 when all went well, 1 when a"
+        " sync was unsuccessful, 2 for a usage or config error.",
     )
     parser.add_argument("--version", action="version", version=f"syncpro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -31,19 +41,36 @@ def _parser() -> argparse.ArgumentParser:
             help="config file (default: $SYNCPRO_CONFIG, ./config.yml, /etc/syncpro/config.yml)",
         )
         p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+        p.add_argument(
+            "--log-format",
+            choices=FORMATS,
+            help="how log events are written (default: console on a terminal, else JSON lines)",
+        )
         return p
 
-    sync = with_config(sub.add_parser("sync", help="sync apps once, print the response JSON"))
+    sync = with_config(
+        sub.add_parser(
+            "sync",
+            help="sync apps once; a line per target on a terminal, else the response JSON",
+        )
+    )
     sync.add_argument("-k", required=True, help="app keys, group names (local_name) or all")
     sync.add_argument(
         "--update", action="store_true", help="sync from updatedir (default: remotecomdir)"
     )
-    sync.add_argument("--pretty", action="store_true", help="indent the response JSON")
+    sync.add_argument(
+        "--json",
+        action="store_true",
+        help="print the response JSON even on a terminal (it is printed anyway when piped)",
+    )
+    sync.add_argument(
+        "--pretty", action="store_true", help="indent the response JSON (implies --json)"
+    )
     sync.add_argument(
         "-q",
         "--quiet",
         action="store_true",
-        help="log only warnings and errors on stderr (stdout has the document anyway)",
+        help="log only warnings and errors on stderr (stdout has the result anyway)",
     )
 
     with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
@@ -63,7 +90,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 unsuccessful, 2 usage or config)."""
+    """Run the command line; return its ExitCode (0 ok, 1 unsuccessful, 2 usage or config)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # A reader that went away (`| head`) shows here, not as a traceback at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _detach_stdout()
+        return ExitCode.BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "sync":
@@ -78,15 +117,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_ctl(args)
         if args.command == "import-config":
             return _import_config(args)
-    except ConfigError as exc:
+    except SyncproError as exc:  # config, inventory, request, control socket, startup
         print(f"syncpro: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SyncproError as exc:  # inventory, request, control socket, startup
-        print(f"syncpro: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _detach_stdout() -> None:
+    # What is still buffered for the closed pipe goes to /dev/null, so that the interpreter's
+    # last flush does not print "Exception ignored ... BrokenPipeError" on the way out.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a file (a test's capture): nothing will flush it at exit
+
+
+def did_you_mean(token: str, inventory: Inventory) -> str:
+    """Given a token of `k` that selected nothing, return a hint for the message: the closest
+    app keys and groups, or why a known app is not selected; "" when there is none."""
+    if token in inventory.by_key() or inventory.group(token):
+        return " (not auto-deploy: only auto-deploy apps are synced)"
+    names = sorted(
+        {"all"} | {a.app_key for a in inventory.apps} | {a.local_name for a in inventory.apps}
+    )
+    close = difflib.get_close_matches(token, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -99,21 +158,44 @@ def _sync(args: argparse.Namespace) -> int:
     from syncpro.inventory.source import load_inventory
 
     config = load_config(args.config)
-    # stdout carries the response document alone; log events go to stderr.
-    log.configure(sys.stderr, verbose=args.verbose, quiet=args.quiet)
+    as_json = args.json or args.pretty or not is_terminal(sys.stdout)
+    # stdout carries the result alone; log events go to stderr.
+    log.configure(sys.stderr, verbose=args.verbose, quiet=args.quiet, fmt=args.log_format)
     try:
         k = validate_k(args.k)
     except RequestError as exc:
         # Refused as the socket and HTTP refuse it: a document saying why, and nothing runs.
         normalised = " ".join(split_k(args.k))
         param = {"action": SYNC_ACTION, "k": normalised, "update": "1" if args.update else "0"}
-        print_document(refusal_document(param, str(exc)), args.pretty)
+        if as_json:
+            print_document(refusal_document(param, str(exc)), args.pretty)
         raise
     inventory = load_inventory(config.inventory, config.config_inventory)
     result = run_sync(SyncRequest(k=k, update=args.update, origin="cli"), config, inventory)
-    print_document(response_document(result), args.pretty)
-    sweep_later([config.dirs.softdir, config.dirs.configuredir])
-    return EXIT_OK if result.ok else EXIT_UNSUCCESSFUL
+    # Before printing: a reader gone away (`| head`) must not leave replaced trees behind.
+    try:
+        sweep_later([config.dirs.softdir, config.dirs.configuredir])
+    except OSError as exc:  # a target root that is not a folder: the result says so already
+        structlog.get_logger().warning("cli.sweep_not_started", error=str(exc))
+    if as_json:
+        print_document(response_document(result), args.pretty)
+    else:
+        _print_summary(result, inventory)
+    if result.unknown and not result.apps:
+        hints = ", ".join(f"{t!r}{did_you_mean(t, inventory)}" for t in result.unknown)
+        raise RequestError(f"-k selects no app: no app or group {hints}")
+    if as_json:  # on a terminal the summary named them already
+        for token in result.unknown:
+            hint = did_you_mean(token, inventory).strip(" ()")
+            structlog.get_logger().warning("cli.unknown_key", token=token, hint=hint)
+    return ExitCode.OK if result.ok else ExitCode.UNSUCCESSFUL
+
+
+def _print_summary(result: SyncResult, inventory: Inventory) -> None:
+    from syncpro.summary import summary_lines
+
+    for line in summary_lines(result, lambda token: did_you_mean(token, inventory)):
+        print(line)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -121,7 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
     from syncpro.daemon.service import serve
 
     load_config(args.config)  # a broken config is one message and exit 2, before logging
-    log.configure(sys.stdout, verbose=args.verbose)
+    log.configure(sys.stdout, verbose=args.verbose, fmt=args.log_format)
     log.capture_warnings()
     return serve(args.config)
 
@@ -133,13 +215,13 @@ def _import_config(args: argparse.Namespace) -> int:
     log.configure(sys.stderr)  # stdout carries the generated config alone
     base = Path(args.base) if args.base else None
     print(import_original_config(Path(args.path), base, args.env), end="")
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(summary(config))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _missing(path: Path, then: str) -> str:

@@ -8,11 +8,13 @@ import pty
 import re
 import select
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -30,6 +32,7 @@ from helpers import (
     write_config,
     write_tree,
 )
+from mysql_support import app_row, reachable_server, throwaway_database
 
 SYNCPRO = str(Path(sys.executable).parent / "syncpro")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -365,6 +368,95 @@ def test_check_config_points_at_a_source_dir_that_does_not_exist(tmp_path: Path)
     assert proc.returncode == 0
     line = next(x for x in proc.stdout.splitlines() if "remotecomdir" in x)
     assert "var/remotecomdr   (missing: nothing to sync; a typo?)" in line
+
+
+def mysql_config(tmp_path: Path, url: str, **inventory: Any) -> Path:
+    doc = config_dict([], extra={"inventory": {"source": "mysql", "url": url, **inventory}})
+    return write_config(tmp_path / "config.yml", doc)
+
+
+def test_check_config_fails_for_a_password_file_that_is_not_there(tmp_path: Path) -> None:
+    missing = tmp_path / "db.password"
+    config = mysql_config(
+        tmp_path, "mysql://syncpro@127.0.0.1:3306/test", password_file=str(missing)
+    )
+
+    proc = run("check-config", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.UNSUCCESSFUL, proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if "inventory.password_file" in x)
+    assert line.split()[0] == "failed"
+    assert f"{missing} does not exist" in line
+    assert proc.stdout.splitlines()[-1] == "preflight: 1 failed (4 warnings)"
+
+
+def test_check_config_strict_fails_when_folders_are_missing(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict(SERVER_GROUP))
+
+    lenient = run("check-config", "--config", str(config), cwd=tmp_path)
+    strict = run("check-config", "--strict", "--config", str(config), cwd=tmp_path)
+
+    assert lenient.returncode == 0, lenient.stdout
+    assert strict.returncode == ExitCode.UNSUCCESSFUL
+    failed = {x.split()[1] for x in strict.stdout.splitlines() if x.split()[0] == "failed"}
+    assert failed == {"dirs.remotecomdir", "dirs.updatedir", "dirs.softdir", "dirs.configuredir"}
+
+
+def test_check_config_json_lists_every_check_for_scripts(demo: Path, tmp_path: Path) -> None:
+    proc = run("check-config", "--json", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 0
+    doc = one_document(proc.stdout)
+    assert (doc["valid"], doc["ok"]) == (True, True)
+    checks = {c["key"]: c for c in doc["checks"]}
+    assert checks["dirs.remotecomdir"]["status"] == "ok"
+    assert checks["dirs.softdir"]["status"] == "warning"  # made at the first sync
+
+
+def test_check_config_json_of_an_invalid_config_lists_its_problems(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text("dirs: {remotecomdir: r}\n")
+
+    proc = run("check-config", "--json", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.USAGE
+    doc = one_document(proc.stdout)
+    assert doc["valid"] is False
+    assert any("dirs.updatedir: missing" in p for p in doc["problems"])
+
+
+def test_check_config_connect_reports_an_unreachable_database_as_failed(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = mysql_config(tmp_path, f"mysql://root@127.0.0.1:{port}/test", connect_timeout=2)
+
+    proc = run("check-config", "--connect", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.UNSUCCESSFUL
+    line = next(x for x in proc.stdout.splitlines() if x.split()[:2] == ["failed", "inventory"])
+    assert f"127.0.0.1:{port}" in line
+
+
+@pytest.mark.mysql
+def test_check_config_connect_reads_the_inventory_table(tmp_path: Path) -> None:
+    with throwaway_database(reachable_server()) as db:
+        db.add(app_row("server1"), app_row("server2"), app_row("web1", "web", auto_deloy="0"))
+        config = mysql_config(tmp_path, db.url)
+
+        proc = run("check-config", "--connect", "--config", str(config), cwd=tmp_path)
+        missing_table = mysql_config(tmp_path, db.url, table="no_such_table")
+        refused = run(
+            "check-config", "--connect", "--json", "--config", str(missing_table), cwd=tmp_path
+        )
+
+    assert proc.returncode == 0, proc.stdout
+    assert "ok       inventory" in proc.stdout
+    assert "3 apps (2 auto-deploy) read from table pre_server_detail" in proc.stdout
+    assert refused.returncode == ExitCode.UNSUCCESSFUL
+    inventory = one_document(refused.stdout)["checks"][-1]
+    assert (inventory["key"], inventory["status"]) == ("inventory", "failed")
+    assert "no_such_table" in inventory["message"]
 
 
 def test_version_prints_the_package_version(tmp_path: Path) -> None:

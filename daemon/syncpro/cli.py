@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import io
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ import structlog
 from syncpro import __version__
 from syncpro.config.load import load_config
 from syncpro.config.model import Config
-from syncpro.errors import ExitCode, RequestError, SyncproError
+from syncpro.errors import ConfigError, ExitCode, RequestError, SyncproError
 from syncpro.inventory.apps import Inventory
 from syncpro.log import FORMATS, is_terminal
 
@@ -73,7 +74,24 @@ def _parser() -> argparse.ArgumentParser:
         help="log only warnings and errors on stderr (stdout has the result anyway)",
     )
 
-    with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
+    check = with_config(
+        sub.add_parser(
+            "check-config",
+            help="validate the config, summarise it and check this host can run it",
+            description="Validate the config and check what it needs on this host: source"
+            " folders readable, target folders writable, the files it names readable. Exit 0"
+            " when all checks pass or warn, 1 when one failed, 2 when the config is invalid.",
+        )
+    )
+    check.add_argument(
+        "--strict", action="store_true", help="a missing folder fails the check, not just warns"
+    )
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also read the inventory: reach the database and read its table",
+    )
+    check.add_argument("--json", action="store_true", help="print the result as one JSON document")
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
 
     from syncpro.control.client import add_ctl_parser
@@ -219,9 +237,45 @@ def _import_config(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    print(summary(config))
-    return ExitCode.OK
+    from syncpro import log
+    from syncpro.config.preflight import FAILED, OK, preflight
+
+    log.configure(sys.stderr, verbose=args.verbose, quiet=True, fmt=args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        doc = {"config": exc.path, "valid": False, "ok": False, "problems": exc.problems}
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        return ExitCode.USAGE
+    checks = preflight(config, strict=args.strict, connect=args.connect)
+    ok = all(check.status != FAILED for check in checks)
+    if args.json:
+        doc = {
+            "config": str(config.path),
+            "valid": True,
+            "ok": ok,
+            "checks": [check.as_dict() for check in checks],
+        }
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+    else:
+        print(summary(config))
+        # A missing folder is marked in the summary above already; other news is listed here.
+        notes = [
+            check
+            for check in checks
+            if (check.status == FAILED or (check.status != OK and "missing" not in check.message))
+            or (check.key == "inventory" and args.connect)
+        ]
+        width = max((len(check.key) for check in notes), default=0)
+        for check in notes:
+            print(f"  {check.status:<8} {check.key:<{width}}  {check.message}")
+        failed = sum(check.status == FAILED for check in checks)
+        warned = sum(check.status not in (OK, FAILED) for check in checks)
+        verdict = f"{failed} failed" if failed else "ready to run"
+        print(f"preflight: {verdict}" + (f" ({warned} warnings)" if warned else ""))
+    return ExitCode.OK if ok else ExitCode.UNSUCCESSFUL
 
 
 def _missing(path: Path, then: str) -> str:

@@ -228,11 +228,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _import_config(args: argparse.Namespace) -> int:
     from syncpro import log
-    from syncpro.config.import_original import import_original_config
+    from syncpro.config.import_original import import_original
 
     log.configure(sys.stderr)  # stdout carries the generated config alone
     base = Path(args.base) if args.base else None
-    print(import_original_config(Path(args.path), base, args.env), end="")
+    imported = import_original(Path(args.path), base, args.env)
+    print(imported.text, end="")
+    # What was read and left out, for the person at the terminal; the file carries it too.
+    for note in imported.notes():
+        print(f"syncpro import-config: {note}", file=sys.stderr)
     return ExitCode.OK
 
 

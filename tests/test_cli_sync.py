@@ -459,6 +459,21 @@ def test_check_config_connect_reads_the_inventory_table(tmp_path: Path) -> None:
     assert "no_such_table" in inventory["message"]
 
 
+def test_check_config_keys_prints_every_key_with_its_default_and_needs_no_config(
+    tmp_path: Path,
+) -> None:
+    proc = run("check-config", "--keys", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    first = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines if line[:1].isalpha()}
+    assert set(first) >= {"dirs.softdir", "control.mode", "apps[].auto_deploy", "publish.grace"}
+    assert first["dirs.softdir"] == "(required)"
+    assert first["control.mode"] == "0660"
+    assert first["publish.grace"] == "10.0"
+    assert any(line.startswith("$SYNCPRO_DB_PASSWORD ") for line in lines)
+
+
 def test_version_prints_the_package_version(tmp_path: Path) -> None:
     proc = run("--version", cwd=tmp_path)
 

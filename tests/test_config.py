@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from syncpro.config import load as config_module
+from syncpro.config.environment import VARIABLES
 from syncpro.config.load import find_config, load_config
 from syncpro.config.model import (
     DEFAULT_IGNORE,
@@ -705,10 +707,23 @@ def test_described_defaults_are_the_model_defaults_and_dirs_are_required() -> No
     rows = {key: default for key, _, default in describe_keys()}
 
     assert rows["publish.grace"] == PublishSettings().grace
-    assert rows["control.mode"] == 0o660
+    assert rows["control.mode"] == "0660"  # in the octal the file takes
     assert rows["dirs.state"] == Path("/var/lib/syncpro")
     assert rows["dirs.softdir"] is REQUIRED
     assert rows["apps[].app_key"] is REQUIRED
+
+
+def test_every_environment_variable_the_source_reads_is_in_the_one_list() -> None:
+    source = Path(config_module.__file__).parent.parent
+    named: dict[str, set[str]] = {}
+    for path in source.rglob("*.py"):
+        for name in re.findall(r"SYNCPRO_[A-Z_]+", path.read_text(encoding="utf-8")):
+            named.setdefault(name, set()).add(path.name)
+
+    listed = {variable.name for variable in VARIABLES}
+    assert set(named) == listed
+    for name in listed:  # each is read somewhere, not only listed
+        assert named[name] - {"environment.py"}, name
 
 
 def test_shipped_config_validates() -> None:

@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also read the inventory: reach the database and read its table",
     )
     check.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    check.add_argument(
+        "--keys",
+        action="store_true",
+        help="print every config key with its default and meaning, and the environment"
+        " variables read; no config needed",
+    )
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
 
     from syncpro.control.client import add_ctl_parser
@@ -244,6 +250,9 @@ def _check_config(args: argparse.Namespace) -> int:
     from syncpro import log
     from syncpro.config.preflight import FAILED, OK, preflight
 
+    if args.keys:
+        print(describe_all())
+        return ExitCode.OK
     log.configure(sys.stderr, verbose=args.verbose, quiet=True, fmt=args.log_format)
     try:
         config = load_config(args.config)
@@ -280,6 +289,35 @@ def _check_config(args: argparse.Namespace) -> int:
         verdict = f"{failed} failed" if failed else "ready to run"
         print(f"preflight: {verdict}" + (f" ({warned} warnings)" if warned else ""))
     return ExitCode.OK if ok else ExitCode.UNSUCCESSFUL
+
+
+def _default_text(value: object) -> str:
+    from syncpro.config.schema import REQUIRED
+
+    if value is REQUIRED:
+        return "(required)"
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def describe_all() -> str:
+    """Return every config key with its default and meaning, then the environment variables."""
+    from syncpro.config.environment import VARIABLES
+    from syncpro.config.schema import describe_keys
+
+    rows = [(key, _default_text(default), doc) for key, doc, default in describe_keys()]
+    key_width = max(len(key) for key, _, _ in rows)
+    lines = [
+        f"{key:<{key_width}}  {default}\n{'':<{key_width}}  {doc}" for key, default, doc in rows
+    ]
+    lines.append("")
+    lines += [f"${v.name:<{key_width - 1}}  {v.doc}" for v in VARIABLES]
+    return "\n".join(lines)
 
 
 def _missing(path: Path, then: str) -> str:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import structlog
 import yaml
 
+from syncpro.config import environment
 from syncpro.config.load import parse_config
 from syncpro.errors import ConfigError, InventoryError
 from syncpro.inventory.mysql import parse_mysql_url, quote_table
@@ -423,7 +424,8 @@ def _render(
             f" {password_key} into",
             "  # this file, readable by the syncpro user only, e.g.:",
             f"  #   install -m 0600 /dev/null {PASSWORD_FILE} && editor {PASSWORD_FILE}",
-            "  # (or set SYNCPRO_DB_PASSWORD in the service's environment and drop this line)",
+            f"  # (or set {environment.DB_PASSWORD.name} in the service's environment and drop"
+            " this line)",
             f"  password_file: {_q(PASSWORD_FILE)}",
         ]
     else:

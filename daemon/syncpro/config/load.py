@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from syncpro.config import environment
 from syncpro.config.checks import cross_checks
 from syncpro.config.model import Config, HttpSettings
 from syncpro.config.schema import (
@@ -27,7 +28,7 @@ from syncpro.errors import ConfigError
 from syncpro.inventory.apps import App, path_component_problem
 
 DEFAULT_PATHS = (Path("config.yml"), Path("/etc/syncpro/config.yml"))
-ENV_VAR = "SYNCPRO_CONFIG"
+ENV_VAR = environment.CONFIG.name
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

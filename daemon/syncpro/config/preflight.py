@@ -10,10 +10,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from syncpro.config import environment
 from syncpro.config.model import Config
 from syncpro.errors import InventoryError
 
 OK, WARNING, FAILED = "ok", "warning", "failed"
+PASSWORD_ENV = environment.DB_PASSWORD.name
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,6 @@ def check_files(config: Config) -> list[Check]:
                 )
             )
     elif inventory.source == "mysql" and not _url_has_password(inventory.url or ""):
-        from syncpro.inventory.mysql import PASSWORD_ENV
-
         if os.environ.get(PASSWORD_ENV):
             checks.append(Check("inventory.url", OK, f"the password comes from ${PASSWORD_ENV}"))
         else:

@@ -210,10 +210,12 @@ def _file_list(value: Any, base: Path) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Opt:
-    """One key of a section: how to read its value, and what it is for."""
+    """One key of a section: how to read its value, what it is for, and how to write its value
+    back in the file's terms when Python's repr would mislead (a mode is octal)."""
 
     convert: Converter
     doc: str
+    show: Callable[[Any], str] | None = None
 
 
 SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
@@ -256,7 +258,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
         ControlSettings,
         {
             "socket": Opt(read_path, "the control socket's path"),
-            "mode": Opt(_mode, "the control socket's permissions"),
+            "mode": Opt(_mode, "the control socket's permissions", show="{:04o}".format),
             "group": Opt(_optional(_str), "group owning the control socket"),
             "allow_uids": Opt(_ids, "uids allowed besides root and the daemon's"),
             "allow_gids": Opt(_ids, "gids whose members are allowed"),
@@ -314,11 +316,18 @@ def default_of(cls: type, key: str) -> Any:
     raise KeyError(key)
 
 
+def _shown(opt: Opt, value: Any) -> Any:
+    return opt.show(value) if opt.show is not None and value is not REQUIRED else value
+
+
 def describe_keys() -> list[tuple[str, str, Any]]:
     """Return (dotted key, description, default) for every key, for docs and `check-config`;
-    the default of a required key is REQUIRED."""
+    the default of a required key is REQUIRED, a default with its own notation is text."""
     rows: list[tuple[str, str, Any]] = []
     for name, (cls, opts) in SECTIONS.items():
-        rows.extend((f"{name}.{key}", opt.doc, default_of(cls, key)) for key, opt in opts.items())
+        rows.extend(
+            (f"{name}.{key}", opt.doc, _shown(opt, default_of(cls, key)))
+            for key, opt in opts.items()
+        )
     rows.extend((f"apps[].{key}", opt.doc, default_of(App, key)) for key, opt in APP_KEYS.items())
     return rows

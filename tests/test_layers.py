@@ -168,6 +168,13 @@ def test_the_inventory_never_imports_the_config(graph: Graph) -> None:
     assert violations(graph, "syncpro.inventory", ("syncpro.config",)) == []
 
 
+def test_the_config_and_the_inventory_reach_no_engine_control_or_daemon(graph: Graph) -> None:
+    # Both are read by every other layer; an import back up would tie the layers in a knot.
+    upper = ("syncpro.engine", "syncpro.control", "syncpro.daemon", "syncpro.cli")
+    assert violations(graph, "syncpro.config", upper) == []
+    assert violations(graph, "syncpro.inventory", upper) == []
+
+
 def test_nothing_imports_the_cli_but_the_main_module(graph: Graph) -> None:
     importers = sorted(m for m, names in graph.items() if "syncpro.cli" in names)
     assert importers == ["syncpro.__main__"]

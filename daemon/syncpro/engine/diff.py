@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.ignore import Ignore
 from syncpro.engine.request import SyncRequest

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.publish import publish, sweep

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from python_multipart.exceptions import FormParserError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from syncpro.control.protocol import ProtocolError, request_pairs
@@ -83,8 +83,11 @@ def _multipart_pairs(boundary: bytes, body: bytes) -> list[tuple[str, Any]]:
         parser.write(body)
         parser.finalize()
     except FormParserError as exc:
-        # Its messages name a state and an offset, never the body's bytes.
-        raise FormError(f"multipart body is malformed: {exc}") from None
+        # Its message can quote a byte of the body: only where it went wrong is said.
+        where = f" at byte {exc.offset}" if isinstance(exc, MultipartParseError) else ""
+        raise FormError(
+            f"multipart body is malformed{where}: it is not form-data parts between boundaries"
+        ) from None
     if not ended:
         raise FormError(
             "multipart body ends before its closing boundary: it was cut off or is not"

@@ -715,6 +715,24 @@ def test_http_cors_origin_is_a_config_key_that_refuses_a_line_break(tmp_path: Pa
 
 # --- the token never shows, whatever the client sends ---
 
+
+def test_a_token_sent_in_another_field_is_refused_before_it_reaches_the_engine(
+    server: HttpServer, handler: FakeHandler
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        status, doc = curl(
+            "-F",
+            f"k=a,{TOKEN}",
+            "-F",
+            "action=Deploy:Core:syncpro",
+            url(server, f"/rex?token={TOKEN}"),
+        )
+    assert status == 400
+    assert "field other than token" in doc["data"]["msg"]
+    assert handler.calls == []
+    assert TOKEN not in json.dumps(doc) + json.dumps(logs, default=str)
+
+
 _NAMES = st.one_of(
     st.sampled_from(["action", "k", "update", "w", "pretty", "debug", "sprint", "foo", "Token"]),
     st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=12),

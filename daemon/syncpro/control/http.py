@@ -153,6 +153,13 @@ class HttpServer:
             text = text.replace(self.settings.token, REDACTED)
         return text
 
+    def carries_token(self, *values: str | None) -> bool:
+        """Given a request's field values, return whether any holds the configured token."""
+        token = self.settings.token
+        if not token:
+            return False
+        return any(token in value for value in values if value is not None)
+
     def scrub(self, value: Any) -> Any:
         """Given a document or a log value, return it with the configured token replaced
         wherever it appears: a client may have put it in any field (k=TOKEN), and no answer
@@ -354,6 +361,12 @@ class _Handler(BaseHTTPRequestHandler):
             failure.param = {**failure.param, **param}
             # As the original: the request was heard, the document's code says it failed.
             self._answer(200, failure.document(), param=failure.param)
+            return
+        if self._app.carries_token(req.action, req.k, req.w):
+            # What runs is logged by the engine too, beyond this layer's redaction: the token
+            # never gets that far.
+            reason = "the token was sent in a field other than token; nothing ran"
+            self._answer(400, refusal_document(param, reason, "400"), param=param)
             return
         req = dataclasses.replace(req, token=tokens[0])
         doc = dispatch(self._app.handler, req, "http")

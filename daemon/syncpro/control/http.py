@@ -1,8 +1,10 @@
 """The original platform's HTTP endpoint: `POST /rex?token=...` with the seed's form body.
 
-The request's fields come from one place: the body when it has any, as the seed's clients send
-them; else the query string (`POST /rex?token=...&action=...&k=...`). When both carry fields the
-body is the request and the query string only gives the token.
+The request's fields come from one place: the body when it has any (urlencoded, multipart/
+form-data or a JSON object), as the original's clients send them; else the query string
+(`POST /rex?token=...&action=...&k=...`). When both carry fields the body is the request and
+the query string only gives the token. The token is read from both before anything else is
+checked, and never leaves this module: answers and log events have it replaced.
 """
 
 from __future__ import annotations

@@ -390,6 +390,37 @@ def test_past_the_connection_cap_a_client_gets_503_at_once_and_idle_ones_hold_no
         wait_until(lambda: curl(url(server, "/healthz"))[0] == 200)
 
 
+def test_at_the_connection_cap_a_client_is_served_when_a_slot_frees_within_slot_wait(
+    handler: FakeHandler,
+) -> None:
+    settings = HttpSettings(enabled=True, listen="127.0.0.1:0", token=TOKEN)
+    with HttpServer(settings, handler, max_clients=2, slot_wait=30) as server:
+        idle = [socket.create_connection(server.address, timeout=5) for _ in range(2)]
+        answers: list[int] = []
+        try:
+            wait_until(lambda: _http_threads() == 2)
+            client = threading.Thread(
+                target=lambda: answers.append(curl(url(server, "/healthz"))[0])
+            )
+            client.start()
+            # Its connection is accepted and waits for a slot: no thread, no answer yet.
+            wait_until(lambda: _established(server) == 3)
+            assert answers == []
+            idle.pop().close()
+            client.join(20)
+        finally:
+            for sock in idle:
+                sock.close()
+    assert answers == [200]
+
+
+def _established(server: HttpServer) -> int:
+    """Connections to the server's port the kernel has established, from /proc/net/tcp."""
+    port = f"{server.address[1]:04X}"
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return sum(line.split()[1].endswith(f":{port}") and line.split()[3] == "01" for line in lines)
+
+
 def _http_threads() -> int:
     return sum(t.name.startswith("syncpro-http-request-") for t in threading.enumerate())
 

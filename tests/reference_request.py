@@ -43,10 +43,10 @@ def reading(raw: bytes) -> dict[str, Any] | None:
         return None
     ignored = [name for name, _ in pairs if name not in FIELDS + SWITCHES]
     pairs = [(name, value) for name, value in pairs if name in FIELDS + SWITCHES]
-    names = [name for name, _ in pairs]
+    names = [name for name, _ in pairs if name in FIELDS]
     if len(set(names)) != len(names):
         return None
-    switches = {name: _on(value) for name, value in pairs if name in SWITCHES}
+    switches = {name: _on(value) for name, value in pairs if name in SWITCHES}  # the last wins
     pairs = [(name, value) for name, value in pairs if name in FIELDS]
     fields = {name: _value(name, value) for name, value in pairs if value is not None}
     if any(value is None for value in fields.values()):

@@ -263,6 +263,7 @@ def test_an_unknown_field_is_still_named_when_the_request_is_refused() -> None:
         (b"action=status&debug=yes&sprint='1'", True, True),
         (b'{"action": "status", "debug": true, "sprint": 0}', True, False),
         (b'{"action": "status", "debug": [1], "sprint": null}', True, False),
+        (b"action=status&debug=1&debug=0&sprint=0&sprint=on", False, True),  # the last wins
     ],
 )
 def test_the_originals_debug_and_sprint_are_accepted_with_any_value(

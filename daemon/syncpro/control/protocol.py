@@ -213,7 +213,7 @@ def request_of(pairs: list[tuple[str, Any]]) -> ControlRequest:
             if shown not in ignored:
                 ignored.append(shown)
             continue
-        if name in fields:
+        if name in fields and name not in SWITCHES:  # the original's switches: never refused
             problems.append(f"field {shown!r} is given more than once")
             continue
         fields[name] = value
@@ -266,7 +266,7 @@ def _switch(value: Any) -> bool:
     if value is None or isinstance(value, bool):
         return bool(value)
     if isinstance(value, str):
-        return _unquote(value).lower() not in _OFF
+        return unquote(value).lower() not in _OFF
     if isinstance(value, int | float):
         return value != 0
     return True
@@ -278,7 +278,7 @@ def _field_text(name: str, value: Any, echo: dict[str, str]) -> str | None:
     if value is None:
         return None  # absent, or JSON null: the same
     if isinstance(value, str):
-        return _unquote(value)
+        return unquote(value)
     if name in _FLAGS:
         # bool before int: True is an int too, and JSON's true means 1 here.
         if isinstance(value, bool):
@@ -308,10 +308,6 @@ def _flag(name: str, value: str | None, echo: dict[str, str]) -> bool:
 def unquote(value: str) -> str:
     """Given a field's text, return it without surrounding blanks and one pair of quotes, as
     the seed writes its values (k='server')."""
-    return _unquote(value)
-
-
-def _unquote(value: str) -> str:
     value = value.strip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in _QUOTES:
         return value[1:-1].strip()

@@ -66,6 +66,7 @@ class HttpSettings:
     token: str | None = field(default=None, repr=False)
     token_file: Path | None = None
     max_body: int = 65536
+    cors_origin: str | None = None
 
     @property
     def host_port(self) -> tuple[str, int]:

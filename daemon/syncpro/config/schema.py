@@ -39,6 +39,13 @@ def _str(value: Any, base: Path) -> str:
     return value
 
 
+def _header(value: Any, base: Path) -> str:
+    text = _str(value, base)
+    if not text.isprintable() or not text.isascii():  # a line break would forge headers
+        raise ValueError(f"must be one line of printable ASCII (an HTTP header), not {value!r}")
+    return text
+
+
 def read_path(value: Any, base: Path) -> Path:
     text = _str(value, base)
     path = Path(os.path.expanduser(text))
@@ -272,6 +279,9 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
             "token": Opt(_optional(_secret), "token clients pass as ?token="),
             "token_file": Opt(_optional(read_path), "file holding the token"),
             "max_body": Opt(_count, "largest accepted request body in bytes"),
+            "cors_origin": Opt(
+                _optional(_header), "Access-Control-Allow-Origin of /rex answers ('*': any)"
+            ),
         },
     ),
     "inventory": (

@@ -151,6 +151,7 @@ def response_document(result: SyncResult) -> dict[str, Any]:
         cmd=command_line(result.request, result.config_path),
         unknown=result.unknown,
     )
+    doc["skipped"] = [s.as_dict() for s in result.skipped]
     doc["drift"] = [d.as_dict() for d in result.drift]
     doc["apps"] = [app.as_dict() for app in result.apps]
     return text_safe(doc)  # type: ignore[no-any-return]

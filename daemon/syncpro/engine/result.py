@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncpro.engine.request import SyncRequest
+from syncpro.engine.selection import Skipped
 from syncpro.engine.tree import CopyStats
 
 PUBLISHED, MISSING, FAILED, SUPERSEDED = "published", "missing", "failed", "superseded"
@@ -105,6 +106,7 @@ class SyncResult:
     seconds: float = 0.0
     apps: list[AppOutcome] = field(default_factory=list)
     unknown: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()  # members of selected groups not synced: not failures
     drift: list[Drift] = field(default_factory=list)
     missing_program: list[str] = field(default_factory=list)
     missing_config: list[str] = field(default_factory=list)

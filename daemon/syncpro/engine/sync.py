@@ -65,6 +65,7 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     clock = time.monotonic()
     selection = select(tokens, inventory)
     result.unknown = selection.unknown
+    result.skipped = selection.skipped
     outcomes = {app.app_key: AppOutcome(app.app_key, app.local_name) for app in selection.apps}
     result.apps = list(outcomes.values())
     ignore = ignore_for(config)

@@ -511,8 +511,14 @@ def test_a_fifo_in_a_source_is_skipped_by_the_cli_without_hanging(tmp_path: Path
 
     assert proc.returncode == 0, proc.stderr
     assert one_document(proc.stdout)["apps"][0]["program"]["skipped"] == ["bin/pipe"]
-    skipped = [json.loads(line) for line in proc.stderr.splitlines() if "special" in line]
-    assert [(e["event"], e["kind"]) for e in skipped] == [("copy.special_file_skipped", "fifo")]
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    skipped = [e for e in events if e["event"] == "copy.special_file_skipped"]
+    assert [(e["path"], e["kind"]) for e in skipped] == [(str(source / "bin/pipe"), "fifo")]
+    # A published target that left something out says so after the success message.
+    assert (
+        one_document(proc.stdout)["data"]["msg"]
+        == "成功: a1: program left out special files bin/pipe"
+    )
     assert not (tmp_path / "var/softdir/a/bin/pipe").exists()
     assert (tmp_path / "var/softdir/a/bin/run").read_text() == "1"
 

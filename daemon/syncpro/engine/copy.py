@@ -71,8 +71,9 @@ def _copy_range(fd_in: int, fd_out: int, length: int, offset: int | None) -> int
     except OSError as exc:
         if exc.errno not in _NO_COPY_RANGE:
             raise
-    while True:
-        want = min(1 << 20, length - total) if total < length else 1 << 20
+    while offset is None or total < length:
+        # A whole file is read to its end (it may have grown); a data range to its end only.
+        want = 1 << 20 if offset is None else min(1 << 20, length - total)
         chunk = os.read(fd_in, want) if offset is None else os.pread(fd_in, want, offset + total)
         if not chunk:
             return total
@@ -84,6 +85,7 @@ def _copy_range(fd_in: int, fd_out: int, length: int, offset: int | None) -> int
             else:
                 written += os.pwrite(fd_out, view[written:], offset + total + written)
         total += len(chunk)
+    return total
 
 
 def apply_xattrs(fd: int, wanted: Xattrs, rel: str, not_kept: list[str]) -> None:

@@ -194,7 +194,9 @@ def make_public_dirs(path: Path) -> None:
             os.mkdir(folder)
         except FileExistsError:
             if not folder.is_dir():
-                raise
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "is not a directory (a file is in the way)", str(folder)
+                ) from None
             continue  # made meanwhile by another process: theirs
         os.chmod(folder, 0o755)  # noqa: S103 - readable by the deploy step is the point
 
@@ -283,7 +285,26 @@ def _build_and_swap(
             _fsync_dir(final.parent)
         return Published(final, None, None)
     except OSError as exc:
-        raise PublishError(f"cannot publish {final}: {_describe(exc)}") from exc
+        raise PublishError(
+            f"cannot publish {final}: {_describe(exc)}{_space_hint(exc, target)}"
+        ) from exc
+
+
+def _space_hint(exc: OSError, target: Target) -> str:
+    """For a full filesystem (or quota), name it, what is free and what a publish needs."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    try:
+        vfs = os.statvfs(target.root)
+    except OSError:
+        return ""
+    free = vfs.f_bavail * vfs.f_frsize
+    return (
+        f"; the filesystem of {target.root} has {free // (1 << 20)} MiB and {vfs.f_favail}"
+        " inodes free for this user, and must hold the new tree next to the old one, kept"
+        " for the grace period (files unchanged since the last publish are hard links and"
+        " take no room)"
+    )
 
 
 def _swap(staging: Path, final: Path) -> Path:
@@ -414,7 +435,8 @@ def _restore_aside(root: Path, aside: Path) -> bool:
 def next_expiry(root: Path) -> float | None:
     """Return when the next replaced tree under root may be removed, or None if none waits."""
     times: list[float] = []
-    with contextlib.suppress(FileNotFoundError):
+    # A root that is missing or no folder holds nothing to remove: the sync reports it.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in (work_area(root) / "trash").iterdir():
             times.append(_expiry(entry.name) or 0.0)
     return min(times) if times else None

@@ -117,6 +117,23 @@ class SyncResult:
         return not self.unknown and bool(self.apps) and all(app.ok for app in self.apps)
 
     @property
+    def notes(self) -> list[str]:
+        """What was left out of targets that were published: special files never copied,
+        attributes the target filesystem could not hold."""
+        found: list[str] = []
+        for app in self.apps:
+            for outcome in (app.program, app.config):
+                stats = outcome.stats if outcome is not None else None
+                if outcome is None or stats is None:
+                    continue
+                where = f"{app.app_key}: {outcome.kind}"
+                if stats.skipped:
+                    found.append(f"{where} left out special files {', '.join(stats.skipped)}")
+                if stats.not_kept:
+                    found.append(f"{where} could not keep {'; '.join(stats.not_kept)}")
+        return found
+
+    @property
     def errors(self) -> list[str]:
         found = [f"unknown key: {token}" for token in self.unknown]
         if not self.apps and not self.unknown:

@@ -747,3 +747,26 @@ def test_a_fifo_in_a_source_is_skipped_with_a_warning_and_never_opened(tmp_path:
     assert (program_target(config, "server1") / "file").exists()
     warnings = [e for e in logs if e["log_level"] == "warning" and "pipe" in str(e.get("path"))]
     assert warnings, logs
+
+
+def test_a_sync_hands_back_the_digest_of_every_source_it_walked_whole(tmp_path: Path) -> None:
+    from syncpro.engine.ignore import Ignore
+    from syncpro.engine.walk import plan_path
+
+    config = make_config(tmp_path, [app("a1", "a"), app("a2", "a")])
+    for key in ("a1", "a2"):
+        write_tree(program_source(config, key), {"bin": key})
+        write_tree(config_source(config, key), {"c": key})
+
+    result = sync(config, "a")
+
+    ignore = Ignore(config.watch.ignore)
+    walked = [
+        program_source(config, "a1"),  # the superseded one, walked for drift
+        program_source(config, "a2"),
+        config_source(config, "a1"),
+        config_source(config, "a2"),
+    ]
+    for source in walked:
+        plan = plan_path(source, None, ignore, owners=os.geteuid() == 0)
+        assert result.digests[str(source)] == (plan.digest, plan.newest_ctime), source

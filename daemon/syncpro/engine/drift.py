@@ -7,18 +7,27 @@ import stat
 from pathlib import Path
 
 from syncpro.engine.ignore import Ignore
-from syncpro.engine.walk import Entry, open_beneath, plan_path
+from syncpro.engine.walk import Entry, TreePlan, open_beneath, plan_path
 
 _OPEN = os.O_RDONLY | os.O_NONBLOCK
 _BLOCK = 1 << 20
 
 
-def tree_differences(a: Path, b: Path, ignore: Ignore, limit: int = 5) -> tuple[int, list[str]]:
-    """Given two program trees, return how many paths differ and up to `limit` of them, each
-    described. Paths present in only one tree and files whose content differs count; mtimes
-    do not. Both trees are walked and read by descriptors, as a sync reads them."""
-    left = {e.rel: e for e in plan_path(a, None, ignore, owners=False).entries}
-    right = {e.rel: e for e in plan_path(b, None, ignore, owners=False).entries}
+def tree_differences(
+    a: Path,
+    b: Path,
+    ignore: Ignore,
+    limit: int = 5,
+    plans: tuple[TreePlan | None, TreePlan | None] = (None, None),
+) -> tuple[int, list[str]]:
+    """Given two program trees (and their walks, where already made), return how many paths
+    differ and up to `limit` of them, each described. Paths present in only one tree and files
+    whose content differs count; mtimes do not. Both trees are walked and read by
+    descriptors, as a sync reads them."""
+    plan_a = plans[0] or plan_path(a, None, ignore, owners=False)
+    plan_b = plans[1] or plan_path(b, None, ignore, owners=False)
+    left = {e.rel: e for e in plan_a.entries}
+    right = {e.rel: e for e in plan_b.entries}
     differing: list[str] = []
     fd_a = os.open(a, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

@@ -195,7 +195,7 @@ def make_public_dirs(path: Path) -> None:
         except FileExistsError:
             if not folder.is_dir():
                 raise NotADirectoryError(
-                    errno.ENOTDIR, "is not a directory (a file is in the way)", str(folder)
+                    errno.ENOTDIR, "Not a directory (a file is in the way)", str(folder)
                 ) from None
             continue  # made meanwhile by another process: theirs
         os.chmod(folder, 0o755)  # noqa: S103 - readable by the deploy step is the point

@@ -25,6 +25,8 @@ class TargetOutcome:
     seconds: float = 0.0
     winner: str | None = None  # for a superseded program: the app whose tree was published
     unchanged: bool = False  # the published tree already equalled the source: left as it was
+    # The walk's digest and newest ctime of the source, when it was walked whole.
+    digest: tuple[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -111,6 +113,9 @@ class SyncResult:
     missing_program: list[str] = field(default_factory=list)
     missing_config: list[str] = field(default_factory=list)
     config_path: Path | None = None  # the config the run used, for its command line
+    # Source folder -> (digest, newest ctime) of every source the sync walked whole: what the
+    # daemon records as published without walking them again.
+    digests: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

@@ -27,7 +27,7 @@ from syncpro.engine.result import (
 )
 from syncpro.engine.selection import select
 from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
-from syncpro.engine.walk import TreePlan
+from syncpro.engine.walk import TreePlan, plan_path
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
 
@@ -75,6 +75,10 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     for app in selection.apps:
         outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
 
+    for outcome in outcomes.values():
+        for target in (outcome.program, outcome.config):
+            if target is not None and target.digest is not None:
+                result.digests[target.source] = target.digest
     result.seconds = time.monotonic() - clock
     _report(result)
     return result
@@ -114,7 +118,7 @@ def _sync_program(
     # In inventory order the last app whose program exists wins, as the original did.
     winner, source = existing[-1]
     if not update:
-        result.drift.extend(_drift(group, existing, ignore))
+        result.drift.extend(_drift(group, existing, ignore, result))
     published = _publish(config, "program", source, target, ignore, None)
     for app, app_source in existing:
         if app is winner:
@@ -130,12 +134,21 @@ def _sync_program(
         )
 
 
-def _drift(group: str, existing: list[tuple[App, Path]], ignore: Ignore) -> list[Drift]:
+def _drift(
+    group: str, existing: list[tuple[App, Path]], ignore: Ignore, result: SyncResult
+) -> list[Drift]:
     winner, winner_source = existing[-1]
     found: list[Drift] = []
+    winner_plan: TreePlan | None = None
     for app, source in existing[:-1]:
         try:
-            count, paths = tree_differences(source, winner_source, ignore)
+            if winner_plan is None:  # walked once for all the group's comparisons
+                winner_plan = plan_path(winner_source, None, ignore, owners=False)
+            plan = plan_path(source, None, ignore, owners=False)
+            result.digests[str(source)] = (plan.digest, plan.newest_ctime)
+            count, paths = tree_differences(
+                source, winner_source, ignore, plans=(plan, winner_plan)
+            )
         except OSError as exc:
             log.warning("sync.drift_check_failed", group=group, app=app.app_key, error=str(exc))
             continue
@@ -208,6 +221,8 @@ def _publish(
     outcome.seconds = time.monotonic() - started
     if builder is not None:
         outcome.stats = builder.stats
+        if builder.last_plan is not None and listed is None:
+            outcome.digest = (builder.last_plan.digest, builder.last_plan.newest_ctime)
     if outcome.status == FAILED:
         log.error("sync.target_failed", kind=kind, target=str(target.path), error=outcome.error)
     return outcome

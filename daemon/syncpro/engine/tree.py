@@ -100,6 +100,8 @@ class TreeBuilder:
         self.reuse = reuse
         self.preserve_owner = preserve_owner
         self.stats = CopyStats()
+        # The last walk of a whole tree: its digest is what the daemon records as published.
+        self.last_plan: TreePlan | None = None
         # Staging paths of the files copied (not linked): what a durable publish must flush.
         self.written: list[str] = []
         # Source inode -> the staging path of its first name: later names become hard links.
@@ -112,9 +114,9 @@ class TreeBuilder:
         be read, NotADirectoryError if it is no folder."""
         fd = _open_root(src)
         try:
-            return plan_tree(
-                fd, _real_dir_path(self.reuse), self.ignore, owners=self.preserve_owner
-            )
+            reuse = _real_dir_path(self.reuse)
+            self.last_plan = plan_tree(fd, reuse, self.ignore, owners=self.preserve_owner)
+            return self.last_plan
         finally:
             os.close(fd)
 
@@ -128,6 +130,7 @@ class TreeBuilder:
                 plan = plan_tree(
                     fd, _real_dir_path(self.reuse), self.ignore, owners=self.preserve_owner
                 )
+            self.last_plan = plan
             self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src))
         finally:
             os.close(fd)

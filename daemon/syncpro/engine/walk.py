@@ -249,7 +249,10 @@ def plan_tree(
                 continue
             if st.st_ctime > newest:
                 newest = st.st_ctime
-            material.append(f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{link or ''}\0")
+            material.append(
+                f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                f"{st.st_uid}:{st.st_gid}\0{link or ''}\0"
+            )
             if xattrs:
                 material.extend(f"{attr}\0{value.hex()}\0" for attr, value in xattrs)
             entry = Entry(rel, name, frame.depth, st, link, xattrs)

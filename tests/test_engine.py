@@ -770,3 +770,30 @@ def test_a_sync_hands_back_the_digest_of_every_source_it_walked_whole(tmp_path: 
     for source in walked:
         plan = plan_path(source, None, ignore, owners=os.geteuid() == 0)
         assert result.digests[str(source)] == (plan.digest, plan.newest_ctime), source
+
+
+def test_a_request_for_the_config_part_alone_leaves_the_program_target_as_it_is(
+    tmp_path: Path,
+) -> None:
+    from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
+    from syncpro.engine.sync import run_sync
+
+    config = make_config(tmp_path, [app("a1", "a")])
+    write_tree(program_source(config, "a1"), {"bin": "1.4.2"})
+    write_tree(config_source(config, "a1"), {"c": "1"})
+    assert sync(config, "a1").ok
+    (program_source(config, "a1") / "bin").write_text("older, from elsewhere")
+    (config_source(config, "a1") / "c").write_text("2")
+
+    result = run_sync(
+        SyncRequest(k="a1", parts=frozenset({CONFIG})), config, config.config_inventory
+    )
+
+    assert result.ok and result.apps[0].program is None
+    assert (program_target(config, "a1") / "bin").read_text() == "1.4.2"
+    assert (config_target(config, "a1") / "c").read_text() == "2"
+    result = run_sync(
+        SyncRequest(k="a1", parts=frozenset({PROGRAM})), config, config.config_inventory
+    )
+    assert result.ok and result.apps[0].config is None
+    assert (program_target(config, "a1") / "bin").read_text() == "older, from elsewhere"

@@ -59,7 +59,10 @@ class AppOutcome:
 
     @property
     def ok(self) -> bool:
-        return all(t is not None and t.ok for t in (self.program, self.config))
+        """Every target that was synced is fine; a part the request left out (None) is not
+        judged, but at least one part was synced."""
+        synced = [t for t in (self.program, self.config) if t is not None]
+        return bool(synced) and all(t.ok for t in synced)
 
     @property
     def errors(self) -> list[str]:

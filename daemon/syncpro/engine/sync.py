@@ -13,7 +13,7 @@ from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.publish import publish, sweep
-from syncpro.engine.request import SyncRequest
+from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
 from syncpro.engine.response import response_document
 from syncpro.engine.result import (
     FAILED,
@@ -70,10 +70,12 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     result.apps = list(outcomes.values())
     ignore = ignore_for(config)
 
-    for group, apps in _groups(selection.apps).items():
-        _sync_program(config, request.update, group, apps, outcomes, result, ignore)
-    for app in selection.apps:
-        outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
+    if PROGRAM in request.parts:
+        for group, apps in _groups(selection.apps).items():
+            _sync_program(config, request.update, group, apps, outcomes, result, ignore)
+    if CONFIG in request.parts:
+        for app in selection.apps:
+            outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
 
     for outcome in outcomes.values():
         for target in (outcome.program, outcome.config):

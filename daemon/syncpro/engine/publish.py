@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -450,17 +449,23 @@ def _expiry(name: str) -> float | None:
         return None
 
 
-def sweep_later(roots: list[Path]) -> None:
+def sweep_later(roots: list[Path]) -> int | None:
     """Leave a detached process that removes replaced trees once their grace period ends,
-    so a one-shot `syncpro sync` returns at once yet readers keep a whole old tree."""
+    so a one-shot `syncpro sync` returns at once yet readers keep a whole old tree. Return
+    its pid, or None when nothing waits. Raise OSError if it cannot be started."""
     pending = [str(r) for r in roots if next_expiry(r) is not None]
     if not pending:
-        return
-    subprocess.Popen(
-        [sys.executable, "-m", "syncpro.engine.sweeper", *pending],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        close_fds=True,
-    )
+        return None
+    # posix_spawn, not Popen: nobody waits for this process, and a Popen object dropped while
+    # its child runs is a ResourceWarning in the caller.
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-m", "syncpro.engine.sweeper", *pending],
+            dict(os.environ),
+            file_actions=[(os.POSIX_SPAWN_DUP2, null, fd) for fd in (0, 1, 2)],
+            setsid=True,
+        )
+    finally:
+        os.close(null)

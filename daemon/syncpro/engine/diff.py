@@ -23,13 +23,14 @@ from syncpro.engine import layout
 from syncpro.engine.ignore import Ignore
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.response import command_line, run_document, text_safe
+from syncpro.engine.result import Status
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for
 from syncpro.engine.tree import ListedFileError, resolve_listed
 from syncpro.engine.walk import Entry, plan_path, read_xattrs, same_entry
 from syncpro.inventory.apps import App, Inventory
 
-OK, MISSING, FAILED = "ok", "missing", "failed"
+OK, MISSING, FAILED = Status.OK, Status.MISSING, Status.FAILED
 _NOTHING = Ignore(())
 DEFAULT_LIMIT = 1000
 
@@ -41,7 +42,7 @@ class TargetDiff:
     kind: str  # "program" or "config"
     source: str
     target: str
-    status: str = OK
+    status: Status = OK
     total: int = 0
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -55,7 +56,7 @@ class TargetDiff:
 
     def as_dict(self, limit: int) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "status": self.status,
+            "status": str(self.status),
             "source": self.source,
             "target": self.target,
             "differcount": self.differcount,

@@ -797,3 +797,17 @@ def test_a_request_for_the_config_part_alone_leaves_the_program_target_as_it_is(
     )
     assert result.ok and result.apps[0].config is None
     assert (program_target(config, "a1") / "bin").read_text() == "older, from elsewhere"
+
+
+def test_a_failed_sync_is_logged_as_a_warning_so_quiet_mode_still_shows_it(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, [app("a1", "a")])
+    write_tree(config_source(config, "a1"), {"c": "1"})  # no program source: a failure
+
+    with structlog.testing.capture_logs() as logs:
+        result = sync(config, "a1")
+
+    assert not result.ok
+    finished = [e for e in logs if e["event"] == "sync.finished"]
+    assert [e["log_level"] for e in finished] == ["warning"]

@@ -152,7 +152,7 @@ def _drift(
                 source, winner_source, ignore, plans=(plan, winner_plan)
             )
         except OSError as exc:
-            log.warning("sync.drift_check_failed", group=group, app=app.app_key, error=str(exc))
+            log.warning("sync.drift_check_failed", group=group, app_key=app.app_key, error=str(exc))
             continue
         if count:
             found.append(Drift(group, (app.app_key, winner.app_key), count, tuple(paths)))
@@ -231,7 +231,9 @@ def _publish(
 
 
 def _report(result: SyncResult) -> None:
-    log.info(
+    # A failed sync is a warning (its failed targets were errors), so `-q` never hides it.
+    emit = log.info if result.ok else log.warning
+    emit(
         "sync.finished",
         ok=result.ok,
         k=result.request.normalised_k,

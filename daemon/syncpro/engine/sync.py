@@ -12,6 +12,7 @@ import structlog
 from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.drift import tree_differences
+from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
 from syncpro.engine.publish import publish, sweep
 from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
 from syncpro.engine.response import response_document
@@ -71,11 +72,12 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     ignore = ignore_for(config)
 
     if PROGRAM in request.parts:
-        for group, apps in _groups(selection.apps).items():
-            _sync_program(config, request.update, group, apps, outcomes, result, ignore)
+        for plan in program_plans(config.dirs, selection.apps, request.update):
+            _sync_program(config, request.update, plan, outcomes, result, ignore)
     if CONFIG in request.parts:
         for app in selection.apps:
-            outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
+            found = config_plan(config.dirs, app, request.update)
+            outcomes[app.app_key].config = _sync_config(config, found, result, ignore)
 
     for outcome in outcomes.values():
         for target in (outcome.program, outcome.config):
@@ -86,43 +88,28 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     return result
 
 
-def _groups(apps: tuple[App, ...]) -> dict[str, list[App]]:
-    groups: dict[str, list[App]] = {}
-    for app in apps:
-        groups.setdefault(app.local_name, []).append(app)
-    return groups
-
-
 def _sync_program(
     config: Config,
     update: bool,
-    group: str,
-    apps: list[App],
+    plan: ProgramPlan,
     outcomes: dict[str, AppOutcome],
     result: SyncResult,
     ignore: Ignore,
 ) -> None:
-    dirs = config.dirs
-    target = layout.program_target(dirs, apps[0])
-    existing: list[tuple[App, Path]] = []
-    for app in apps:
-        source = layout.program_source(dirs, app, update)
-        if source.is_dir():
-            existing.append((app, source))
-            continue
+    target = plan.target
+    for app, source in plan.missing:
         outcomes[app.app_key].program = TargetOutcome(
             "program", str(source), str(target.path), MISSING
         )
         if str(source) not in result.missing_program:
             result.missing_program.append(str(source))
-    if not existing:
+    if plan.winner is None:
         return
-    # In inventory order the last app whose program exists wins, as the original did.
-    winner, source = existing[-1]
+    winner, source = plan.winner
     if not update:
-        result.drift.extend(_drift(group, existing, ignore, result))
+        result.drift.extend(_drift(plan.group, list(plan.present), ignore, result))
     published = _publish(config, "program", source, target, ignore, None)
-    for app, app_source in existing:
+    for app, app_source in plan.present:
         if app is winner:
             outcomes[app.app_key].program = published
             continue
@@ -160,15 +147,12 @@ def _drift(
 
 
 def _sync_config(
-    config: Config, update: bool, app: App, result: SyncResult, ignore: Ignore
+    config: Config, plan: ConfigPlan, result: SyncResult, ignore: Ignore
 ) -> TargetOutcome:
-    source = layout.config_source(config.dirs, app, update)
-    target = layout.config_target(config.dirs, app)
-    if not source.is_dir():
-        result.missing_config.append(str(source))
-        return TargetOutcome("config", str(source), str(target.path), MISSING)
-    listed = app.configure_file_list if app.config_integrated else None
-    return _publish(config, "config", source, target, ignore, listed)
+    if not plan.exists:
+        result.missing_config.append(str(plan.source))
+        return TargetOutcome("config", str(plan.source), str(plan.target.path), MISSING)
+    return _publish(config, "config", plan.source, plan.target, ignore, plan.listed)
 
 
 def _publish(

@@ -210,7 +210,9 @@ def _listing(root: Path, ignore: Ignore | None, prefix: str = "") -> dict[str, E
     following links). Names the copy would leave out (ignore patterns; FIFOs, sockets and
     devices) are not listed for a source. A target is listed whole (ignore None): whatever
     lies there that the source lacks, the sync would delete, special files included (None)."""
-    plan = plan_path(root, None, ignore or _NOTHING, owners=False, rel_prefix=prefix)
+    plan = plan_path(
+        root, None, ignore or _NOTHING, owners=False, rel_prefix=prefix, every_xattr=True
+    )
     found: dict[str, Entry | None] = {entry.rel: entry for entry in plan.entries}
     if ignore is None:
         found.update((rel, None) for rel, _ in plan.skipped)

@@ -77,6 +77,11 @@ def _name(target: Target) -> str:
     return f"{_HASHED}{digest.hexdigest()}"
 
 
+def manifest_path(target: Target) -> Path:
+    """Where the manifest of a target's published tree is kept (see walk.Manifest)."""
+    return work_area(target.root) / "manifests" / _name(target)
+
+
 def _record_name(target: Target, name: str) -> None:
     if not name.startswith(_HASHED):
         return

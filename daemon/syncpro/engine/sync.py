@@ -13,7 +13,7 @@ from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
-from syncpro.engine.publish import publish, sweep
+from syncpro.engine.publish import manifest_path, publish, sweep
 from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
 from syncpro.engine.response import response_document
 from syncpro.engine.result import (
@@ -28,7 +28,7 @@ from syncpro.engine.result import (
 )
 from syncpro.engine.selection import select
 from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
-from syncpro.engine.walk import TreePlan, plan_path
+from syncpro.engine.walk import Manifest, TreePlan, plan_path
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
 
@@ -168,11 +168,13 @@ def _publish(
     plan: TreePlan | None = None
     preserve_owner = os.geteuid() == 0
 
+    manifest_file = manifest_path(target)
+
     def unchanged(current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
         nonlocal builder, plan
         builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
-        plan = builder.plan(source)
+        plan = builder.plan(source, Manifest.load(manifest_file))
         return plan.unchanged
 
     def build(staging: Path, current: Path | None) -> list[str]:
@@ -198,6 +200,7 @@ def _publish(
             unchanged=unchanged if listed is None else None,
         )
         outcome.unchanged = published.unchanged
+        _keep_manifest(manifest_file, builder, published.unchanged)
     except ListedFileError as exc:
         outcome.status, outcome.error = FAILED, "; ".join(exc.problems)
     except PublishError as exc:
@@ -212,6 +215,23 @@ def _publish(
     if outcome.status == FAILED:
         log.error("sync.target_failed", kind=kind, target=str(target.path), error=outcome.error)
     return outcome
+
+
+def _keep_manifest(path: Path, builder: TreeBuilder | None, unchanged: bool) -> None:
+    """Record what this publish compared in full, so the next walk need not read it again."""
+    if builder is None:
+        return
+    plan = builder.last_plan
+    if unchanged and (plan is None or not plan.read_in_full):
+        return  # the manifest on disk vouched for every entry: it is still right
+    manifest = (plan.manifest() if plan is not None else None) if unchanged else builder.manifest
+    if manifest is None:
+        return
+    try:
+        path.parent.mkdir(exist_ok=True)
+        manifest.save(path)
+    except OSError as exc:  # a cache: the next walk compares in full
+        log.warning("publish.manifest_not_saved", path=str(path), error=str(exc))
 
 
 def _report(result: SyncResult) -> None:

@@ -811,3 +811,30 @@ def test_a_failed_sync_is_logged_as_a_warning_so_quiet_mode_still_shows_it(
     assert not result.ok
     finished = [e for e in logs if e["event"] == "sync.finished"]
     assert [e["log_level"] for e in finished] == ["warning"]
+
+
+def test_groups_are_built_at_once_up_to_publish_parallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    config = make_config(tmp_path, [app("a1", "a"), app("b1", "b")])
+    for key in ("a1", "b1"):
+        write_tree(program_source(config, key), {"bin": key})
+        write_tree(config_source(config, key), {"c": key})
+    both = threading.Barrier(2, timeout=20)
+
+    class Meeting(TreeBuilder):
+        def plan(self, src: Path, known: Any = None) -> Any:
+            if src.parent.name == "softdir":  # the two program builds must meet here
+                both.wait()
+            return super().plan(src, known)
+
+    monkeypatch.setattr(engine, "TreeBuilder", Meeting)
+    assert config.publish.parallel >= 2
+
+    result = sync(config, "all")
+
+    assert result.ok, result.errors
+    assert [a.app_key for a in result.apps] == ["a1", "b1"]
+    assert (program_target(config, "b1") / "bin").read_text() == "b1"

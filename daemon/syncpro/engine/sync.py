@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -71,16 +73,26 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     result.apps = list(outcomes.values())
     ignore = ignore_for(config)
 
-    if PROGRAM in request.parts:
-        for plan in program_plans(config.dirs, selection.apps, request.update):
-            _sync_program(config, request.update, plan, outcomes, result, ignore)
-    if CONFIG in request.parts:
-        for app in selection.apps:
-            found = config_plan(config.dirs, app, request.update)
-            outcomes[app.app_key].config = _sync_config(config, found, result, ignore)
-
-    for outcome in outcomes.values():
-        for target in (outcome.program, outcome.config):
+    # Targets are independent (a lock each); their builds wait on the disk, so a few at once
+    # overlap well. Results are gathered in selection order: the document does not depend on
+    # which build finished first.
+    with ThreadPoolExecutor(max_workers=config.publish.parallel) as pool:
+        if PROGRAM in request.parts:
+            plans = program_plans(config.dirs, selection.apps, request.update)
+            parts = list(
+                pool.map(lambda p: _sync_program(config, request.update, p, ignore), plans)
+            )
+            for program in parts:
+                program.merge_into(outcomes, result)
+        if CONFIG in request.parts:
+            found = [config_plan(config.dirs, app, request.update) for app in selection.apps]
+            made = pool.map(lambda c: _sync_config(config, c, ignore), found)
+            for plan, config_outcome in zip(found, made, strict=True):
+                outcomes[plan.app.app_key].config = config_outcome
+                if config_outcome.status == MISSING:
+                    result.missing_config.append(str(plan.source))
+    for app_outcome in outcomes.values():
+        for target in (app_outcome.program, app_outcome.config):
             if target is not None and target.digest is not None:
                 result.digests[target.source] = target.digest
     result.seconds = time.monotonic() - clock
@@ -88,32 +100,42 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     return result
 
 
-def _sync_program(
-    config: Config,
-    update: bool,
-    plan: ProgramPlan,
-    outcomes: dict[str, AppOutcome],
-    result: SyncResult,
-    ignore: Ignore,
-) -> None:
+@dataclass
+class _ProgramRun:
+    """What syncing one group's program target gave, merged into the result in order."""
+
+    outcomes: dict[str, TargetOutcome] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)
+    digests: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def merge_into(self, outcomes: dict[str, AppOutcome], result: SyncResult) -> None:
+        for key, outcome in self.outcomes.items():
+            outcomes[key].program = outcome
+        for source in self.missing:
+            if source not in result.missing_program:
+                result.missing_program.append(source)
+        result.drift.extend(self.drift)
+        result.digests.update(self.digests)
+
+
+def _sync_program(config: Config, update: bool, plan: ProgramPlan, ignore: Ignore) -> _ProgramRun:
+    run = _ProgramRun()
     target = plan.target
     for app, source in plan.missing:
-        outcomes[app.app_key].program = TargetOutcome(
-            "program", str(source), str(target.path), MISSING
-        )
-        if str(source) not in result.missing_program:
-            result.missing_program.append(str(source))
+        run.outcomes[app.app_key] = TargetOutcome("program", str(source), str(target.path), MISSING)
+        run.missing.append(str(source))
     if plan.winner is None:
-        return
+        return run
     winner, source = plan.winner
     if not update:
-        result.drift.extend(_drift(plan.group, list(plan.present), ignore, result))
+        run.drift = _drift(plan.group, list(plan.present), ignore, run.digests)
     published = _publish(config, "program", source, target, ignore, None)
     for app, app_source in plan.present:
         if app is winner:
-            outcomes[app.app_key].program = published
+            run.outcomes[app.app_key] = published
             continue
-        outcomes[app.app_key].program = TargetOutcome(
+        run.outcomes[app.app_key] = TargetOutcome(
             "program",
             str(app_source),
             str(target.path),
@@ -121,10 +143,14 @@ def _sync_program(
             error=None if published.ok else published.error,
             winner=winner.app_key,
         )
+    return run
 
 
 def _drift(
-    group: str, existing: list[tuple[App, Path]], ignore: Ignore, result: SyncResult
+    group: str,
+    existing: list[tuple[App, Path]],
+    ignore: Ignore,
+    digests: dict[str, tuple[str, float]],
 ) -> list[Drift]:
     winner, winner_source = existing[-1]
     found: list[Drift] = []
@@ -134,7 +160,7 @@ def _drift(
             if winner_plan is None:  # walked once for all the group's comparisons
                 winner_plan = plan_path(winner_source, None, ignore, owners=False)
             plan = plan_path(source, None, ignore, owners=False)
-            result.digests[str(source)] = (plan.digest, plan.newest_ctime)
+            digests[str(source)] = (plan.digest, plan.newest_ctime)
             count, paths = tree_differences(
                 source, winner_source, ignore, plans=(plan, winner_plan)
             )
@@ -146,11 +172,8 @@ def _drift(
     return found
 
 
-def _sync_config(
-    config: Config, plan: ConfigPlan, result: SyncResult, ignore: Ignore
-) -> TargetOutcome:
+def _sync_config(config: Config, plan: ConfigPlan, ignore: Ignore) -> TargetOutcome:
     if not plan.exists:
-        result.missing_config.append(str(plan.source))
         return TargetOutcome("config", str(plan.source), str(plan.target.path), MISSING)
     return _publish(config, "config", plan.source, plan.target, ignore, plan.listed)
 

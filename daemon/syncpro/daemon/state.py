@@ -9,6 +9,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,10 +149,18 @@ def _read_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerprint | None:
-    """Given an app and a mode, return a digest of its program and config sources (names,
-    types, sizes, mtimes, modes, link targets, extended attributes: what a sync's walk reads)
-    and their newest ctime (of the source folders too), or None when neither source exists."""
+def fingerprint(
+    dirs: Dirs,
+    app: App,
+    update: bool,
+    ignore: Ignore,
+    known: Mapping[str, tuple[str, float]] | None = None,
+) -> Fingerprint | None:
+    """Given an app and a mode, return a digest of its program and config sources (what a
+    sync's walk reads: names, types, sizes, times, modes, owners, link targets) and their
+    newest ctime (of the source folders too), or None when neither source exists. `known`
+    holds the digests a sync just made of source folders (`SyncResult.digests`): those are
+    not walked again."""
     digest = hashlib.blake2b(digest_size=16)
     newest = 0.0
     found = False
@@ -159,17 +168,20 @@ def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerpri
         ("program", layout.program_source(dirs, app, update)),
         ("config", layout.config_source(dirs, app, update)),
     ):
-        try:
-            plan = plan_path(root, None, ignore, owners=False)
-        except OSError:
-            # Absent, not a folder, or changing under the walk: the sync itself reports it.
-            digest.update(f"{kind}:absent\0".encode())
-            continue
+        walked = (known or {}).get(str(root))
+        if walked is None:
+            try:
+                plan = plan_path(root, None, ignore, owners=False)
+            except OSError:
+                # Absent, not a folder, or changing under the walk: the sync reports it.
+                digest.update(f"{kind}:absent\0".encode())
+                continue
+            walked = (plan.digest, plan.newest_ctime)
         found = True
         # A deletion leaves no entry behind whose ctime could say when: only the ctime of
         # the folder it was in does, and the walk counts every folder's, the root's too.
-        newest = max(newest, plan.newest_ctime)
-        digest.update(f"{kind}:{plan.digest}\0".encode())
+        newest = max(newest, walked[1])
+        digest.update(f"{kind}:{walked[0]}\0".encode())
     return Fingerprint(digest.hexdigest(), newest) if found else None
 
 

@@ -74,6 +74,7 @@ class TreeSpec:
     files: int
     total_bytes: int
     seed: int
+    same_size: bool = False  # every file total_bytes / files (the --big case)
 
 
 @dataclass
@@ -139,7 +140,12 @@ def make_tree(root: Path, spec: TreeSpec) -> TreeInfo:
         (root / rel).mkdir(parents=True, exist_ok=True)
     info.dirs = len(dirs)
     best = -1
-    for i, size in enumerate(_sizes(rng, spec.files, spec.total_bytes)):
+    sizes = (
+        [spec.total_bytes // spec.files] * spec.files
+        if spec.same_size
+        else _sizes(rng, spec.files, spec.total_bytes)
+    )
+    for i, size in enumerate(sizes):
         executable = rng.random() < 0.05
         name = f"f{i:05d}.{'sh' if executable else 'dat'}"
         rel = f"{rng.choice(dirs)}/{name}".lstrip("/")
@@ -617,12 +623,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="afterwards, cProfile one in-process fsync=off run of this case",
     )
+    parser.add_argument(
+        "--big", action="store_true", help="8 files of 12 MB (overrides --files and --size-mb)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.files, args.size_mb = 1000, 20.0
+    if args.big:
+        args.files, args.size_mb = 8, 96.0
     if args.files < 1 or args.runs < 1 or args.size_mb * 1e6 < args.files * MIN_SIZE:
         parser.error("need --files >= 1, --runs >= 1 and --size-mb >= files x 100 B")
-    if args.size_mb * 1e6 > args.files * MAX_SIZE:
+    if not args.big and args.size_mb * 1e6 > args.files * MAX_SIZE:
         parser.error("--size-mb too large for --files files of at most 1 MiB")
     if args.dir is not None and not args.dir.is_dir():
         parser.error(f"--dir {args.dir} is not a directory")
@@ -642,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         bench = Bench(base, syncpro_command(args.syncpro))
-        spec = TreeSpec(args.files, int(args.size_mb * 1e6), args.seed)
+        spec = TreeSpec(args.files, int(args.size_mb * 1e6), args.seed, same_size=args.big)
         progress(f"creating {spec.files} files, {spec.total_bytes / 1e6:.0f} MB under {base}")
         info = bench.setup(spec)
         bench.load_engine()

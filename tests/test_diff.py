@@ -238,3 +238,17 @@ def test_listed_paths_are_capped_while_the_counts_stay_exact(tmp_path: Path) -> 
     assert program["differcount"] == "35,0,0,35"
     assert len(program["added"]) == 10
     assert program["truncated"] == 10
+
+
+def test_a_groups_members_that_are_not_auto_deployed_are_reported_as_a_sync_does(
+    tmp_path: Path,
+) -> None:
+    from syncpro.engine.response import response_document
+
+    from helpers import app, make_config, sync
+
+    config = make_config(tmp_path, [app("s1", "grp"), app("s2", "grp", auto_deploy=False)])
+    doc = run_diff(config, "grp")
+
+    assert doc["skipped"] == [{"app_key": "s2", "reason": "auto_deploy is false"}]
+    assert doc["skipped"] == response_document(sync(config, "grp"))["skipped"]

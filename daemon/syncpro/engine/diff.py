@@ -123,6 +123,8 @@ def diff(
         cmd=command_line(request, config.path, ("ctl", "diff")),
         unknown=selection.unknown,
     )
+    # A group's members that are not auto-deployed, as a sync reports them.
+    doc["skipped"] = [s.as_dict() for s in selection.skipped]
     doc["diff"] = {
         key: {kind: found.as_dict(limit) for kind, found in targets.items()}
         for key, targets in per_app.items()

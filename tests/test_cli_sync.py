@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
@@ -793,3 +794,32 @@ def test_ctl_status_into_a_closed_pipe_ends_quietly(
 
     assert proc.returncode == ExitCode.BROKEN_PIPE
     assert proc.stderr == ""
+
+
+def test_a_sync_that_published_exits_0_when_the_trash_sweeper_cannot_be_started(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # What `prlimit --nproc` does to a deploy user: the fork of the sweeper fails with EAGAIN.
+    # (root is exempt from RLIMIT_NPROC, so the refusal is injected where the spawn happens.)
+    from syncpro import cli
+
+    refused: list[object] = []
+
+    def no_process_left(*args: object, **kwargs: object) -> int:
+        refused.append(args)
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "posix_spawn", no_process_left)
+    monkeypatch.chdir(tmp_path)
+    write_tree(tmp_path / "var/remotecomdir/softdir/server2", {"bin/run": "v3"})
+    assert cli.main(["sync", "-k", "server", "--config", str(demo), "--json"]) == 0  # a swap
+    write_tree(tmp_path / "var/remotecomdir/softdir/server2", {"bin/run": "v4"})
+
+    code = cli.main(["sync", "-k", "server", "--config", str(demo), "--json"])
+
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert refused, "the sweeper was never asked for"
+    assert "Traceback" not in out.err
+    assert "cli.sweep_not_started" in out.err
+    assert (tmp_path / "var/softdir/server/bin/run").read_text() == "v4"

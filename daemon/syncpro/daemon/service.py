@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +44,20 @@ from syncpro.inventory.source import load_inventory
 log = structlog.get_logger()
 
 _TICK = 1.0
+RETRY_FIRST = 5.0
+"""Seconds before the first retry of a failed (app, mode); each retry doubles it, up to the
+rescan interval."""
+_TROUBLE = frozenset(
+    {
+        "overflow",
+        "watcher_error",
+        "watcher_died",
+        "inotify_failed",
+        "root_missing",
+        "root_unavailable",
+    }
+)
+"""Rescan reasons that say events may have been lost: re-checked at most once per max_wait."""
 _AREAS = ("softdir", "configuredir")
 _DATA_DIRS = ("remotecomdir", "updatedir", "softdir", "configuredir")
 STOP_TIMEOUT = 30.0
@@ -64,6 +77,19 @@ class Snapshot:
     def app(self, app_key: str) -> App | None:
         app = self.inventory.by_key().get(app_key)
         return app if app is not None and app.auto_deploy else None
+
+
+@dataclass
+class _Retry:
+    """A failed (app, mode) waiting for its next try."""
+
+    attempts: int
+    delay: float
+    due: float
+    """Monotonic time of the next try."""
+    fingerprint: str | None
+    """The sources the failed sync read: a change of them starts the backoff again."""
+    error: str
 
 
 @dataclass
@@ -95,13 +121,10 @@ def make_data_dirs(dirs: Dirs) -> None:
             log.warning("service.dir_created", key=f"dirs.{key}", path=str(path))
 
 
-def open_state(directory: Path) -> StateStore:
-    """Given dirs.state, return its store. Raise StartupError if sqlite cannot open it,
-    OSError if the directory cannot be made."""
-    try:
-        return StateStore(directory)
-    except sqlite3.Error as exc:
-        raise StartupError(f"cannot open the state in {directory}: {exc}") from None
+def open_state(directory: Path, on_reset: Callable[[str], None] | None = None) -> StateStore:
+    """Given dirs.state, return its store, rebuilt if it was damaged (on_reset is told of a
+    rebuild while in use). Raise OSError if the directory cannot be made."""
+    return StateStore(directory, on_reset)
 
 
 class Service:
@@ -131,6 +154,12 @@ class Service:
         self._rescan_wanted = threading.Event()
         self._rescan_stop = threading.Event()
         self._rescan_thread: threading.Thread | None = None
+        self._last_trouble_rescan = -math.inf
+        # Per (app, mode) being synced: the fingerprint its sync read at its start.
+        self._inflight: dict[tuple[str, bool], str | None] = {}
+        self._inflight_lock = threading.Lock()
+        self._retries: dict[tuple[str, bool], _Retry] = {}
+        self._retry_lock = threading.Lock()
         self._unmapped: set[str] = set()
         self._last: dict[str, dict[str, Any]] = {}
         self._last_lock = threading.Lock()
@@ -184,7 +213,7 @@ class Service:
         # Before anything else: a second daemon on this state is refused before it touches
         # a file or reads the database.
         self._state_lock = StateLock(config.dirs.state)
-        self.state = open_state(config.dirs.state)
+        self.state = open_state(config.dirs.state, self._state_reset)
         inventory, self.inventory_error = self._load_inventory(config, None)
         snap = Snapshot(config, inventory, ignore_for(config))
         with self._snapshot_lock:
@@ -381,6 +410,7 @@ class Service:
             if now >= next_rescan:
                 self.request_rescan("rescan")
                 next_rescan = now + snap.config.watch.rescan_interval
+            self._submit_due_retries(now)
             self._sweep_expired(snap.config)
             self._maybe_refresh_inventory(snap.config, now)
             if now >= next_status:
@@ -554,7 +584,7 @@ class Service:
         try:
             if not _same_dir(new.dirs.state, old.dirs.state):
                 prepared.lock = StateLock(new.dirs.state)
-                prepared.state = open_state(new.dirs.state)
+                prepared.state = open_state(new.dirs.state, self._state_reset)
             if new.dirs != old.dirs or new.watch != old.watch:
                 make_data_dirs(new.dirs)
                 prepared.watcher = self._new_watcher(new)
@@ -663,14 +693,33 @@ class Service:
             self._rescan_reasons.append(reason)
         self._rescan_wanted.set()
 
+    def _state_reset(self, error: str) -> None:
+        """The state database was set aside and rebuilt while in use: nothing is recorded
+        any more, so every app counts as changed and is caught up at once."""
+        self.request_rescan("catch-up")
+
     def _rescan_loop(self) -> None:
         while not self._rescan_stop.is_set():
             self._rescan_wanted.wait()
             if self._rescan_stop.is_set():
                 return
+            with self._rescan_lock:
+                trouble_only = all(r in _TROUBLE for r in self._rescan_reasons)
+            if trouble_only:
+                # Events lost in a storm (an overflow, a watcher rebuilding) are covered by
+                # one re-check after it: at most one per max_wait, however many there were.
+                # Whatever else asks meanwhile comes along with it.
+                max_wait = self.snapshot.config.watch.max_wait
+                delay = self._last_trouble_rescan + max_wait - time.monotonic()
+                if delay > 0 and self._rescan_stop.wait(delay):
+                    return
             self._rescan_wanted.clear()
             with self._rescan_lock:
                 reasons, self._rescan_reasons = self._rescan_reasons, []
+            if not reasons:
+                continue
+            if any(r in _TROUBLE for r in reasons):
+                self._last_trouble_rescan = time.monotonic()
             try:
                 self._rescan("catch-up" if "catch-up" in reasons else "rescan", reasons)
             except Exception:
@@ -682,27 +731,42 @@ class Service:
         if state is None or scheduler is None:
             return
         changed: list[tuple[float, str, bool]] = []
+        skipped = 0
         for app in snap.inventory.deployable:
             for update in (False, True):
                 if self._rescan_stop.is_set():
                     return
+                key = (app.app_key, update)
+                pending, running = scheduler.busy()
+                if key in pending:
+                    # Its run is still to come and reads the sources as they are then.
+                    skipped += 1
+                    continue
                 fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
                 if fp is None:
                     continue
+                if key in running:
+                    with self._inflight_lock:
+                        read = self._inflight.get(key)
+                    if read is None or read == fp.digest:
+                        # The running sync reads (or read) these very sources.
+                        skipped += 1
+                        continue
                 record = state.get(app.app_key, update)
                 if record is None or record.fingerprint != fp.digest:
                     changed.append((fp.newest, app.app_key, update))
         # Oldest arrival first, so that where both modes changed the newest arrival wins.
         changed.sort()
-        for _, key, update in changed:
+        for _, app_key, update in changed:
             # At start nothing is being uploaded that we know of: sync at once. Later, an
             # upload may be half way: settle like any event, and wait for its temporaries.
-            scheduler.submit(key, update, None, trigger, immediate=trigger == "catch-up")
+            scheduler.submit(app_key, update, None, trigger, immediate=trigger == "catch-up")
         log.info(
             "service.rescanned",
             trigger=trigger,
             reasons=sorted(set(reasons)),
             changed=[{"app_key": k, "update": u} for _, k, u in changed],
+            busy=skipped,
         )
 
     # --- running a batch (scheduler worker threads) ---
@@ -729,24 +793,91 @@ class Service:
         marker is recorded as it was then too: one written during the sync is honoured next."""
         started = time.time()
         dirs, marker = snap.config.dirs, snap.config.watch.ready_marker
-        prints = {
-            app.app_key: (
-                fingerprint(dirs, app, request.update, snap.ignore),
-                marker_signature(dirs, app, request.update, marker) if marker else None,
-            )
-            for app in apps
-        }
-        result = run_sync(request, snap.config, snap.inventory)
+        apps = list(apps)
+        keys = [(app.app_key, request.update) for app in apps]
+        with self._inflight_lock:
+            for key in keys:
+                self._inflight.setdefault(key, None)
+        try:
+            prints = {}
+            for app in apps:
+                fp = fingerprint(dirs, app, request.update, snap.ignore)
+                signature = marker_signature(dirs, app, request.update, marker) if marker else None
+                prints[app.app_key] = (fp, signature)
+                with self._inflight_lock:
+                    self._inflight[(app.app_key, request.update)] = (
+                        fp.digest if fp is not None else None
+                    )
+            result = run_sync(request, snap.config, snap.inventory)
+        finally:
+            with self._inflight_lock:
+                for key in keys:
+                    self._inflight.pop(key, None)
         now = time.time()
         for outcome in result.apps:
             fp, signature = prints.get(outcome.app_key, (None, None))
-            failed = any(
-                t is not None and t.status == FAILED for t in (outcome.program, outcome.config)
-            )
-            if fp is not None and not failed and self.state is not None:
+            failures = [
+                t for t in (outcome.program, outcome.config) if t is not None and t.status == FAILED
+            ]
+            if fp is not None and not failures and self.state is not None:
                 self.state.record(outcome.app_key, request.update, fp.digest, started, signature)
             self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
+            digest = fp.digest if fp is not None else None
+            error = "; ".join(str(t.error) for t in failures) if failures else None
+            self._track_retry(snap, outcome.app_key, request.update, digest, error)
         return result
+
+    # --- retries of failed syncs: 5 s, doubling, up to the rescan interval ---
+
+    def _track_retry(
+        self, snap: Snapshot, app_key: str, update: bool, digest: str | None, error: str | None
+    ) -> None:
+        """Given the outcome of one (app, mode), forget its retry when it succeeded, or plan
+        the next try when it failed: the same sources failing again wait twice as long, new
+        sources start again from RETRY_FIRST."""
+        key = (app_key, update)
+        with self._retry_lock:
+            previous = self._retries.pop(key, None)
+            if error is None:
+                if previous is not None:
+                    log.info(
+                        "sync.retry_succeeded",
+                        app=app_key,
+                        update=update,
+                        attempts=previous.attempts,
+                    )
+                return
+            ceiling = max(RETRY_FIRST, snap.config.watch.rescan_interval)
+            if previous is not None and previous.fingerprint == digest:
+                attempts, delay = previous.attempts + 1, min(previous.delay * 2, ceiling)
+            else:
+                attempts, delay = 1, min(RETRY_FIRST, ceiling)
+            self._retries[key] = _Retry(attempts, delay, time.monotonic() + delay, digest, error)
+        log.warning(
+            "sync.retry_scheduled",
+            app=app_key,
+            update=update,
+            attempt=attempts,
+            retry_in=delay,
+            error=error,
+        )
+
+    def _submit_due_retries(self, now: float) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        snap = self.snapshot
+        due: list[tuple[str, bool]] = []
+        with self._retry_lock:
+            for key, retry in list(self._retries.items()):
+                if snap.app(key[0]) is None:
+                    del self._retries[key]  # no longer an app to sync
+                elif retry.due <= now:
+                    # Should the run never report (its marker not ready), try again later.
+                    retry.due = now + retry.delay
+                    due.append(key)
+        for app_key, update in due:
+            scheduler.submit(app_key, update, None, "retry", immediate=True)
 
     def _marker_ready(self, snap: Snapshot, app: App, update: bool) -> bool:
         """Whether the app's ready marker exists and was written after the last sync of the
@@ -890,7 +1021,27 @@ class Service:
             "apps": {app.app_key: last.get(app.app_key) for app in snap.inventory.apps},
             "pending": sched["pending"] if sched else [],
             "running": sched["running"] if sched else [],
+            "retrying": self._retry_status(),
+            "state": {
+                "path": str(self.state.path) if self.state is not None else None,
+                "rebuilt": self.state.resets if self.state is not None else 0,
+                "in_memory": self.state.in_memory if self.state is not None else False,
+            },
         }
+
+    def _retry_status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._retry_lock:
+            return [
+                {
+                    "app_key": app_key,
+                    "update": update,
+                    "attempts": retry.attempts,
+                    "retry_in": round(max(0.0, retry.due - now), 3),
+                    "error": retry.error,
+                }
+                for (app_key, update), retry in sorted(self._retries.items())
+            ]
 
     def reload(self) -> dict[str, Any]:
         self.request_reload()

@@ -141,7 +141,12 @@ def test_overflows_are_said_once_and_re_checked_at_most_once_per_max_wait(
         daemon.wait_sync("small", count=2, timeout=60)
         for key in bigs:
             assert len(tree(tmp_path / "soft" / key)) == 8000
-            assert len(daemon.syncs(key)) == 2, f"{key}: the catch-up, then one for the upload"
+            # A re-check never adds a run for an app pending or running: at most one for an
+            # app whose events were all lost. (Events delivered while its sync runs give one
+            # more run after it: that is the watcher's, not the re-check's.)
+            by = [e["response"]["trigger"]["by"] for e in daemon.syncs(key)]
+            assert by.count("rescan") <= 1, by
+            assert len(by) <= 3, by
         overflows = daemon.find("watch.queue_overflow")
         assert len(overflows) == 3
         advice = [e for e in overflows if "error" in e]

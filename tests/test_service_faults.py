@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -163,4 +164,37 @@ def test_a_sync_failed_on_a_read_only_target_is_retried_with_backoff_until_it_su
             assert done["attempts"] == 2
         assert tree(base / "soft/server") == {"bin/run.sh": "v2\n"}
         assert ctl_status(config)["retrying"] == []
+        assert daemon.stop() == 0
+
+
+def test_a_root_made_again_with_no_inotify_instance_left_is_polled(base: Path) -> None:
+    env = {"SYNCPRO_TEST_WRAP": "unshare -U -r"}  # a user namespace with limits of its own
+    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), env=env) as daemon:
+        daemon.wait_sync("server1")
+        # Both roots hold an instance each; none is left for a third.
+        subprocess.run(
+            [
+                "nsenter",
+                "-U",
+                "-t",
+                str(daemon.proc.pid),
+                "sh",
+                "-c",
+                "echo 2 > /proc/sys/user/max_inotify_instances",
+            ],
+            check=True,
+        )
+        shutil.rmtree(base / "r")
+        daemon.wait_event("watch.root_missing", root=str(base / "r"))
+        limit = daemon.wait_event("watch.inotify_limit", root=str(base / "r"))
+        assert "/proc/sys/user/max_inotify_instances = 2 in this user namespace" in limit["error"]
+        daemon.wait(
+            lambda: ctl_status(daemon.config)["watched"][str(base / "r")] == "polling",
+            what="the root made again polled",
+        )
+        put(base / "r/softdir/server1", {"bin/run.sh": "after the root came back\n"})
+        daemon.wait(
+            lambda: tree(base / "soft/server").get("bin/run.sh") == "after the root came back\n",
+            what="the change published by polling",
+        )
         assert daemon.stop() == 0

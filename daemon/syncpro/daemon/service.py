@@ -733,11 +733,11 @@ class Service:
         changed: list[tuple[float, str, bool]] = []
         skipped = 0
         for app in snap.inventory.deployable:
+            pending, running = scheduler.busy()
             for update in (False, True):
                 if self._rescan_stop.is_set():
                     return
                 key = (app.app_key, update)
-                pending, running = scheduler.busy()
                 if key in pending:
                     # Its run is still to come and reads the sources as they are then.
                     skipped += 1

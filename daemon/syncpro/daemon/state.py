@@ -198,6 +198,9 @@ def _open(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
+        # A commit per sync need not wait for the disk: a record lost with a power cut
+        # only makes that app sync again (and the WAL keeps the file whole meanwhile).
+        db.execute("PRAGMA synchronous=NORMAL")
         # A damaged page is found only by reading it: a lookup by key may never touch it,
         # and would then fail on some later day. The table is small: check it all now.
         problems = [row[0] for row in db.execute("PRAGMA quick_check")]

@@ -1,8 +1,10 @@
 """A second, plain reading of SPEC section 6's request line, to judge the parser's answers by.
 
 It is written from the rules, not from the parser: a line is valid when it is UTF-8 of at most
-64 KiB, a JSON object or a form of known fields each given once, with a known action, a `k`
-selecting something when the action syncs, and flags that are 0 or 1.
+64 KiB, a JSON object or a form whose known fields are each given once, with a known action, a
+`k` selecting something when the action syncs, and flags that are 0 or 1. The original's
+`debug` and `sprint` take any value (off only when empty, 0, false, no or off); any other
+field is ignored and named.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from urllib.parse import unquote_plus
 ACTIONS = ("Deploy:Core:syncpro", "Deploy:Core:diff", "status", "reload")
 NEEDS_K = ("Deploy:Core:syncpro", "Deploy:Core:diff")
 FIELDS = ("action", "k", "update", "w", "token", "pretty")
+SWITCHES = ("debug", "sprint")
 LIMIT = 64 * 1024
 
 
@@ -25,7 +28,7 @@ class _Object(list[tuple[str, Any]]):
 
 def reading(raw: bytes) -> dict[str, Any] | None:
     """Given one request line, return what it asks (action, k normalised, update, w, whether a
-    token came, pretty), or None when it is not a valid request."""
+    token came, pretty, debug, sprint, the ignored names), or None when it is not valid."""
     line = raw.removesuffix(b"\n").removesuffix(b"\r")
     if len(line) > LIMIT:
         return None
@@ -36,9 +39,15 @@ def reading(raw: bytes) -> dict[str, Any] | None:
     pairs = _json(text) if text.startswith("{") else _form(text)
     if pairs is None:
         return None
-    names = [name for name, _ in pairs]
-    if len(set(names)) != len(names) or not set(names) <= set(FIELDS):
+    if not pairs:
         return None
+    ignored = [name for name, _ in pairs if name not in FIELDS + SWITCHES]
+    pairs = [(name, value) for name, value in pairs if name in FIELDS + SWITCHES]
+    names = [name for name, _ in pairs if name in FIELDS]
+    if len(set(names)) != len(names):
+        return None
+    switches = {name: _on(value) for name, value in pairs if name in SWITCHES}  # the last wins
+    pairs = [(name, value) for name, value in pairs if name in FIELDS]
     fields = {name: _value(name, value) for name, value in pairs if value is not None}
     if any(value is None for value in fields.values()):
         return None
@@ -61,7 +70,23 @@ def reading(raw: bytes) -> dict[str, Any] | None:
         "w": fields.get("w"),
         "token": "token" in fields,
         "pretty": flags["pretty"],
+        "debug": switches.get("debug", False),
+        "sprint": switches.get("sprint", False),
+        "ignored": list(dict.fromkeys(n if len(n) <= 200 else n[:200] + "…" for n in ignored)),
     }
+
+
+def _on(value: Any) -> bool:
+    if isinstance(value, str):
+        text = value.strip()
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            text = text[1:-1].strip()
+        return text.lower() not in ("", "0", "false", "no", "off")
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int | float):
+        return value != 0
+    return True
 
 
 def _json(text: str) -> list[tuple[str, Any]] | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from syncpro.config.settings import parse_config
+from syncpro.config.load import parse_config
 
 ORIGINAL = """\
 env:
@@ -62,3 +62,26 @@ def test_import_config_of_a_missing_file_is_one_message_and_exit_2(tmp_path: Pat
     assert done.returncode == 2
     assert "nope.yml" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_import_config_names_on_stderr_every_key_it_left_out_secrets_first(
+    tmp_path: Path,
+) -> None:
+    original = tmp_path / "rex/config/config.yml"
+    original.parent.mkdir(parents=True)
+    text = ORIGINAL.replace("dbpassword:", "dbpass:")
+    original.write_text(text + " token: tok-never-printed\n listen: 0.0.0.0:3000\n")
+
+    done = run(str(original))
+
+    assert done.returncode == 0, done.stderr
+    notes = done.stderr.splitlines()
+    assert notes[0].startswith("syncpro import-config: read section prod (chosen by env.key)")
+    assert notes[1] == ("syncpro import-config: not used, password-like (never copied): prod.token")
+    assert "the /rex endpoint's token: put it in a file and set http.token_file" in notes[2]
+    assert any("prod.listen, the /rex endpoint's address: set http.listen" in n for n in notes)
+    # dbpass was read as the database password: a password_file is set up for it.
+    config = parse_config(yaml.safe_load(done.stdout), tmp_path / "config.yml")
+    assert config.inventory.password_file is not None
+    assert "the original's prod.dbpass into" in done.stdout
+    assert "never-printed" not in done.stdout + done.stderr

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
+import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
 
-from syncpro import __version__
+import control_fakes
+from syncpro import __version__, log
+from syncpro.errors import ExitCode
 
 from helpers import (
     SERVER_GROUP,
@@ -24,14 +32,22 @@ from helpers import (
     write_config,
     write_tree,
 )
+from mysql_support import app_row, reachable_server, throwaway_database
 
 SYNCPRO = str(Path(sys.executable).parent / "syncpro")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+sock_dir, handler, server = control_fakes.sock_dir, control_fakes.handler, control_fakes.server
+
+
+def _environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "SYNCPRO_CONFIG"}
 
 
 def run(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != "SYNCPRO_CONFIG"}
+    environ = _environ()
     environ.update(env or {})
     return subprocess.run(
         [SYNCPRO, *args],
@@ -54,6 +70,58 @@ def run_as_deploy_user(*args: str, cwd: Path) -> subprocess.CompletedProcess[str
         timeout=60,
         check=False,
     )
+
+
+def run_on_terminal(*args: str, cwd: Path) -> tuple[int, str, str]:
+    """Run syncpro with stdout on a pseudo-terminal and stderr on a pipe; return the exit code,
+    what the terminal showed (colours aside) and stderr."""
+    main, side = pty.openpty()
+    chunks: list[bytes] = []
+    with subprocess.Popen(
+        [SYNCPRO, *args],
+        cwd=cwd,
+        env=_environ(),
+        stdin=subprocess.DEVNULL,
+        stdout=side,
+        stderr=subprocess.PIPE,
+    ) as proc:
+        os.close(side)
+        deadline = time.monotonic() + 60
+        while True:
+            ready, _, _ = select.select([main], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "syncpro did not finish writing to the terminal within 60 s"
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the last writer of the terminal has gone
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.stderr is not None
+        stderr = proc.stderr.read().decode()
+        code = proc.wait(timeout=60)
+    os.close(main)
+    shown = ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+    return code, shown, stderr
+
+
+def run_with_closed_stdout(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run syncpro with a stdout whose reader has gone (`syncpro ... | head -0`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [SYNCPRO, *args],
+            cwd=cwd,
+            env=_environ(),
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
 
 
 def one_document(stdout: str) -> dict[str, object]:
@@ -302,6 +370,110 @@ def test_check_config_points_at_a_source_dir_that_does_not_exist(tmp_path: Path)
     assert "var/remotecomdr   (missing: nothing to sync; a typo?)" in line
 
 
+def mysql_config(tmp_path: Path, url: str, **inventory: Any) -> Path:
+    doc = config_dict([], extra={"inventory": {"source": "mysql", "url": url, **inventory}})
+    return write_config(tmp_path / "config.yml", doc)
+
+
+def test_check_config_fails_for_a_password_file_that_is_not_there(tmp_path: Path) -> None:
+    missing = tmp_path / "db.password"
+    config = mysql_config(
+        tmp_path, "mysql://syncpro@127.0.0.1:3306/test", password_file=str(missing)
+    )
+
+    proc = run("check-config", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.UNSUCCESSFUL, proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if "inventory.password_file" in x)
+    assert line.split()[0] == "failed"
+    assert f"{missing} does not exist" in line
+    assert proc.stdout.splitlines()[-1] == "preflight: 1 failed (4 warnings)"
+
+
+def test_check_config_strict_fails_when_folders_are_missing(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict(SERVER_GROUP))
+
+    lenient = run("check-config", "--config", str(config), cwd=tmp_path)
+    strict = run("check-config", "--strict", "--config", str(config), cwd=tmp_path)
+
+    assert lenient.returncode == 0, lenient.stdout
+    assert strict.returncode == ExitCode.UNSUCCESSFUL
+    failed = {x.split()[1] for x in strict.stdout.splitlines() if x.split()[0] == "failed"}
+    assert failed == {"dirs.remotecomdir", "dirs.updatedir", "dirs.softdir", "dirs.configuredir"}
+
+
+def test_check_config_json_lists_every_check_for_scripts(demo: Path, tmp_path: Path) -> None:
+    proc = run("check-config", "--json", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 0
+    doc = one_document(proc.stdout)
+    assert (doc["valid"], doc["ok"]) == (True, True)
+    checks = {c["key"]: c for c in doc["checks"]}
+    assert checks["dirs.remotecomdir"]["status"] == "ok"
+    assert checks["dirs.softdir"]["status"] == "warning"  # made at the first sync
+
+
+def test_check_config_json_of_an_invalid_config_lists_its_problems(tmp_path: Path) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text("dirs: {remotecomdir: r}\n")
+
+    proc = run("check-config", "--json", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.USAGE
+    doc = one_document(proc.stdout)
+    assert doc["valid"] is False
+    assert any("dirs.updatedir: missing" in p for p in doc["problems"])
+
+
+def test_check_config_connect_reports_an_unreachable_database_as_failed(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = mysql_config(tmp_path, f"mysql://root@127.0.0.1:{port}/test", connect_timeout=2)
+
+    proc = run("check-config", "--connect", "--config", str(config), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.UNSUCCESSFUL
+    line = next(x for x in proc.stdout.splitlines() if x.split()[:2] == ["failed", "inventory"])
+    assert f"127.0.0.1:{port}" in line
+
+
+@pytest.mark.mysql
+def test_check_config_connect_reads_the_inventory_table(tmp_path: Path) -> None:
+    with throwaway_database(reachable_server()) as db:
+        db.add(app_row("server1"), app_row("server2"), app_row("web1", "web", auto_deloy="0"))
+        config = mysql_config(tmp_path, db.url)
+
+        proc = run("check-config", "--connect", "--config", str(config), cwd=tmp_path)
+        missing_table = mysql_config(tmp_path, db.url, table="no_such_table")
+        refused = run(
+            "check-config", "--connect", "--json", "--config", str(missing_table), cwd=tmp_path
+        )
+
+    assert proc.returncode == 0, proc.stdout
+    assert "ok       inventory" in proc.stdout
+    assert "3 apps (2 auto-deploy) read from table pre_server_detail" in proc.stdout
+    assert refused.returncode == ExitCode.UNSUCCESSFUL
+    inventory = one_document(refused.stdout)["checks"][-1]
+    assert (inventory["key"], inventory["status"]) == ("inventory", "failed")
+    assert "no_such_table" in inventory["message"]
+
+
+def test_check_config_keys_prints_every_key_with_its_default_and_needs_no_config(
+    tmp_path: Path,
+) -> None:
+    proc = run("check-config", "--keys", cwd=tmp_path)
+
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    first = {line.split()[0]: line.split(maxsplit=1)[1] for line in lines if line[:1].isalpha()}
+    assert set(first) >= {"dirs.softdir", "control.mode", "apps[].auto_deploy", "publish.grace"}
+    assert first["dirs.softdir"] == "(required)"
+    assert first["control.mode"] == "0660"
+    assert first["publish.grace"] == "10.0"
+    assert any(line.startswith("$SYNCPRO_DB_PASSWORD ") for line in lines)
+
+
 def test_version_prints_the_package_version(tmp_path: Path) -> None:
     proc = run("--version", cwd=tmp_path)
 
@@ -339,8 +511,14 @@ def test_a_fifo_in_a_source_is_skipped_by_the_cli_without_hanging(tmp_path: Path
 
     assert proc.returncode == 0, proc.stderr
     assert one_document(proc.stdout)["apps"][0]["program"]["skipped"] == ["bin/pipe"]
-    skipped = [json.loads(line) for line in proc.stderr.splitlines() if "special" in line]
-    assert [(e["event"], e["kind"]) for e in skipped] == [("copy.special_file_skipped", "fifo")]
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    skipped = [e for e in events if e["event"] == "copy.special_file_skipped"]
+    assert [(e["path"], e["kind"]) for e in skipped] == [(str(source / "bin/pipe"), "fifo")]
+    # A published target that left something out says so after the success message.
+    assert (
+        one_document(proc.stdout)["data"]["msg"]
+        == "成功: a1: program left out special files bin/pipe"
+    )
     assert not (tmp_path / "var/softdir/a/bin/pipe").exists()
     assert (tmp_path / "var/softdir/a/bin/run").read_text() == "1"
 
@@ -449,3 +627,168 @@ def test_an_unreadable_source_fails_only_that_app_and_keeps_its_old_target(
     assert snapshot(tmp_path / "var/softdir/a") == old
     assert (tmp_path / "var/softdir/b/lib/secret.key").read_text() == "v2"
     assert os.listdir(tmp_path / "var/softdir/.syncpro/staging") == []
+
+
+# --- readable output on a terminal ---
+
+
+def test_on_a_terminal_sync_prints_one_short_line_per_app_and_target(
+    demo: Path, tmp_path: Path
+) -> None:
+    code, shown, stderr = run_on_terminal(
+        "sync", "-k", "server", "--config", str(demo), cwd=tmp_path
+    )
+
+    assert code == 0, stderr
+    lines = shown.splitlines()
+    rows = {tuple(line.split()[:2]): line for line in lines[:-1]}
+    assert sorted(rows) == [
+        ("server1", "config"),
+        ("server1", "program"),
+        ("server2", "config"),
+        ("server2", "program"),
+    ]
+    programs = sorted(rows[(key, "program")].split()[2] for key in ("server1", "server2"))
+    assert programs == ["published", "superseded"]  # one tree per group, one winner
+    assert rows[("server1", "config")].split()[2] == "published"
+    published = next(line for line in lines if " program  published " in line)
+    assert published.endswith(" s") and "1 file, 1 copied, 0 linked, 2 B" in published
+    assert lines[-1].startswith("ok: 2 apps, 4 targets, 0 failed")
+    assert all(len(line) < 120 for line in lines)
+    assert "{" not in shown  # no JSON document unless asked
+    assert (tmp_path / "var/softdir/server/bin/run").read_text() == "v1"
+
+
+def test_on_a_terminal_a_second_sync_says_unchanged_and_a_failure_names_its_error(
+    demo: Path, tmp_path: Path
+) -> None:
+    assert run_on_terminal("sync", "-k", "server1", "--config", str(demo), cwd=tmp_path)[0] == 0
+    shutil.rmtree(tmp_path / "var/remotecomdir/configuredir/server2")
+
+    code, shown, _ = run_on_terminal("sync", "-k", "server", "--config", str(demo), cwd=tmp_path)
+
+    assert code == 1
+    rows = {tuple(line.split()[:2]): line for line in shown.splitlines()[:-1]}
+    assert rows[("server1", "config")].split()[2] == "unchanged"
+    missing = rows[("server2", "config")]
+    assert missing.split()[2] == "missing"
+    assert f"source {tmp_path / 'var/remotecomdir/configuredir/server2'} is missing" in missing
+    assert shown.splitlines()[-1].startswith("unsuccessful:")
+
+
+def test_on_a_terminal_a_failed_target_shows_its_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.yml", config_dict([app("a1", "a")], grace=0))
+    write_tree(tmp_path / "var/remotecomdir/softdir/a1", {"p": "1"})
+    write_tree(tmp_path / "var/remotecomdir/configuredir/a1", {"c": "1"})
+    (tmp_path / "var").mkdir(exist_ok=True)
+    (tmp_path / "var/softdir").write_text("a file where the folder belongs")
+
+    code, shown, _ = run_on_terminal("sync", "-k", "a1", "--config", str(config), cwd=tmp_path)
+
+    assert code == 1
+    failed = next(line for line in shown.splitlines() if line.startswith("a1  program"))
+    assert failed.split()[2] == "failed"
+    assert "Not a directory" in failed, failed
+
+
+def test_on_a_terminal_json_prints_the_whole_document_instead(demo: Path, tmp_path: Path) -> None:
+    code, shown, _ = run_on_terminal(
+        "sync", "-k", "server1", "--json", "--config", str(demo), cwd=tmp_path
+    )
+
+    assert code == 0
+    assert one_document(shown)["param"] == {
+        "action": "Deploy:Core:syncpro",
+        "k": "server1",
+        "update": "0",
+    }
+
+
+def test_log_format_console_renders_stderr_for_people_and_keeps_documents_short(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run(
+        "sync", "-k", "server1", "--log-format", "console", "--config", str(demo), cwd=tmp_path
+    )
+
+    assert proc.returncode == 0
+    one_document(proc.stdout)  # piped stdout keeps its document
+    finished = next(line for line in proc.stderr.splitlines() if "sync.finished" in line)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(finished)
+    assert "\x1b[" not in finished  # no colours into a pipe
+    assert re.search(r"response='<\d+ keys>'", finished)  # the document summarised, not dumped
+    assert len(finished) < 300
+
+
+def test_log_format_json_keeps_json_lines_on_a_terminal() -> None:
+    main, side = pty.openpty()
+    with os.fdopen(side, "w") as terminal:
+        log.configure(terminal, fmt="json")
+        structlog.get_logger().info("sync.finished", k="server1", response={"code": "0"})
+        terminal.flush()
+    text = os.read(main, 4096).decode()
+    os.close(main)
+
+    assert json.loads(text)["response"] == {"code": "0"}
+
+
+# --- exit codes and pipes ---
+
+
+def test_a_k_that_selects_nothing_is_a_usage_error_with_did_you_mean(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run("sync", "-k", "sever1", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.USAGE == 2
+    assert "'sever1' (did you mean server1" in proc.stderr
+    assert one_document(proc.stdout)["unknown"] == ["sever1"]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "var/softdir/server").exists()
+
+
+def test_an_unknown_key_beside_known_ones_is_named_with_a_hint_in_a_warning(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run("sync", "-q", "-k", "server1,servr2", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == 1
+    events = [json.loads(line) for line in proc.stderr.splitlines()]
+    unknown = [e for e in events if e["event"] == "cli.unknown_key"]
+    assert [(e["token"], e["level"]) for e in unknown] == [("servr2", "warning")]
+    assert "did you mean server2" in unknown[0]["hint"]
+
+
+def test_a_sync_whose_reader_went_away_ends_quietly_after_publishing(
+    demo: Path, tmp_path: Path
+) -> None:
+    proc = run_with_closed_stdout("sync", "-k", "server1", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.BROKEN_PIPE
+    assert "Traceback" not in proc.stderr
+    assert "Exception ignored" not in proc.stderr
+    assert (tmp_path / "var/softdir/server/bin/run").read_text() == "v1"
+
+
+def test_check_config_into_a_closed_pipe_ends_quietly(demo: Path, tmp_path: Path) -> None:
+    proc = run_with_closed_stdout("check-config", "--config", str(demo), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.BROKEN_PIPE
+    assert proc.stderr == ""
+
+
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    proc = run_with_closed_stdout("--help", cwd=tmp_path)
+
+    assert proc.returncode == 0  # argparse itself drops a failed write of the help
+    assert proc.stderr == ""
+
+
+def test_ctl_status_into_a_closed_pipe_ends_quietly(
+    tmp_path: Path, server: control_fakes.ControlServer
+) -> None:
+    proc = run_with_closed_stdout("ctl", "status", "--socket", str(server.path), cwd=tmp_path)
+
+    assert proc.returncode == ExitCode.BROKEN_PIPE
+    assert proc.stderr == ""

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,13 +16,14 @@ import pytest
 import structlog
 
 import control_fakes
-from control_fakes import FakeHandler, document
-from syncpro.control.client import add_ctl_parser, run_ctl
+from control_fakes import FakeHandler, document, read_line
+from syncpro.config.settings import ControlSettings
+from syncpro.control.client import add_ctl_parser, run_ctl, send_request
 from syncpro.control.socket_server import ControlServer
 from syncpro.engine.request import SyncRequest
 from syncpro.errors import RequestError
 
-from helpers import SERVER_GROUP, make_config
+from helpers import SERVER_GROUP, make_config, wait_until
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -207,3 +211,113 @@ def test_a_canned_failure_document_maps_to_exit_1_not_2() -> None:
     assert exit_code("Deploy:Core:syncpro", document(False)) == 1
     assert exit_code("Deploy:Core:syncpro", {"code": "403"}) == 2
     assert exit_code("status", {"code": "0"}) == 0
+
+
+# --- a full listen queue: wait for room, never fail at once ---
+
+_CONNECT_SYSCALL = {"x86_64": 42, "aarch64": 203}
+
+
+def _fill_queue(path: Path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listener on path that accepts nobody, its queue full of idle clients."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(0)
+    fillers: list[socket.socket] = []
+    while True:
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.setblocking(False)
+        try:
+            filler.connect(str(path))
+        except BlockingIOError:
+            filler.close()
+            return listener, fillers
+        fillers.append(filler)
+
+
+def _in_connect(thread: threading.Thread) -> bool:
+    """Whether the thread is blocked in connect(2) right now, as the kernel says."""
+    try:
+        text = Path(f"/proc/self/task/{thread.native_id}/syscall").read_text()
+    except OSError:
+        return False
+    return text.split(" ", 1)[0] == str(_CONNECT_SYSCALL[platform.machine()])
+
+
+@pytest.mark.skipif(platform.machine() not in _CONNECT_SYSCALL, reason="syscall number unknown")
+def test_ctl_waits_for_room_in_a_full_listen_queue_and_gets_its_answer(sock_dir: Path) -> None:
+    path = sock_dir / "full.sock"
+    listener, fillers = _fill_queue(path)
+    answers: list[dict[str, Any]] = []
+    errors: list[Exception] = []
+
+    def client() -> None:
+        try:
+            answers.append(send_request(path, {"action": "status"}, 20))
+        except Exception as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=client)
+    with listener:
+        thread.start()
+        try:
+            # Before the fix, connect() failed with EAGAIN here at once and ctl exited 2.
+            wait_until(lambda: _in_connect(thread) or not thread.is_alive())
+            assert thread.is_alive(), errors
+            listener.settimeout(10)
+            for _ in fillers:  # make room: the waiting client gets in
+                listener.accept()[0].close()
+            conn, _ = listener.accept()
+            with conn:
+                assert json.loads(read_line(conn)) == {"action": "status"}
+                conn.sendall(json.dumps(document()).encode() + b"\n")
+        finally:
+            thread.join(20)
+            for filler in fillers:
+                filler.close()
+    assert errors == []
+    assert [doc["code"] for doc in answers] == ["0"]
+
+
+def test_ctl_says_busy_when_the_queue_stays_full_for_its_whole_timeout(
+    sock_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = sock_dir / "full.sock"
+    listener, fillers = _fill_queue(path)
+    with listener:
+        started = time.monotonic()
+        code, _, err = ctl(["status", "--timeout", "0.5", "--socket", str(path)], capsys)
+        waited = time.monotonic() - started
+        for filler in fillers:
+            filler.close()
+    assert code == 2
+    assert "busy" in err and str(path) in err
+    assert waited >= 0.45  # it waited its timeout for room, not failing at once
+
+
+def test_a_burst_of_ctl_clients_on_a_tiny_backlog_is_all_served(
+    sock_dir: Path, handler: FakeHandler
+) -> None:
+    settings = ControlSettings(socket=sock_dir / "c.sock")
+    answers: list[str] = []
+    errors: list[Exception] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        try:
+            doc = send_request(settings.socket, {"action": "status"}, 60)
+            with lock:
+                answers.append(str(doc["code"]))
+        except Exception as exc:
+            with lock:
+                errors.append(exc)
+
+    with ControlServer(settings, handler, backlog=1, max_clients=256):
+        threads = [threading.Thread(target=client) for _ in range(150)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert errors == []
+    assert answers == ["0"] * 150
+    assert len(handler.calls) == 150

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from syncpro.config import settings as config_module
-from syncpro.config.settings import (
+from syncpro.config import load as config_module
+from syncpro.config.environment import VARIABLES
+from syncpro.config.load import find_config, load_config
+from syncpro.config.model import (
     DEFAULT_IGNORE,
-    SECTIONS,
     Config,
     ControlSettings,
     HttpSettings,
-    InventorySettings,
     PublishSettings,
     WatchSettings,
-    describe_keys,
-    find_config,
-    load_config,
 )
+from syncpro.config.schema import APP_KEYS, REQUIRED, SECTIONS, describe_keys
 from syncpro.errors import ConfigError
+from syncpro.inventory.apps import App
+from syncpro.inventory.settings import InventorySettings
 
 DIRS = {
     "remotecomdir": "var/remotecomdir",
@@ -692,6 +694,36 @@ def test_every_section_default_matches_its_settings_class_default(tmp_path: Path
     for section, (cls, _) in SECTIONS.items():
         if section != "dirs":
             assert getattr(config, section) == cls(), section
+
+
+def test_every_schema_key_is_a_field_of_its_model_class_and_back() -> None:
+    # The model holds the one default of each key; a key in one place only would be lost.
+    for section, (cls, opts) in SECTIONS.items():
+        assert set(opts) == {item.name for item in dataclasses.fields(cls)}, section
+    assert set(APP_KEYS) == {item.name for item in dataclasses.fields(App)}
+
+
+def test_described_defaults_are_the_model_defaults_and_dirs_are_required() -> None:
+    rows = {key: default for key, _, default in describe_keys()}
+
+    assert rows["publish.grace"] == PublishSettings().grace
+    assert rows["control.mode"] == "0660"  # in the octal the file takes
+    assert rows["dirs.state"] == Path("/var/lib/syncpro")
+    assert rows["dirs.softdir"] is REQUIRED
+    assert rows["apps[].app_key"] is REQUIRED
+
+
+def test_every_environment_variable_the_source_reads_is_in_the_one_list() -> None:
+    source = Path(config_module.__file__).parent.parent
+    named: dict[str, set[str]] = {}
+    for path in source.rglob("*.py"):
+        for name in re.findall(r"SYNCPRO_[A-Z_]+", path.read_text(encoding="utf-8")):
+            named.setdefault(name, set()).add(path.name)
+
+    listed = {variable.name for variable in VARIABLES}
+    assert set(named) == listed
+    for name in listed:  # each is read somewhere, not only listed
+        assert named[name] - {"environment.py"}, name
 
 
 def test_shipped_config_validates() -> None:

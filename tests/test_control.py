@@ -34,6 +34,7 @@ from syncpro.errors import ControlError, RequestError
 
 from helpers import (
     SERVER_GROUP,
+    app,
     make_config,
     program_source,
     program_target,
@@ -102,7 +103,6 @@ def test_diff_status_and_reload_reach_their_handler_methods(
         (b'{"action": \n', "not valid JSON"),
         (b"action=Deploy:Core:syncpro&k=\xff\n", "UTF-8"),
         (b"k=x&k=y&action=status\n", "more than once"),
-        (b"action=status&force=1\n", "unknown field"),
         (b"action=Deploy:Core:syncpro&k=" + b"a" * 70000 + b"\n", "64 KiB"),
         (b"a" * 200000, "64 KiB"),
     ],
@@ -745,3 +745,56 @@ def test_a_real_sync_and_diff_over_the_socket(tmp_path: Path, sock_dir: Path) ->
         assert after["data"]["data"]["0"] == "1"
         assert after["diff"]["server1"]["program"]["differcount"] == "4,0,0,0"
         assert after["diff"]["server1"]["config"]["differcount"] == "1,0,0,0"
+
+
+def test_unknown_fields_are_ignored_and_listed_and_sprint_prints_what_each_app_became(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    config = make_config(tmp_path, SERVER_GROUP)
+    for key in ("server1", "server2"):
+        write_tree(program_source(config, key), {"bin/run.sh": key})
+        write_tree(config.dirs.remotecomdir / "configuredir" / key, {"app.yml": key})
+    with ControlServer(
+        ControlSettings(socket=sock_dir / "c.sock"), EngineHandler(config)
+    ) as server:
+        plain = ask(server.path, b"action=Deploy:Core:syncpro&k=server1&force=1&debug=1\n")
+        assert plain["data"]["data"]["0"] == "1"
+        assert plain["ignored"] == ["force"]
+        assert (plain["print_stdout"], plain["respon"]["stdout"]) == ("0", "")
+        assert plain["param"]["debug"] == "1"
+
+        doc = ask(server.path, b'{"action": "Deploy:Core:syncpro", "k": "server", "sprint": 1}\n')
+        assert doc["data"]["data"]["0"] == "1"
+        assert doc["ignored"] == []
+        assert doc["print_stdout"] == "1"
+        lines = doc["respon"]["stdout"].splitlines()
+        assert lines[:2] == [
+            "server1: program superseded, config published",
+            "server2: program published, config published",
+        ]
+        assert lines[-1] == "成功"
+
+
+def test_a_groups_member_that_is_not_auto_deployed_is_reported_skipped_not_failed(
+    tmp_path: Path, sock_dir: Path
+) -> None:
+    config = make_config(
+        tmp_path, [app("server1", "server"), app("server2", "server", auto_deploy=False)]
+    )
+    write_tree(program_source(config, "server1"), {"bin/run.sh": "v1"})
+    write_tree(config.dirs.remotecomdir / "configuredir" / "server1", {"app.yml": "1"})
+    with ControlServer(
+        ControlSettings(socket=sock_dir / "c.sock"), EngineHandler(config)
+    ) as server:
+        doc = ask(server.path, b"action=Deploy:Core:syncpro&k=server\n")
+        # Success is the synced members'; the one left out is named with why.
+        assert doc["data"]["data"]["0"] == "1", doc["data"]["msg"]
+        assert [a["app_key"] for a in doc["apps"]] == ["server1"]
+        assert doc["skipped"] == [{"app_key": "server2", "reason": "auto_deploy is false"}]
+        assert (program_target(config, "server1") / "bin/run.sh").read_text() == "v1"
+
+        direct = ask(server.path, b"action=Deploy:Core:syncpro&k=server2\n")
+        assert direct["data"]["data"]["0"] == "0"
+        assert direct["unknown"] == ["server2"]
+        assert direct["skipped"] == []
+        assert "unknown key: server2" in direct["data"]["msg"]

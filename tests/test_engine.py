@@ -579,10 +579,10 @@ class _VanishingBuilder(TreeBuilder):
 
     victim = "vanish.bin"
 
-    def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
-        if os.path.basename(src) == self.victim:
-            os.unlink(src)
-        super()._copy_file(src, dst, st, reuse)
+    def _file(self, here: Any, entry: Any, staged: str) -> None:
+        if entry.name == self.victim:
+            os.unlink(f"/proc/self/fd/{here.src}/{entry.name}")
+        super()._file(here, entry, staged)
 
 
 def test_a_source_vanishing_mid_copy_fails_only_that_app_and_keeps_its_old_target(
@@ -747,3 +747,26 @@ def test_a_fifo_in_a_source_is_skipped_with_a_warning_and_never_opened(tmp_path:
     assert (program_target(config, "server1") / "file").exists()
     warnings = [e for e in logs if e["log_level"] == "warning" and "pipe" in str(e.get("path"))]
     assert warnings, logs
+
+
+def test_a_sync_hands_back_the_digest_of_every_source_it_walked_whole(tmp_path: Path) -> None:
+    from syncpro.engine.ignore import Ignore
+    from syncpro.engine.walk import plan_path
+
+    config = make_config(tmp_path, [app("a1", "a"), app("a2", "a")])
+    for key in ("a1", "a2"):
+        write_tree(program_source(config, key), {"bin": key})
+        write_tree(config_source(config, key), {"c": key})
+
+    result = sync(config, "a")
+
+    ignore = Ignore(config.watch.ignore)
+    walked = [
+        program_source(config, "a1"),  # the superseded one, walked for drift
+        program_source(config, "a2"),
+        config_source(config, "a1"),
+        config_source(config, "a2"),
+    ]
+    for source in walked:
+        plan = plan_path(source, None, ignore, owners=os.geteuid() == 0)
+        assert result.digests[str(source)] == (plan.digest, plan.newest_ctime), source

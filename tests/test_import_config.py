@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from syncpro.config.import_original import import_original_config
-from syncpro.config.settings import Config, load_config, parse_config
+from syncpro.config.import_original import import_original, import_original_config
+from syncpro.config.load import load_config, parse_config
+from syncpro.config.model import Config
 from syncpro.errors import ConfigError
 from syncpro.inventory.mysql import parse_mysql_url
 
@@ -273,8 +274,8 @@ def test_a_missing_environment_section_is_named_with_the_ones_found(tmp_path: Pa
     problems = problems_of(path)
 
     assert problems == [
-        "uat: missing (the environment section selected by env.key;"
-        " environment sections found: dev, prod)"
+        "uat: missing (the environment section env.key selects);"
+        " pass --env NAME to import one of them (dev, prod)"
     ]
 
 
@@ -282,7 +283,7 @@ def test_a_missing_environment_chosen_by_env_says_so_not_env_key(tmp_path: Path)
     problems = problems_of(write_original(tmp_path), env_key="staging")
 
     assert problems == [
-        "staging: missing (the environment section selected by --env;"
+        "staging: missing (the environment section --env selects;"
         " environment sections found: dev, prod)"
     ]
 
@@ -290,7 +291,85 @@ def test_a_missing_environment_chosen_by_env_says_so_not_env_key(tmp_path: Path)
 def test_a_missing_env_key_is_named(tmp_path: Path) -> None:
     path = write_original(tmp_path, ORIGINAL.replace(' env:\n   key: "dev"\n', ""))
 
-    assert problems_of(path) == ["env.key: missing (it names the environment section to import)"]
+    assert problems_of(path) == [
+        "env.key: missing (it names the environment section to import);"
+        " pass --env NAME to import one of them (dev, prod)"
+    ]
+
+
+def test_a_scalar_env_is_explained_and_env_suggested(tmp_path: Path) -> None:
+    path = write_original(tmp_path, ORIGINAL.replace(' env:\n   key: "dev"\n', ' env: "dev"\n'))
+
+    assert problems_of(path) == [
+        "env.key: missing (env is the plain value 'dev', not a section with a key);"
+        " pass --env NAME to import one of them (dev, prod)"
+    ]
+
+
+def test_a_flat_file_is_told_where_the_original_keeps_its_paths(tmp_path: Path) -> None:
+    flat = "softdir: /s\nconfiguredir: /c\nlocal_prodir: /r/softdir\n"
+
+    (problem,) = problems_of(write_original(tmp_path, flat))
+
+    assert problem.startswith("env.key: missing (softdir, configuredir, local_prodir sit at the")
+    assert "env: {key: NAME}" in problem
+
+
+# --- what was read and what was left out ---
+
+
+def test_every_key_not_used_is_named_with_password_like_keys_apart(tmp_path: Path) -> None:
+    result = import_original(write_original(tmp_path))
+
+    assert set(result.unused_secrets) == {
+        "dev.password",
+        "dev.private_key",
+        "dev.sudo_password",
+        "dev.log_rsync_pass",
+    }
+    assert "dev.pass_auth" in result.unused  # a switch, no secret in it
+    assert {"dev.key_auth", "dev.logfile", "db.apitable"} <= set(result.unused)
+    assert "dev.softdir" not in result.unused + result.unused_secrets
+    assert "db.dbpassword" not in result.unused + result.unused_secrets  # read, as a password
+    assert result.unused_sections == ("prod",)
+    notes = result.notes()
+    assert notes[1].startswith("not used, password-like (never copied): dev.password")
+    assert notes[-1] == "not read: section prod (another environment: --env prod imports it)"
+    assert "# not used, password-like (never copied): dev.password" in result.text
+    for secret in SECRETS:
+        assert secret not in "\n".join(notes) + result.text
+
+
+def test_the_notes_say_which_section_was_read_and_what_chose_it(tmp_path: Path) -> None:
+    path = write_original(tmp_path)
+
+    by_env_key = import_original(path).notes()[0]
+    by_option = import_original(path, env_key="prod").notes()[0]
+
+    assert by_env_key.startswith("read section dev (chosen by env.key)")
+    assert by_option.startswith("read section prod (chosen by --env)")
+    assert "else from section db" in by_option
+
+
+def test_a_database_password_of_the_environment_shadows_the_db_one_which_is_named(
+    tmp_path: Path,
+) -> None:
+    result = import_original(write_original(tmp_path), env_key="prod")
+
+    assert "db.dbpassword" in result.unused_secrets
+    assert "prod.dbpassword" not in result.unused_secrets
+    assert "the original's prod.dbpassword into" in result.text
+
+
+def test_dbpass_is_taken_for_the_database_password(tmp_path: Path) -> None:
+    path = write_original(tmp_path, ORIGINAL.replace("dbpassword:", "dbpass:"))
+
+    text, config = imported(path)
+
+    assert config.inventory.password_file == Path("/etc/syncpro/db.password")
+    assert "the original's db.dbpass into" in text
+    assert "no database password" not in text
+    assert DB_SECRET not in text
 
 
 # --- the inventory and its password ---

@@ -242,9 +242,35 @@ def test_a_json_k_that_is_not_a_string_is_refused() -> None:
     assert "k must be a string" in refused(b'{"action": "Deploy:Core:syncpro", "k": ["a"]}').reason
 
 
-def test_an_unknown_field_is_refused_and_named() -> None:
-    error = refused(b"action=Deploy:Core:syncpro&k=server&force=1")
-    assert "unknown field 'force'" in error.reason
+def test_an_unknown_field_is_ignored_as_the_original_did_and_named() -> None:
+    req = parse_request(b"action=Deploy:Core:syncpro&k=server&force=1&x=&force=2")
+    assert (req.action, req.k, req.ignored) == ("Deploy:Core:syncpro", "server", ("force", "x"))
+    assert "force" not in req.echo()
+
+
+def test_an_unknown_field_is_still_named_when_the_request_is_refused() -> None:
+    error = refused(b"action=Deploy:Core:syncpro&foo=1")
+    assert "k is required" in error.reason
+    assert error.ignored == ("foo",)
+    assert error.document()["ignored"] == ["foo"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "debug", "sprint"),
+    [
+        (b"action=status&debug=1&sprint=1", True, True),
+        (b"action=status&debug=0&sprint=", False, False),
+        (b"action=status&debug=yes&sprint='1'", True, True),
+        (b'{"action": "status", "debug": true, "sprint": 0}', True, False),
+        (b'{"action": "status", "debug": [1], "sprint": null}', True, False),
+        (b"action=status&debug=1&debug=0&sprint=0&sprint=on", False, True),  # the last wins
+    ],
+)
+def test_the_originals_debug_and_sprint_are_accepted_with_any_value(
+    raw: bytes, debug: bool, sprint: bool
+) -> None:
+    req = parse_request(raw)
+    assert (req.debug, req.sprint, req.ignored) == (debug, sprint, ())
 
 
 def test_a_refusal_never_echoes_the_token_in_clear() -> None:
@@ -273,6 +299,9 @@ def understood(req: ControlRequest) -> dict[str, object]:
         "w": req.w,
         "token": req.token_given,
         "pretty": req.pretty,
+        "debug": req.debug,
+        "sprint": req.sprint,
+        "ignored": list(req.ignored),
     }
 
 

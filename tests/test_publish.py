@@ -25,6 +25,7 @@ from helpers import (
     app,
     config_dict,
     config_source,
+    config_target,
     make_config,
     program_source,
     program_target,
@@ -581,3 +582,65 @@ def test_a_target_that_is_a_symlink_is_replaced_without_touching_what_it_points_
     assert done.replaced is not None
     assert not os.path.lexists(done.replaced)
     assert snapshot(elsewhere, identity=True) == before
+
+
+@pytest.mark.parametrize("key", ["k" * 200, "配置" * 15], ids=["200 bytes", "30 CJK characters"])
+def test_any_key_a_config_accepts_can_be_synced_however_long_its_encoded_name(
+    tmp_path: Path, key: str
+) -> None:
+    config = make_config(tmp_path, [app(key, "grp")])
+    write_tree(program_source(config, key), {"bin": "1"})
+    write_tree(config_source(config, key), {"c": "1"})
+
+    result = sync(config, key)
+
+    assert result.ok, [a.errors for a in result.apps]
+    assert (config_target(config, key) / "c").read_text() == "1"
+    (config_source(config, key) / "c").write_text("2")
+    assert sync(config, key).ok
+    assert (config_target(config, key) / "c").read_text() == "2"
+
+
+def test_a_death_between_the_fallback_renames_is_undone_for_a_hashed_name_too(
+    tmp_path: Path,
+) -> None:
+    rel = "grp/" + "配置" * 15
+    target = Target(tmp_path / "configuredir", rel)
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    name = publish_module._name(target)
+    assert len(name) < 60  # hashed
+    staging = work_area(target.root) / "staging"
+    owner = f"{_dead_pid()}-1.0badc0de.{name}"
+    write_tree(staging / owner, {"v": "2"})
+    os.rename(target.path, staging / f"{owner}+old")
+
+    sweep(target.root)
+
+    assert (target.path / "v").read_text() == "1"
+    assert os.listdir(staging) == []
+
+
+def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesystem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flushed: list[int] = []
+    monkeypatch.setattr(publish_module, "_syncfs", lambda fd: flushed.append(fd) or 0)
+    target = Target(tmp_path / "softdir", "server")
+    if not publish_module._journal_in_order(tmp_path):
+        pytest.skip("the per-file path needs ext4 or XFS")
+
+    def few(staging: Path, current: Path | None) -> list[str]:
+        write_tree(staging, {"a": "1", "d/b": "2"})
+        return [str(staging / "a"), str(staging / "d/b")]
+
+    def many(staging: Path, current: Path | None) -> list[str]:
+        count = publish_module.FSYNC_FILES_MAX + 1
+        write_tree(staging, {f"f{i}": "x" for i in range(count)})
+        return [str(staging / f"f{i}") for i in range(count)]
+
+    publish(target, few, grace=0, durable=True)
+    assert flushed == [] and (target.path / "d/b").read_text() == "2"
+    publish(target, many, grace=0, durable=True)
+    assert len(flushed) == 1
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=True)
+    assert len(flushed) == 2  # a build that does not say what it wrote: syncfs

@@ -246,11 +246,11 @@ def test_a_file_replaced_by_a_fifo_during_the_copy_fails_without_blocking(
     source = write_tree(tmp_path / "src", {"a": "1", "swap": "2"})
 
     class Swapping(TreeBuilder):
-        def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
-            if os.path.basename(src) == "swap":  # after the scan saw a regular file
-                os.unlink(src)
-                os.mkfifo(src)
-            super()._copy_file(src, dst, st, reuse)
+        def _file(self, here: Any, entry: Any, staged: str) -> None:
+            if entry.name == "swap":  # after the walk saw a regular file
+                os.unlink(source / "swap")
+                os.mkfifo(source / "swap")
+            super()._file(here, entry, staged)
 
     builder = Swapping(ignore=Ignore(()), reuse=None, preserve_owner=False)
 

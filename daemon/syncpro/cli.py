@@ -3,22 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import io
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import structlog
 
 from syncpro import __version__
-from syncpro.config.settings import Config, load_config
-from syncpro.errors import ConfigError, RequestError, SyncproError
+from syncpro.config.load import load_config
+from syncpro.config.model import Config
+from syncpro.errors import ConfigError, ExitCode, RequestError, SyncproError
+from syncpro.inventory.apps import Inventory
+from syncpro.log import FORMATS, is_terminal
 
-EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
+if TYPE_CHECKING:
+    from syncpro.engine.result import SyncResult
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syncpro",
         description="Publish builds and downloaded programs atomically into pending-release"
-        " directories (the Deploy:Core:syncpro action).",
+        " directories (the Deploy:Core:syncpro action). Exit 0 when all went well, 1 when a"
+        " sync was unsuccessful, 2 for a usage or config error.",
     )
     parser.add_argument("--version", action="version", version=f"syncpro {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -30,22 +42,62 @@ def _parser() -> argparse.ArgumentParser:
             help="config file (default: $SYNCPRO_CONFIG, ./config.yml, /etc/syncpro/config.yml)",
         )
         p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+        p.add_argument(
+            "--log-format",
+            choices=FORMATS,
+            help="how log events are written (default: console on a terminal, else JSON lines)",
+        )
         return p
 
-    sync = with_config(sub.add_parser("sync", help="sync apps once, print the response JSON"))
+    sync = with_config(
+        sub.add_parser(
+            "sync",
+            help="sync apps once; a line per target on a terminal, else the response JSON",
+        )
+    )
     sync.add_argument("-k", required=True, help="app keys, group names (local_name) or all")
     sync.add_argument(
         "--update", action="store_true", help="sync from updatedir (default: remotecomdir)"
     )
-    sync.add_argument("--pretty", action="store_true", help="indent the response JSON")
+    sync.add_argument(
+        "--json",
+        action="store_true",
+        help="print the response JSON even on a terminal (it is printed anyway when piped)",
+    )
+    sync.add_argument(
+        "--pretty", action="store_true", help="indent the response JSON (implies --json)"
+    )
     sync.add_argument(
         "-q",
         "--quiet",
         action="store_true",
-        help="log only warnings and errors on stderr (stdout has the document anyway)",
+        help="log only warnings and errors on stderr (stdout has the result anyway)",
     )
 
-    with_config(sub.add_parser("check-config", help="validate the config and summarise it"))
+    check = with_config(
+        sub.add_parser(
+            "check-config",
+            help="validate the config, summarise it and check this host can run it",
+            description="Validate the config and check what it needs on this host: source"
+            " folders readable, target folders writable, the files it names readable. Exit 0"
+            " when all checks pass or warn, 1 when one failed, 2 when the config is invalid.",
+        )
+    )
+    check.add_argument(
+        "--strict", action="store_true", help="a missing folder fails the check, not just warns"
+    )
+    check.add_argument(
+        "--connect",
+        action="store_true",
+        help="also read the inventory: reach the database and read its table",
+    )
+    check.add_argument("--json", action="store_true", help="print the result as one JSON document")
+    check.add_argument(
+        "--keys",
+        action="store_true",
+        help="print every config key with its default and meaning, and the environment"
+        " variables read; no config needed",
+    )
     with_config(sub.add_parser("serve", help="run the daemon: watch, debounce, sync, serve"))
 
     from syncpro.control.client import add_ctl_parser
@@ -62,7 +114,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit code (0 ok, 1 unsuccessful, 2 usage or config)."""
+    """Run the command line; return its ExitCode (0 ok, 1 unsuccessful, 2 usage or config)."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # A reader that went away (`| head`) shows here, not as a traceback at exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _detach_stdout()
+        return ExitCode.BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "sync":
@@ -77,15 +141,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_ctl(args)
         if args.command == "import-config":
             return _import_config(args)
-    except ConfigError as exc:
+    except SyncproError as exc:  # config, inventory, request, control socket, startup
         print(f"syncpro: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except SyncproError as exc:  # inventory, request, control socket, startup
-        print(f"syncpro: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _detach_stdout() -> None:
+    # What is still buffered for the closed pipe goes to /dev/null, so that the interpreter's
+    # last flush does not print "Exception ignored ... BrokenPipeError" on the way out.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass  # stdout is not a file (a test's capture): nothing will flush it at exit
+
+
+def did_you_mean(token: str, inventory: Inventory) -> str:
+    """Given a token of `k` that selected nothing, return a hint for the message: the closest
+    app keys and groups, or why a known app is not selected; "" when there is none."""
+    if token in inventory.by_key() or inventory.group(token):
+        return " (not auto-deploy: only auto-deploy apps are synced)"
+    names = sorted(
+        {"all"} | {a.app_key for a in inventory.apps} | {a.local_name for a in inventory.apps}
+    )
+    close = difflib.get_close_matches(token, names, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -98,21 +182,44 @@ def _sync(args: argparse.Namespace) -> int:
     from syncpro.inventory.source import load_inventory
 
     config = load_config(args.config)
-    # stdout carries the response document alone; log events go to stderr.
-    log.configure(sys.stderr, verbose=args.verbose, quiet=args.quiet)
+    as_json = args.json or args.pretty or not is_terminal(sys.stdout)
+    # stdout carries the result alone; log events go to stderr.
+    log.configure(sys.stderr, verbose=args.verbose, quiet=args.quiet, fmt=args.log_format)
     try:
         k = validate_k(args.k)
     except RequestError as exc:
         # Refused as the socket and HTTP refuse it: a document saying why, and nothing runs.
         normalised = " ".join(split_k(args.k))
         param = {"action": SYNC_ACTION, "k": normalised, "update": "1" if args.update else "0"}
-        print_document(refusal_document(param, str(exc)), args.pretty)
+        if as_json:
+            print_document(refusal_document(param, str(exc)), args.pretty)
         raise
     inventory = load_inventory(config.inventory, config.config_inventory)
     result = run_sync(SyncRequest(k=k, update=args.update, origin="cli"), config, inventory)
-    print_document(response_document(result), args.pretty)
-    sweep_later([config.dirs.softdir, config.dirs.configuredir])
-    return EXIT_OK if result.ok else EXIT_UNSUCCESSFUL
+    # Before printing: a reader gone away (`| head`) must not leave replaced trees behind.
+    try:
+        sweep_later([config.dirs.softdir, config.dirs.configuredir])
+    except OSError as exc:  # a target root that is not a folder: the result says so already
+        structlog.get_logger().warning("cli.sweep_not_started", error=str(exc))
+    if as_json:
+        print_document(response_document(result), args.pretty)
+    else:
+        _print_summary(result, inventory)
+    if result.unknown and not result.apps:
+        hints = ", ".join(f"{t!r}{did_you_mean(t, inventory)}" for t in result.unknown)
+        raise RequestError(f"-k selects no app: no app or group {hints}")
+    if as_json:  # on a terminal the summary named them already
+        for token in result.unknown:
+            hint = did_you_mean(token, inventory).strip(" ()")
+            structlog.get_logger().warning("cli.unknown_key", token=token, hint=hint)
+    return ExitCode.OK if result.ok else ExitCode.UNSUCCESSFUL
+
+
+def _print_summary(result: SyncResult, inventory: Inventory) -> None:
+    from syncpro.summary import summary_lines
+
+    for line in summary_lines(result, lambda token: did_you_mean(token, inventory)):
+        print(line)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -120,25 +227,97 @@ def _serve(args: argparse.Namespace) -> int:
     from syncpro.daemon.service import serve
 
     load_config(args.config)  # a broken config is one message and exit 2, before logging
-    log.configure(sys.stdout, verbose=args.verbose)
+    log.configure(sys.stdout, verbose=args.verbose, fmt=args.log_format)
     log.capture_warnings()
     return serve(args.config)
 
 
 def _import_config(args: argparse.Namespace) -> int:
     from syncpro import log
-    from syncpro.config.import_original import import_original_config
+    from syncpro.config.import_original import import_original
 
     log.configure(sys.stderr)  # stdout carries the generated config alone
     base = Path(args.base) if args.base else None
-    print(import_original_config(Path(args.path), base, args.env), end="")
-    return EXIT_OK
+    imported = import_original(Path(args.path), base, args.env)
+    print(imported.text, end="")
+    # What was read and left out, for the person at the terminal; the file carries it too.
+    for note in imported.notes():
+        print(f"syncpro import-config: {note}", file=sys.stderr)
+    return ExitCode.OK
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    print(summary(config))
-    return EXIT_OK
+    from syncpro import log
+    from syncpro.config.preflight import FAILED, OK, preflight
+
+    if args.keys:
+        print(describe_all())
+        return ExitCode.OK
+    log.configure(sys.stderr, verbose=args.verbose, quiet=True, fmt=args.log_format)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        if not args.json:
+            raise
+        doc = {"config": exc.path, "valid": False, "ok": False, "problems": exc.problems}
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        return ExitCode.USAGE
+    checks = preflight(config, strict=args.strict, connect=args.connect)
+    ok = all(check.status != FAILED for check in checks)
+    if args.json:
+        doc = {
+            "config": str(config.path),
+            "valid": True,
+            "ok": ok,
+            "checks": [check.as_dict() for check in checks],
+        }
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+    else:
+        print(summary(config))
+        # A missing folder is marked in the summary above already; other news is listed here.
+        notes = [
+            check
+            for check in checks
+            if (check.status == FAILED or (check.status != OK and "missing" not in check.message))
+            or (check.key == "inventory" and args.connect)
+        ]
+        width = max((len(check.key) for check in notes), default=0)
+        for check in notes:
+            print(f"  {check.status:<8} {check.key:<{width}}  {check.message}")
+        failed = sum(check.status == FAILED for check in checks)
+        warned = sum(check.status not in (OK, FAILED) for check in checks)
+        verdict = f"{failed} failed" if failed else "ready to run"
+        print(f"preflight: {verdict}" + (f" ({warned} warnings)" if warned else ""))
+    return ExitCode.OK if ok else ExitCode.UNSUCCESSFUL
+
+
+def _default_text(value: object) -> str:
+    from syncpro.config.schema import REQUIRED
+
+    if value is REQUIRED:
+        return "(required)"
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def describe_all() -> str:
+    """Return every config key with its default and meaning, then the environment variables."""
+    from syncpro.config.environment import VARIABLES
+    from syncpro.config.schema import describe_keys
+
+    rows = [(key, _default_text(default), doc) for key, doc, default in describe_keys()]
+    key_width = max(len(key) for key, _, _ in rows)
+    lines = [
+        f"{key:<{key_width}}  {default}\n{'':<{key_width}}  {doc}" for key, default, doc in rows
+    ]
+    lines.append("")
+    lines += [f"${v.name:<{key_width - 1}}  {v.doc}" for v in VARIABLES]
+    return "\n".join(lines)
 
 
 def _missing(path: Path, then: str) -> str:

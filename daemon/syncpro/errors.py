@@ -1,4 +1,16 @@
-"""Exceptions for failures a user must act on, one class per condition."""
+"""Exceptions for failures a user must act on, one class per condition, and the exit codes."""
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What `syncpro` exits with; `ctl` and the daemon use the same numbers."""
+
+    OK = 0
+    UNSUCCESSFUL = 1  # the sync ran and something was not published
+    USAGE = 2  # a usage or config error, or a refused request: nothing ran
+    INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
+    BROKEN_PIPE = 141  # stdout was closed early (`| head`), as a shell reports SIGPIPE
 
 
 class SyncproError(Exception):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import warnings
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import Any, Literal, TextIO
 
 import structlog
 
@@ -17,25 +19,66 @@ def _text_safe(_logger: object, _name: str, event: structlog.typing.EventDict) -
     return text_safe(event)
 
 
-def configure(stream: TextIO | None = None, *, verbose: bool = False, quiet: bool = False) -> None:
-    """Send log events to stream (default stdout): JSON lines unless it is a terminal.
-    `verbose` adds debug events; `quiet` keeps only warnings and errors."""
+Format = Literal["json", "console"]
+FORMATS: tuple[Format, ...] = ("json", "console")
+
+# On a console a value longer than this is summarised: a whole response document in a log line
+# buries the event (`--log-format json` keeps every value whole).
+_CONSOLE_VALUE_CHARS = 80
+
+
+def _brief(value: Any) -> Any:
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    if len(text) <= _CONSOLE_VALUE_CHARS:
+        return text
+    if isinstance(value, Mapping):
+        return f"<{len(value)} keys>"
+    return f"<{len(value)} items>"
+
+
+def _console_brief(_logger: object, _name: str, event: structlog.typing.EventDict) -> Any:
+    return {key: _brief(value) for key, value in event.items()}
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Given a stream, return whether it is an open terminal."""
+    try:
+        return stream.isatty()
+    except ValueError:  # a closed stream
+        return False
+
+
+def guess_format(stream: TextIO) -> Format:
+    """Given the log stream, return "console" for a terminal and "json" otherwise."""
+    return "console" if is_terminal(stream) else "json"
+
+
+def configure(
+    stream: TextIO | None = None,
+    *,
+    verbose: bool = False,
+    quiet: bool = False,
+    fmt: Format | None = None,
+) -> None:
+    """Send log events to stream (default stdout): JSON lines unless it is a terminal, or as
+    `fmt` says. `verbose` adds debug events; `quiet` keeps only warnings and errors."""
     stream = stream or sys.stdout
-    renderer: structlog.typing.Processor
-    if stream.isatty():
-        renderer = structlog.dev.ConsoleRenderer()
+    processors: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        _text_safe,
+    ]
+    if (fmt or guess_format(stream)) == "console":
+        processors += [_console_brief, structlog.dev.ConsoleRenderer(colors=is_terminal(stream))]
     else:
-        renderer = structlog.processors.JSONRenderer(ensure_ascii=False, sort_keys=False)
+        processors.append(structlog.processors.JSONRenderer(ensure_ascii=False, sort_keys=False))
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            _text_safe,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
         ),

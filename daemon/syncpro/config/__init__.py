@@ -1,4 +1,5 @@
-"""Configuration: the settings model, its YAML loading and cross-checks, and the import of the
-original platform's config. It owns every key, its default and its meaning; it imports the
-inventory's data model for apps written into the config, and nothing of the engine or the daemon.
+"""Configuration, in borgmatic's steps: `model` (the frozen settings, each default once; all the
+engine sees), `schema` (how each key is read and what it means), `load` (find the file, parse the
+YAML, convert by the schema), `checks` (rules between keys) and `import_original` (the original
+platform's config). It imports the inventory's data model, nothing of the engine or the daemon.
 """

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import textwrap
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -14,7 +15,8 @@ from urllib.parse import quote
 import structlog
 import yaml
 
-from syncpro.config.settings import parse_config
+from syncpro.config import environment
+from syncpro.config.load import parse_config
 from syncpro.errors import ConfigError, InventoryError
 from syncpro.inventory.mysql import parse_mysql_url, quote_table
 
@@ -38,6 +40,15 @@ DB_KEYS = {
     "dbuser": "the inventory database's user",
     "dbname": "the inventory database",
 }
+# The database password under the names original files give it; the first one present is used.
+PASSWORD_KEYS = ("dbpassword", "dbpass", "dbpwd", "db_password")
+# A key whose name says it holds a secret: never copied, and named first among the unused.
+_SECRET_WORDS = ("pass", "pwd", "secret", "token", "private_key", "credential")
+# Keys of the original with a syncpro counterpart that is not imported: what to do instead.
+COUNTERPARTS = {
+    "token": "the /rex endpoint's token: put it in a file and set http.token_file",
+    "listen": "the /rex endpoint's address: set http.listen (and http.enabled: true)",
+}
 # Characters YAML (1.1, as PyYAML reads it) takes as line breaks, even inside a comment.
 _LINE_BREAKS = frozenset("\n\r\x00\x85\u2028\u2029")
 
@@ -50,12 +61,52 @@ class _Area:
     moves: tuple[tuple[Path, Path], ...]
 
 
+@dataclass(frozen=True)
+class Imported:
+    """An imported config: its text, how the original was read, and what of it was not used
+    (dotted keys, secrets apart; never a value)."""
+
+    text: str
+    nesting: str
+    unused_secrets: tuple[str, ...]
+    unused: tuple[str, ...]
+    unused_sections: tuple[str, ...]
+
+    def notes(self) -> list[str]:
+        """Return the lines telling a person what was read and what was left out."""
+        lines = [f"read {self.nesting}"]
+        if self.unused_secrets:
+            lines.append(
+                "not used, password-like (never copied): " + ", ".join(self.unused_secrets)
+            )
+        for key in (*self.unused_secrets, *self.unused):
+            hint = COUNTERPARTS.get(key.rpartition(".")[2])
+            if hint:
+                lines.append(f"not used: {key}, {hint}")
+        others = [k for k in self.unused if k.rpartition(".")[2] not in COUNTERPARTS]
+        if others:
+            lines.append("not used, no syncpro counterpart: " + ", ".join(others))
+        if self.unused_sections:
+            lines.append(
+                "not read: section " + ", ".join(self.unused_sections) + " (another environment:"
+                f" --env {self.unused_sections[0]} imports it)"
+            )
+        return lines
+
+
 def import_original_config(path: Path, base: Path | None = None, env_key: str | None = None) -> str:
+    """Given the original's config/config.yml, return the text of an equivalent syncpro
+    config.yml, as import_original does."""
+    return import_original(path, base, env_key).text
+
+
+def import_original(path: Path, base: Path | None = None, env_key: str | None = None) -> Imported:
     """Given the original platform's config/config.yml, the directory its relative paths are
     relative to (default: the file's parent's parent, its install directory) and optionally the
-    environment to import (default: its env.key), return the text of an equivalent syncpro
-    config.yml. The database password is never copied: the text says where to put it.
-    Raise ConfigError naming every missing or unusable key if the file cannot be imported."""
+    environment to import (default: its env.key), return an equivalent syncpro config.yml with
+    what was read and what was not used. The database password is never copied: the text says
+    where to put it. Raise ConfigError naming every missing or unusable key if the file cannot
+    be imported."""
     path = Path(path)
     raw = _read(path)
     base = Path(
@@ -86,8 +137,16 @@ def import_original_config(path: Path, base: Path | None = None, env_key: str | 
     port_text = _text(section.get("dbport", db_section.get("dbport"))) or "3306"
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         problems.append(f"{env_name}.dbport: must be a port number, not {port_text!r}")
-    # Only whether there is one matters; the value itself is never kept.
-    has_password = bool(_text(section.get("dbpassword", db_section.get("dbpassword"))))
+    # Only whether there is one, and under which key, matters; the value itself is never kept.
+    password_key = next(
+        (
+            f"{where}.{key}"
+            for key in PASSWORD_KEYS
+            for where, values in ((env_name, section), ("db", db_section))
+            if _text(values.get(key))
+        ),
+        None,
+    )
 
     external = _text(section.get("external_status")) == "true"
     table_key = "external_deploy_config_table" if external else "deploy_config_table"
@@ -132,16 +191,61 @@ def import_original_config(path: Path, base: Path | None = None, env_key: str | 
         url=url,
         table=table,
         external=external,
-        has_password=has_password,
+        password_key=password_key,
     )
     _check(path, text, url)
+    used = {*PATH_KEYS, *DB_KEYS, "dbport", "external_status", table_key}
+    unused = [f"{env_name}.{key}" for key in section if key not in used]
+    unused += [f"db.{key}" for key in db_section if key not in used or key in section]
+    env = raw.get("env")
+    if isinstance(env, Mapping):
+        unused += [f"env.{key}" for key in env if key != "key"]
+    if password_key is not None and password_key in unused:
+        unused.remove(password_key)
+    unused_sections = [
+        str(name)
+        for name, value in raw.items()
+        if isinstance(value, Mapping) and name not in ("env", "db", env_name)
+    ]
+    imported = Imported(
+        text=text,
+        nesting=_nesting(env_name, env_key),
+        unused_secrets=tuple(key for key in unused if _secret_like(key, raw)),
+        unused=tuple(key for key in unused if not _secret_like(key, raw)),
+        unused_sections=tuple(unused_sections),
+    )
+    # The notes go into the file too: whoever reads it later sees what was left behind.
+    notes = "".join(
+        f"{line}\n"
+        for note in imported.notes()
+        for line in textwrap.wrap(note, 98, initial_indent="# ", subsequent_indent="#   ")
+    )
+    imported = replace(imported, text=f"{text}\n# Imported from the original:\n{notes}")
     log.debug(
         "import_config.done",
         path=str(path),
         environment=env_name,
         moves=len(remote.moves) + len(update.moves),
     )
-    return text
+    return imported
+
+
+def _secret_like(key: str, raw: Mapping[str, Any]) -> bool:
+    """Given a dotted key of the original, return whether it looks like it holds a secret: its
+    name says so and its value is not a mere switch (pass_auth: "true" holds none)."""
+    section, _, name = key.partition(".")
+    if not any(word in name.lower() for word in _SECRET_WORDS):
+        return False
+    value = _text(raw[section].get(name))
+    return (value or "").lower() not in ("true", "false", "on", "off", "yes", "no", "0", "1", "")
+
+
+def _nesting(env_name: str, env_key: str | None) -> str:
+    chosen = "--env" if env_key is not None else "env.key"
+    return (
+        f"section {env_name} (chosen by {chosen}) for the folders and tables, and the database"
+        f" keys from {env_name}, else from section db"
+    )
 
 
 def _read(path: Path) -> Mapping[str, Any]:
@@ -176,27 +280,41 @@ def _select_environment(
     db_section = raw.get("db")
     if not isinstance(db_section, Mapping):
         db_section = {}
-    chosen_by = "--env"
+    sections = [
+        str(name)
+        for name, value in raw.items()
+        if isinstance(value, Mapping) and name not in ("env", "db")
+    ]
+    found = ", ".join(sections) or "none"
+    suggest = f"; pass --env NAME to import one of them ({found})" if sections else ""
+    if env_key is not None:
+        section = raw.get(env_key)
+        if not isinstance(section, Mapping):
+            state = "missing" if section is None else "not a mapping"
+            problems.append(
+                f"{env_key}: {state} (the environment section --env selects;"
+                f" environment sections found: {found})"
+            )
+            return env_key, None, db_section
+        return env_key, section, db_section
+    env = raw.get("env")
+    env_key = _text(env.get("key")) if isinstance(env, Mapping) else None
     if env_key is None:
-        chosen_by = "env.key"
-        env = raw.get("env")
-        env_key = _text(env.get("key")) if isinstance(env, Mapping) else None
-        if env_key is None:
-            problems.append("env.key: missing (it names the environment section to import)")
-            return "", None, db_section
+        if _text(env) is not None:
+            why = f"env is the plain value {_text(env)!r}, not a section with a key"
+        elif flat := [key for key in PATH_KEYS if key in raw]:
+            why = (
+                f"{', '.join(flat)} sit at the top level, but the original reads them from the"
+                " section env.key names (env: {key: NAME}, NAME: {softdir: ...})"
+            )
+        else:
+            why = "it names the environment section to import"
+        problems.append(f"env.key: missing ({why}){suggest}")
+        return "", None, db_section
     section = raw.get(env_key)
     if not isinstance(section, Mapping):
-        sections = [
-            str(name)
-            for name, value in raw.items()
-            if isinstance(value, Mapping) and name not in ("env", "db")
-        ]
-        found = ", ".join(sections) or "none"
         state = "missing" if section is None else "not a mapping"
-        problems.append(
-            f"{env_key}: {state} (the environment section selected by {chosen_by};"
-            f" environment sections found: {found})"
-        )
+        problems.append(f"{env_key}: {state} (the environment section env.key selects){suggest}")
         return env_key, None, db_section
     return env_key, section, db_section
 
@@ -271,7 +389,7 @@ def _render(
     url: str,
     table: str,
     external: bool,
-    has_password: bool,
+    password_key: str | None,
 ) -> str:
     lines = [
         "# syncpro configuration imported from the original platform's config",
@@ -300,12 +418,14 @@ def _render(
     if external:
         lines.append("  # the original's external_status was true: it read the external table")
     lines.append(f"  table: {_q(table)}")
-    if has_password:
+    if password_key is not None:
         lines += [
-            "  # The database password is not copied here. Write the original's dbpassword into",
+            "  # The database password is not copied here. Write the original's"
+            f" {password_key} into",
             "  # this file, readable by the syncpro user only, e.g.:",
             f"  #   install -m 0600 /dev/null {PASSWORD_FILE} && editor {PASSWORD_FILE}",
-            "  # (or set SYNCPRO_DB_PASSWORD in the service's environment and drop this line)",
+            f"  # (or set {environment.DB_PASSWORD.name} in the service's environment and drop"
+            " this line)",
             f"  password_file: {_q(PASSWORD_FILE)}",
         ]
     else:

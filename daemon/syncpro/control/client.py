@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ ACTIONS = {
     "reload": RELOAD_ACTION,
 }
 DEFAULT_TIMEOUT = 600.0
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: time_t tv_sec; suseconds_t tv_usec
+_MIN_WAIT = 0.001
+_MAX_WAIT = float(2**31 - 1)
 
 
 def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,8 +121,8 @@ def send_request(path: Path, fields: dict[str, str], timeout: float) -> dict[str
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
+            _connect(sock, path, timeout)
+            sock.settimeout(max(deadline - time.monotonic(), _MIN_WAIT))
             sock.sendall(line)
             reply = _read_line(sock, deadline)
         except FileNotFoundError:
@@ -155,6 +159,25 @@ def send_request(path: Path, fields: dict[str, str], timeout: float) -> dict[str
             " response document"
         )
     return doc
+
+
+def _connect(sock: socket.socket, path: Path, timeout: float) -> None:
+    """Connect to the control socket, waiting up to `timeout` s for room in its queue.
+    Raise ControlError if the queue stayed full that long, OSError if connect() fails."""
+    # settimeout() would make the socket non-blocking, and a non-blocking AF_UNIX connect()
+    # fails with EAGAIN at once while the daemon's listen queue is full (a burst of clients).
+    # A blocking connect() waits for room, bounded by the socket's send timeout.
+    wait = min(max(timeout, _MIN_WAIT), _MAX_WAIT)  # a timeval of 0 would mean for ever
+    seconds = int(wait)
+    micro = int((wait - seconds) * 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _TIMEVAL.pack(seconds, micro))
+    try:
+        sock.connect(str(path))
+    except BlockingIOError:
+        raise ControlError(
+            f"the daemon is busy: no room in the queue of the control socket {path} within"
+            f" {timeout:g} s; retry later"
+        ) from None
 
 
 def _read_line(sock: socket.socket, deadline: float) -> bytes:

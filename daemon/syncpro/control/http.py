@@ -1,8 +1,10 @@
 """The original platform's HTTP endpoint: `POST /rex?token=...` with the seed's form body.
 
-The request's fields come from one place: the body when it has any, as the seed's clients send
-them; else the query string (`POST /rex?token=...&action=...&k=...`). When both carry fields the
-body is the request and the query string only gives the token.
+The request's fields come from one place: the body when it has any (urlencoded, multipart/
+form-data or a JSON object), as the original's clients send them; else the query string
+(`POST /rex?token=...&action=...&k=...`). When both carry fields the body is the request and
+the query string only gives the token. The token is read from both before anything else is
+checked, and never leaves this module: answers and log events have it replaced.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import structlog
 
 from syncpro import __version__
 from syncpro.config.settings import HttpSettings
-from syncpro.control.protocol import ControlRequest, ProtocolError, parse_request
+from syncpro.control.forms import FormError, body_pairs
+from syncpro.control.protocol import ProtocolError, request_of, request_pairs, unquote
 from syncpro.control.socket_server import (
     BUSY_CODE,
     FAILED_CODE,
@@ -44,6 +47,7 @@ log = structlog.get_logger()
 _TOKEN_IN_TEXT = re.compile(r"(token(?:=|%3[dD]))[^&\s'\"]*")
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 16 << 20
+_REX_METHODS = "POST, OPTIONS"
 
 
 class HttpServer:
@@ -56,11 +60,13 @@ class HttpServer:
         *,
         timeout: float = 10.0,
         max_clients: int = 64,
+        slot_wait: float = 1.0,
     ) -> None:
         self.settings = settings
         self.handler = handler
         self.timeout = timeout
         self.max_clients = max_clients
+        self.slot_wait = slot_wait
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -132,6 +138,16 @@ class HttpServer:
             return False
         return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
+    def check_tokens(self, tokens: list[str | None]) -> str | None:
+        """Given every token a request carried (query string and body; None for one that is
+        not text), return why it is refused, or None when it may run: one token, or the
+        same one repeated, that is the configured one."""
+        if not tokens:
+            return "token missing"
+        if len(set(tokens)) > 1:
+            return "token given more than once, with different values"
+        return None if self.token_ok(tokens[0]) else "token invalid"
+
     def redact(self, text: str) -> str:
         """Return text with every token value replaced, for logs."""
         text = _TOKEN_IN_TEXT.sub(rf"\g<1>{REDACTED}", text)
@@ -139,10 +155,35 @@ class HttpServer:
             text = text.replace(self.settings.token, REDACTED)
         return text
 
+    def carries_token(self, *values: str | None) -> bool:
+        """Given a request's field values, return whether any holds the configured token."""
+        token = self.settings.token
+        if not token:
+            return False
+        return any(token in value for value in values if value is not None)
+
+    def scrub(self, value: Any) -> Any:
+        """Given a document or a log value, return it with the configured token replaced
+        wherever it appears: a client may have put it in any field (k=TOKEN), and no answer
+        or log line ever carries it."""
+        token = self.settings.token
+        if not token:
+            return value
+        if isinstance(value, str):
+            return value.replace(token, REDACTED) if token in value else value
+        if isinstance(value, dict):
+            return {self.scrub(k): self.scrub(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.scrub(v) for v in value]
+        return value
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = False  # stop() joins the request threads itself, within its timeout
+    # socketserver's 5 resets a burst of clients: connections wait in the kernel's queue
+    # while the accepting thread catches up (the kernel caps it at net.core.somaxconn).
+    request_queue_size = 1024
     syncpro: HttpServer
     slots: threading.BoundedSemaphore
 
@@ -151,6 +192,7 @@ class _Server(ThreadingHTTPServer):
         self._threads_lock = threading.Lock()
         self._request_threads: set[threading.Thread] = set()
         self._count = 0
+        self._saturated = False
 
     def request_threads(self) -> list[threading.Thread]:
         with self._threads_lock:
@@ -158,8 +200,15 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         # One thread a connection, but not without end: idle clients would each hold one for
-        # the read timeout. Past the cap a client is told to come back, at once.
-        if not self.slots.acquire(blocking=False):
+        # the read timeout. At the cap a client waits a moment for a slot, as a burst's
+        # requests end in moments; when none came, it and every client after it is told to
+        # come back at once, until a slot is free again.
+        if self._saturated:
+            got = self.slots.acquire(blocking=False)
+        else:
+            got = self.slots.acquire(timeout=self.syncpro.slot_wait)
+        self._saturated = not got
+        if not got:
             self._refuse_busy(request)
             return
         with self._threads_lock:
@@ -254,6 +303,20 @@ class _Handler(BaseHTTPRequestHandler):
                 404, f"no such endpoint: {self._app.redact(path)} (POST /rex, GET /healthz)"
             )
 
+    def do_OPTIONS(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/rex":
+            self._refuse(404, f"no such endpoint: {self._app.redact(path)} (OPTIONS /rex)")
+            return
+        # A preflight: say what a POST may carry, run nothing. Without http.cors_origin no
+        # Access-Control-Allow-Origin is sent, and a browser keeps other origins out.
+        headers = {"Allow": _REX_METHODS}
+        if self._app.settings.cors_origin is not None:
+            headers["Access-Control-Allow-Methods"] = _REX_METHODS
+            headers["Access-Control-Allow-Headers"] = "Content-Type"
+            headers["Access-Control-Max-Age"] = "600"
+        self._answer(204, {}, extra=headers)
+
     def do_POST(self) -> None:
         url = urlsplit(self.path)
         if url.path != "/rex":
@@ -263,34 +326,51 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         if body is None:
             return
-        query = parse_qs(url.query, keep_blank_values=True)
-        tokens = query.get("token", [])
-        if not body.strip() and set(query) - {"token"}:
-            # http.server decoded the request line as latin-1: these are the bytes as sent.
-            body = url.query.encode("latin-1", "replace")
+        # The token first, from the query string and from the body in any form: whatever else
+        # is wrong with a request, it is never refused as unauthorised when a good one came.
+        tokens: list[str | None] = list(
+            parse_qs(url.query, keep_blank_values=True).get("token", [])
+        )
         try:
-            req: ControlRequest | None = parse_request(body)
+            pairs = body_pairs(self.headers.get("Content-Type"), body)
+            if not pairs:
+                # http.server decoded the request line as latin-1: these are the bytes as sent.
+                pairs = request_pairs(url.query.encode("latin-1", "replace"))
+                pairs = [(name, value) for name, value in pairs if name != "token"]
             error: ProtocolError | None = None
         except ProtocolError as exc:
+            pairs, error = [], exc
+        tokens += [unquote(v) if isinstance(v, str) else None for n, v in pairs if n == "token"]
+        param = {"token": REDACTED} if tokens else {}
+        if error is not None and not tokens:
+            # The token may be in the part that could not be read: say what is wrong instead.
+            reason = f"{error.reason}; no token could be read from the request"
+            self._answer(400, refusal_document({}, reason, "400"))
+            return
+        refusal = self._app.check_tokens(tokens)
+        if refusal is not None:
+            self._answer(403, refusal_document(param, refusal, REFUSED_CODE), param=param)
+            return
+        if isinstance(error, FormError):
+            self._answer(400, error.document("400"), param=param)
+            return
+        try:
+            req = request_of(pairs) if error is None else None
+        except ProtocolError as exc:
             req, error = None, exc
-        if not tokens and req is not None and req.token is not None:
-            tokens = [req.token]  # the original also took the token from the form body
-        given = tokens[0] if len(tokens) == 1 else None
-        param = req.echo() if req is not None else (error.param if error is not None else {})
-        if tokens:
-            param["token"] = REDACTED
-        if not self._app.token_ok(given):
-            reason = "token missing" if not tokens else "token invalid"
-            if len(tokens) > 1:
-                reason = "token given more than once"
-            self._answer(403, refusal_document(param, reason, REFUSED_CODE), param=param)
-            return
         if error is not None or req is None:
-            reason = error.reason if error is not None else "invalid request"
+            failure = error if error is not None else ProtocolError("invalid request")
+            failure.param = {**failure.param, **param}
             # As the original: the request was heard, the document's code says it failed.
-            self._answer(200, refusal_document(param, reason), param=param)
+            self._answer(200, failure.document(), param=failure.param)
             return
-        req = dataclasses.replace(req, token=given)
+        if self._app.carries_token(req.action, req.k, req.w):
+            # What runs is logged by the engine too, beyond this layer's redaction: the token
+            # never gets that far.
+            reason = "the token was sent in a field other than token; nothing ran"
+            self._answer(400, refusal_document(param, reason, "400"), param=param)
+            return
+        req = dataclasses.replace(req, token=tokens[0])
         doc = dispatch(self._app.handler, req, "http")
         status = 500 if str(doc.get("code")) == FAILED_CODE else 200
         self._answer(status, doc, param=req.echo(), pretty=req.pretty, action=req.action)
@@ -352,6 +432,7 @@ class _Handler(BaseHTTPRequestHandler):
         action: str | None = None,
         extra: dict[str, str] | None = None,
     ) -> None:
+        doc = self._app.scrub(doc)
         try:
             text = json.dumps(
                 text_safe(doc), ensure_ascii=False, indent=2 if pretty else None, default=str
@@ -359,16 +440,25 @@ class _Handler(BaseHTTPRequestHandler):
             body = text.encode("utf-8") + b"\n"
         except (TypeError, ValueError):
             body = encode(doc)  # says, as a refusal, that the answer could not be encoded
+        if status == 204:
+            body = b""  # a preflight's answer: headers only
+        headers = dict(extra or {})
+        origin = self._app.settings.cors_origin
+        if origin is not None and urlsplit(getattr(self, "path", "")).path == "/rex":
+            headers["Access-Control-Allow-Origin"] = origin
+            if origin != "*":
+                headers["Vary"] = "Origin"
         delivered = True
         # The answer gets the whole timeout of its own, whatever reading the request took.
         self.connection.settimeout(self._app.timeout)
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
+            if status != 204:
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
             self.send_header("Cache-Control", "no-store")
             self.send_header("Connection", "close")
-            for name, value in (extra or {}).items():
+            for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
             if getattr(self, "command", None) != "HEAD":
@@ -376,14 +466,14 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             delivered = False
         self.close_connection = True
-        param = param or {}
+        param = self._app.scrub(param or {})
         log.info(
             "http.request",
             method=getattr(self, "command", None) or "",
             path=self._app.redact(urlsplit(getattr(self, "path", "")).path),
             status=status,
             client=self.client_address[0],
-            action=action or param.get("action"),
+            action=self._app.scrub(action) or param.get("action"),
             k=param.get("k"),
             update=param.get("update"),
             # succeeded(): the document's code (and, for a sync, its result), never the status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from syncpro.engine.request import SYNC_ACTION, SyncRequest, split_k, validate_k
-from syncpro.engine.response import REDACTED
+from syncpro.engine.response import REDACTED, refusal_document
 from syncpro.errors import RequestError
 
 DIFF_ACTION = "Deploy:Core:diff"
@@ -20,7 +21,11 @@ NEEDS_K = frozenset({SYNC_ACTION, DIFF_ACTION})
 
 MAX_REQUEST = 64 * 1024
 FIELDS = ("action", "k", "update", "w", "token", "pretty")
+# Fields the original platform read and its clients still send: never refused (see
+# ControlRequest). Any other name is ignored as the original did, and listed in the answer.
+SWITCHES = ("debug", "sprint")
 _FLAGS = ("update", "pretty")
+_OFF = frozenset({"", "0", "false", "no", "off"})
 _QUOTES = "'\""
 # An echoed value is a hint for the operator, not a copy of whatever was sent.
 _ECHO_LIMIT = 200
@@ -31,17 +36,35 @@ class ProtocolError(RequestError):
 
     `param` echoes the fields that were understood (a token only ever as REDACTED), so the
     caller can answer `refusal_document(error.param, error.reason)`.
+    `ignored` names the unknown fields the request carried, for the answer's `ignored`.
     """
 
-    def __init__(self, reason: str, param: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        param: dict[str, str] | None = None,
+        ignored: tuple[str, ...] = (),
+    ) -> None:
         self.reason = reason
         self.param = dict(param or {})
+        self.ignored = ignored
         super().__init__(reason)
+
+    def document(self, code: str = "1") -> dict[str, Any]:
+        """Return the refusal document answering the request: nothing ran."""
+        doc = refusal_document(self.param, self.reason, code)
+        doc["ignored"] = list(self.ignored)
+        return doc
 
 
 @dataclass(frozen=True)
 class ControlRequest:
-    """One understood request: which action, and the sync fields it carries."""
+    """One understood request: which action, and the sync fields it carries.
+
+    `debug` is accepted and changes nothing: every answer carries the per-app details the
+    original printed with it. `sprint` ("print stdout") sets the answer's `print_stdout` to
+    "1" and fills `respon.stdout` with a line per app. `ignored` names the other fields sent.
+    """
 
     action: str
     k: str | None = None
@@ -49,6 +72,9 @@ class ControlRequest:
     w: str | None = None
     token: str | None = field(default=None, repr=False, compare=False)
     pretty: bool = False
+    debug: bool = False
+    sprint: bool = False
+    ignored: tuple[str, ...] = ()
 
     @property
     def token_given(self) -> bool:
@@ -69,14 +95,27 @@ class ControlRequest:
             param["w"] = self.w
         if self.token_given:
             param["token"] = REDACTED
+        param.update(self.switches)
         return param
+
+    @property
+    def switches(self) -> dict[str, str]:
+        """The original's debug and sprint fields that are on, as the answer echoes them."""
+        return {name: "1" for name in SWITCHES if getattr(self, name)}
 
 
 def parse_request(raw: bytes) -> ControlRequest:
     """Given one request line (its trailing newline optional), return the request it makes.
     Raise ProtocolError saying why when it is too large, not UTF-8, empty, neither a form nor
-    a JSON object, repeats or misses a field, names an unknown field or action, or carries a
-    `k` or `update` the action cannot run with."""
+    a JSON object, repeats or misses a field, names an unknown action, or carries a `k` or
+    `update` the action cannot run with. Unknown fields are ignored and listed in `ignored`."""
+    return request_of(request_pairs(raw))
+
+
+def request_pairs(raw: bytes) -> list[tuple[str, Any]]:
+    """Given one request line (form-encoded or a JSON object), return its (name, value)
+    fields as sent, JSON values as JSON gave them. Raise ProtocolError when it is too large,
+    not UTF-8, neither a form nor a JSON object. A blank line has no fields."""
     if len(raw) > MAX_REQUEST + 2:
         raise ProtocolError(f"request over {MAX_REQUEST // 1024} KiB ({len(raw)} bytes)")
     line = raw[:-1] if raw.endswith(b"\n") else raw
@@ -89,9 +128,8 @@ def parse_request(raw: bytes) -> ControlRequest:
         raise ProtocolError(f"request is not valid UTF-8 (byte {exc.start})") from None
     text = text.strip()
     if not text:
-        raise ProtocolError("empty request: send action=Deploy:Core:syncpro&k=... or JSON")
-    pairs = _json_pairs(text) if _looks_like_json(text) else _form_pairs(text)
-    return _validate(pairs)
+        return []
+    return _json_pairs(text) if _looks_like_json(text) else _form_pairs(text)
 
 
 def _looks_like_json(text: str) -> bool:
@@ -141,14 +179,15 @@ class _Pairs(list[tuple[str, Any]]):
 
 def _form_pairs(text: str) -> list[tuple[str, Any]]:
     pairs: list[tuple[str, Any]] = []
-    for piece in text.split("&"):
+    for number, piece in enumerate(text.split("&"), 1):
         if not piece:
             continue  # a stray '&' (trailing or doubled) carries nothing
         name, sep, value = piece.partition("=")
         if not sep or not name:
+            # Not quoted back: an unparsed piece may be anything, a token included.
             raise ProtocolError(
                 f"request is neither form-encoded (action=...&k=...) nor a JSON object:"
-                f" {_shorten(piece)!r} is not a name=value field"
+                f" its piece {number} between '&'s is not a name=value field"
             )
         try:
             pairs.append(
@@ -156,27 +195,43 @@ def _form_pairs(text: str) -> list[tuple[str, Any]]:
             )
         except UnicodeDecodeError:
             raise ProtocolError("request is not valid UTF-8 once %XX-decoded") from None
-    if not pairs:
-        raise ProtocolError("empty request: send action=Deploy:Core:syncpro&k=... or JSON")
     return pairs
 
 
-def _validate(pairs: list[tuple[str, Any]]) -> ControlRequest:
+def request_of(pairs: list[tuple[str, Any]]) -> ControlRequest:
+    """Given a request's (name, value) fields as sent (a form's, a JSON object's or a
+    multipart body's), return the request they make; fields other than the known ones and
+    the original's debug and sprint are ignored and named in `ignored`. Raise ProtocolError
+    saying why when there are none, one is repeated, or the action cannot run with them."""
     fields: dict[str, Any] = {}
     echo: dict[str, str] = {}
     problems: list[str] = []
+    ignored: list[str] = []
     for name, value in pairs:
         shown = _shorten(name)
-        if name in fields:
+        if name not in FIELDS and name not in SWITCHES:
+            if shown not in ignored:
+                ignored.append(shown)
+            continue
+        if name in fields and name not in SWITCHES:  # the original's switches: never refused
             problems.append(f"field {shown!r} is given more than once")
             continue
         fields[name] = value
-        echo[shown] = REDACTED if name == "token" else _shorten(_text(value))
-        if name not in FIELDS:
-            problems.append(f"unknown field {shown!r} (known: {', '.join(FIELDS)})")
+        if name not in SWITCHES:
+            echo[shown] = REDACTED if name == "token" else _shorten(_text(value))
+    if not pairs:
+        problems.append("empty request: send action=Deploy:Core:syncpro&k=... or JSON")
     if problems:
-        raise ProtocolError("; ".join(problems), echo)
+        raise ProtocolError("; ".join(problems), echo, tuple(ignored))
+    try:
+        req = _validate(fields, echo)
+    except ProtocolError as exc:
+        exc.ignored = tuple(ignored)
+        raise
+    return dataclasses.replace(req, ignored=tuple(ignored))
 
+
+def _validate(fields: dict[str, Any], echo: dict[str, str]) -> ControlRequest:
     values = {name: _field_text(name, fields.get(name), echo) for name in FIELDS}
 
     action = values["action"]
@@ -195,8 +250,26 @@ def _validate(pairs: list[tuple[str, Any]]) -> ControlRequest:
         except RequestError as exc:
             raise ProtocolError(str(exc), echo) from None
     return ControlRequest(
-        action=action, k=k, update=update, w=values["w"], token=values["token"], pretty=pretty
+        action=action,
+        k=k,
+        update=update,
+        w=values["w"],
+        token=values["token"],
+        pretty=pretty,
+        debug=_switch(fields.get("debug")),
+        sprint=_switch(fields.get("sprint")),
     )
+
+
+def _switch(value: Any) -> bool:
+    # The original read these loosely, and a client that sends them must never be refused.
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return unquote(value).lower() not in _OFF
+    if isinstance(value, int | float):
+        return value != 0
+    return True
 
 
 def _field_text(name: str, value: Any, echo: dict[str, str]) -> str | None:
@@ -205,7 +278,7 @@ def _field_text(name: str, value: Any, echo: dict[str, str]) -> str | None:
     if value is None:
         return None  # absent, or JSON null: the same
     if isinstance(value, str):
-        return _unquote(value)
+        return unquote(value)
     if name in _FLAGS:
         # bool before int: True is an int too, and JSON's true means 1 here.
         if isinstance(value, bool):
@@ -232,7 +305,9 @@ def _flag(name: str, value: str | None, echo: dict[str, str]) -> bool:
     raise ProtocolError(f"{name} must be 0 or 1, not {echo.get(name)!r}", echo)
 
 
-def _unquote(value: str) -> str:
+def unquote(value: str) -> str:
+    """Given a field's text, return it without surrounding blanks and one pair of quotes, as
+    the seed writes its values (k='server')."""
     value = value.strip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in _QUOTES:
         return value[1:-1].strip()
@@ -265,4 +340,5 @@ def to_sync_request(req: ControlRequest, origin: str) -> SyncRequest:
         w=req.w,
         token_given=req.token_given,
         origin=origin,
+        extra=req.switches,
     )

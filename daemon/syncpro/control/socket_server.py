@@ -65,8 +65,42 @@ class ControlHandler(Protocol):
 
 
 def dispatch(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str, Any]:
-    """Given a parsed request, run it on the handler and return its response document. A
-    handler that raises yields a refusal document naming the error class; it never escapes."""
+    """Given a parsed request, run it on the handler and return its response document, with
+    the fields it ignored and, for `sprint`, its stdout. A handler that raises yields a
+    refusal document naming the error class; it never escapes."""
+    doc = _run(handler, req, origin)
+    doc = {**doc, "ignored": list(req.ignored)}
+    if req.sprint:
+        doc = with_stdout(doc)
+    return doc
+
+
+def with_stdout(doc: dict[str, Any]) -> dict[str, Any]:
+    """Given a response document, return it as the original answered `sprint`: print_stdout
+    "1" and respon.stdout saying, a line per app, what each target became, then the msg."""
+    lines: list[str] = []
+    for app in doc.get("apps") or ():
+        if not isinstance(app, dict):
+            continue
+        parts = []
+        for kind in ("program", "config"):
+            target = app.get(kind)
+            if isinstance(target, dict):
+                parts.append(f"{kind} {target.get('status')}")
+        lines.append(f"{app.get('app_key')}: {', '.join(parts) or 'nothing'}")
+    for skipped in doc.get("skipped") or ():
+        if isinstance(skipped, dict):
+            lines.append(f"{skipped.get('app_key')}: skipped, {skipped.get('reason')}")
+    data = doc.get("data")
+    if isinstance(data, dict) and isinstance(data.get("msg"), str):
+        lines.append(data["msg"])
+    respon = doc.get("respon")
+    respon = dict(respon) if isinstance(respon, dict) else {}
+    respon["stdout"] = "\n".join(lines)
+    return {**doc, "print_stdout": "1", "respon": respon}
+
+
+def _run(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str, Any]:
     try:
         if req.action == SYNC_ACTION:
             doc = handler.sync(to_sync_request(req, origin))
@@ -178,8 +212,12 @@ class ControlServer:
         write_timeout: float = 60.0,
         max_clients: int = 64,
         max_waiting: int = 128,
+        backlog: int = 1024,
     ) -> None:
         self.settings = settings
+        # Connections wait in the kernel's queue while the accepting thread catches up: a
+        # burst of clients must find room there (the kernel caps it at net.core.somaxconn).
+        self.backlog = backlog
         self.handler = handler
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
@@ -229,7 +267,7 @@ class ControlServer:
             os.chmod(path, self.settings.mode)
             if gid is not None:
                 os.chown(path, -1, gid)
-            listener.listen(128)
+            listener.listen(self.backlog)
             listener.setblocking(False)
             self._inode = os.stat(path).st_ino
         except OSError as exc:
@@ -580,7 +618,7 @@ class ControlServer:
             req = parse_request(line)
         except ProtocolError as exc:
             return (
-                refusal_document(exc.param, exc.reason),
+                exc.document(),
                 exc.param.get("action"),
                 exc.param,
                 exc.reason,

@@ -7,7 +7,6 @@ import fcntl
 import hashlib
 import os
 import sqlite3
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,8 @@ import structlog
 
 from syncpro.config.settings import Dirs
 from syncpro.engine import layout
-from syncpro.engine.tree import Ignore
+from syncpro.engine.ignore import Ignore
+from syncpro.engine.walk import plan_path
 from syncpro.errors import StartupError
 from syncpro.inventory.apps import App
 
@@ -268,8 +268,8 @@ def _read_pid(fd: int) -> int | None:
 
 def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerprint | None:
     """Given an app and a mode, return a digest of its program and config sources (names,
-    types, sizes, mtimes, modes, link targets) and their newest ctime (of the source folders
-    too), or None when neither source exists."""
+    types, sizes, mtimes, modes, link targets, extended attributes: what a sync's walk reads)
+    and their newest ctime (of the source folders too), or None when neither source exists."""
     digest = hashlib.blake2b(digest_size=16)
     newest = 0.0
     found = False
@@ -278,24 +278,16 @@ def fingerprint(dirs: Dirs, app: App, update: bool, ignore: Ignore) -> Fingerpri
         ("config", layout.config_source(dirs, app, update)),
     ):
         try:
-            top = os.stat(root)
+            plan = plan_path(root, None, ignore, owners=False)
         except OSError:
-            top = None
-        if top is None or not stat.S_ISDIR(top.st_mode):
+            # Absent, not a folder, or changing under the walk: the sync itself reports it.
             digest.update(f"{kind}:absent\0".encode())
             continue
         found = True
         # A deletion leaves no entry behind whose ctime could say when: only the ctime of
-        # the folder it was in does. Those below are entries of _walk; the top one is not.
-        newest = max(newest, top.st_ctime)
-        digest.update(f"{kind}:\0".encode())
-        for rel, st, link in _walk(root, ignore):
-            newest = max(newest, st.st_ctime)
-            digest.update(
-                f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{link}\0".encode(
-                    "utf-8", "surrogateescape"
-                )
-            )
+        # the folder it was in does, and the walk counts every folder's, the root's too.
+        newest = max(newest, plan.newest_ctime)
+        digest.update(f"{kind}:{plan.digest}\0".encode())
     return Fingerprint(digest.hexdigest(), newest) if found else None
 
 
@@ -325,29 +317,3 @@ def marker_is_new(current: str, recorded: str | None) -> bool:
     before = recorded.split("|") if recorded is not None else []
     before += [_ABSENT] * (len(now) - len(before))
     return any(part != _ABSENT and part != old for part, old in zip(now, before, strict=True))
-
-
-def _walk(root: Path, ignore: Ignore) -> list[tuple[str, os.stat_result, str]]:
-    found: list[tuple[str, os.stat_result, str]] = []
-    stack = [("", str(root))]
-    while stack:
-        rel, path = stack.pop()
-        try:
-            with os.scandir(path) as entries:
-                listing = sorted(entries, key=lambda e: e.name)
-        except OSError:
-            continue  # vanished or unreadable: the sync itself reports it
-        for entry in listing:
-            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-            if ignore(entry.name, entry_rel):
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-                link = os.readlink(entry.path) if stat.S_ISLNK(st.st_mode) else ""
-            except OSError:
-                continue
-            found.append((entry_rel, st, link))
-            if stat.S_ISDIR(st.st_mode):
-                stack.append((entry_rel, entry.path))
-    found.sort(key=lambda item: item[0])
-    return found

@@ -18,52 +18,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.engine import layout
+from syncpro.engine.ignore import Ignore
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.response import command_line, run_document, text_safe
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for
-from syncpro.engine.tree import Ignore, ListedFileError, resolve_listed
+from syncpro.engine.tree import ListedFileError, resolve_listed
+from syncpro.engine.walk import Entry, plan_path, read_xattrs, same_entry
 from syncpro.inventory.apps import App, Inventory
 
 OK, MISSING, FAILED = "ok", "missing", "failed"
+_NOTHING = Ignore(())
 DEFAULT_LIMIT = 1000
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """What the sync compares of one path: its type and the metadata it would publish."""
-
-    kind: int  # stat.S_IFMT
-    mode: int
-    size: int
-    mtime_ns: int
-    owner: tuple[int, int]
-    link: str | None
-
-    @classmethod
-    def of(cls, path: str, st: os.stat_result) -> _Entry:
-        kind = stat.S_IFMT(st.st_mode)
-        return cls(
-            kind,
-            stat.S_IMODE(st.st_mode),
-            st.st_size,
-            st.st_mtime_ns,
-            (st.st_uid, st.st_gid),
-            os.readlink(path) if kind == stat.S_IFLNK else None,
-        )
-
-    def differs(self, other: _Entry, owners: bool) -> bool:
-        if self.kind != other.kind:
-            return True
-        if self.kind == stat.S_IFLNK:
-            return self.link != other.link
-        if self.mode != other.mode or (owners and self.owner != other.owner):
-            return True
-        if self.kind == stat.S_IFDIR:
-            return False
-        return self.size != other.size or self.mtime_ns != other.mtime_ns
 
 
 @dataclass
@@ -211,7 +179,24 @@ def _config_diff(
     return found
 
 
-def _compare(found: TargetDiff, expected: Callable[[], dict[str, _Entry]], owners: bool) -> None:
+def _differs(wanted: Entry | None, present: Entry | None, owners: bool) -> bool:
+    if wanted is None or present is None:
+        return True
+    return not same_entry(
+        wanted.st,
+        wanted.link,
+        wanted.xattrs,
+        present.st,
+        present.link,
+        present.xattrs,
+        owners=owners,
+        dir_times=False,
+    )
+
+
+def _compare(
+    found: TargetDiff, expected: Callable[[], dict[str, Entry | None]], owners: bool
+) -> None:
     try:
         wanted = expected()
         present = _listing(Path(found.target), None) if os.path.isdir(found.target) else {}
@@ -227,43 +212,29 @@ def _compare(found: TargetDiff, expected: Callable[[], dict[str, _Entry]], owner
             found.added.append(rel)
         elif rel not in wanted:
             found.deleted.append(rel)
-        elif wanted[rel].differs(present[rel], owners):
+        elif _differs(wanted[rel], present[rel], owners):
             found.changed.append(rel)
 
 
-def _listing(root: Path, ignore: Ignore | None, prefix: str = "") -> dict[str, _Entry]:
-    """Every entry under root by relative path, never following links. Names the copy would
-    leave out (ignore patterns; FIFOs, sockets and devices) are not listed. The target is
-    listed whole: whatever lies there that the source lacks, the sync would delete."""
-    found: dict[str, _Entry] = {}
-    stack = [(prefix, str(root))]
-    while stack:
-        rel, path = stack.pop()
-        with os.scandir(path) as entries:
-            for entry in entries:
-                entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-                if ignore is not None and ignore(entry.name, entry_rel):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if ignore is not None and not _copied(st.st_mode):
-                    continue
-                found[entry_rel] = _Entry.of(entry.path, st)
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append((entry_rel, entry.path))
+def _listing(root: Path, ignore: Ignore | None, prefix: str = "") -> dict[str, Entry | None]:
+    """Every entry under root by relative path, walked as a sync walks (by descriptors, never
+    following links). Names the copy would leave out (ignore patterns; FIFOs, sockets and
+    devices) are not listed for a source. A target is listed whole (ignore None): whatever
+    lies there that the source lacks, the sync would delete, special files included (None)."""
+    plan = plan_path(root, None, ignore or _NOTHING, owners=False, rel_prefix=prefix)
+    found: dict[str, Entry | None] = {entry.rel: entry for entry in plan.entries}
+    if ignore is None:
+        found.update((rel, None) for rel, _ in plan.skipped)
     return found
 
 
-def _copied(mode: int) -> bool:
-    return stat.S_ISDIR(mode) or stat.S_ISREG(mode) or stat.S_ISLNK(mode)
-
-
-def _listed(source: Path, entries: tuple[str, ...], ignore: Ignore) -> dict[str, _Entry]:
+def _listed(source: Path, entries: tuple[str, ...], ignore: Ignore) -> dict[str, Entry | None]:
     """What a type-2 config target would hold: the listed entries (links resolved, a listed
     directory whole) and the directories leading to them. Raise ListedFileError with every entry
     that is absolute, escapes the source or is missing, as the copy would."""
     real_root = os.path.realpath(source)
     chosen = resolve_listed(source, entries)
-    found: dict[str, _Entry] = {}
+    found: dict[str, Entry | None] = {}
     # Shallow entries first, as the copy does: a listed directory is taken whole before any
     # listed file inside it.
     for norm, real in sorted(chosen, key=lambda item: item[0].count("/")):
@@ -271,14 +242,19 @@ def _listed(source: Path, entries: tuple[str, ...], ignore: Ignore) -> dict[str,
         for depth in range(1, len(parts)):
             sub = "/".join(parts[:depth])
             if sub not in found:
-                path = os.path.join(real_root, sub)
-                found[sub] = _Entry.of(path, os.stat(path))
+                found[sub] = _resolved(sub, os.path.join(real_root, sub))
         if norm in found:
             continue
         st = os.stat(real)
         if stat.S_ISDIR(st.st_mode):
-            found[norm] = _Entry.of(real, st)
+            found[norm] = _resolved(norm, real)
             found.update(_listing(Path(real), ignore, norm))
         elif stat.S_ISREG(st.st_mode):
-            found[norm] = _Entry.of(real, st)
+            found[norm] = _resolved(norm, real)
     return found
+
+
+def _resolved(rel: str, path: str) -> Entry:
+    """A listed entry as the copy publishes it: its content, links followed."""
+    real = os.path.realpath(path)
+    return Entry(rel, os.path.basename(rel), rel.count("/"), os.stat(real), None, read_xattrs(real))

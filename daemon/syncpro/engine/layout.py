@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from syncpro.config.settings import Dirs
+from syncpro.config.model import Dirs
 from syncpro.inventory.apps import App
 
 

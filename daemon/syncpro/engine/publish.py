@@ -11,13 +11,15 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +36,21 @@ WORK_DIR = ".syncpro"
 # Marks a replaced tree set aside by the two-rename fallback; quote(safe="") turns every '+'
 # of a target's name into %2B, so no staging name of a target can end like this.
 _ASIDE = "+old"
+# A quoted name never holds '+' either: this prefix marks a hashed one.
+_HASHED = "+h"
+# Room left in NAME_MAX (255 bytes) for "<pid>-<start>.<random>." before and "+old" after.
+_MAX_NAME = 150
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 _syncfs = getattr(_libc, "syncfs", None)
+_statfs = getattr(_libc, "statfs", None)
+_EXT4_MAGIC, _XFS_MAGIC = 0xEF53, 0x58465342
+_ORDERED: dict[int, bool] = {}
+# Up to this many copied files, fsync each (and the tree's root) rather than syncfs.
+FSYNC_FILES_MAX = 256
 
 
 @dataclass(frozen=True)
@@ -57,7 +68,36 @@ def work_area(root: Path) -> Path:
 
 
 def _name(target: Target) -> str:
-    return quote(target.rel, safe="")
+    """The name of a target's lock, staging and trash entries: its relative path quoted, or,
+    where that would not fit in one file name with the prefixes and suffixes around it, a
+    hash (recorded in the work area so a crashed fallback swap can still be put back)."""
+    quoted = quote(target.rel, safe="")
+    if len(quoted.encode()) <= _MAX_NAME:
+        return quoted
+    digest = hashlib.blake2b(target.rel.encode("utf-8", "surrogateescape"), digest_size=16)
+    return f"{_HASHED}{digest.hexdigest()}"
+
+
+def _record_name(target: Target, name: str) -> None:
+    if not name.startswith(_HASHED):
+        return
+    names = work_area(target.root) / "names"
+    names.mkdir(exist_ok=True)
+    path = names / name
+    if not path.exists():
+        tmp = names / f".{name}.{os.getpid()}"
+        tmp.write_bytes(target.rel.encode("utf-8", "surrogateescape"))
+        os.replace(tmp, path)
+
+
+def _target_of(root: Path, name: str) -> Path | None:
+    if not name.startswith(_HASHED):
+        return root / unquote(name)
+    try:
+        rel = (work_area(root) / "names" / name).read_bytes()
+    except OSError:
+        return None
+    return root / rel.decode("utf-8", "surrogateescape")
 
 
 def _owner_tag() -> str:
@@ -99,14 +139,43 @@ def exchange(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def make_durable(path: Path) -> None:
-    """Flush everything written on path's filesystem (one syncfs, not an fsync per file)."""
+def make_durable(path: Path, written: Sequence[str] | None = None) -> None:
+    """Make the tree at path durable. Given the files the build wrote (the rest of the tree
+    being folders, symlinks and hard links to durable files), and a filesystem whose journal
+    commits metadata in order (ext4, XFS), fsync exactly those files and then the tree's root:
+    the root's metadata was set last, so its commit carries every folder and link made before
+    it. Otherwise, or for many files, one syncfs: it flushes the filesystem's other writers
+    too (uploads in flight), a price worth paying only when most of the tree is new."""
+    if written is not None and len(written) <= FSYNC_FILES_MAX and _journal_in_order(path):
+        for name in written:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(path)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         if _syncfs is None or _syncfs(fd) != 0:
             os.sync()
     finally:
         os.close(fd)
+
+
+def _journal_in_order(path: Path) -> bool:
+    """Whether path's filesystem is one whose fsync of a folder commits all metadata written
+    before it (ext4, XFS), by statfs's f_type; remembered per device."""
+    dev = os.stat(path).st_dev
+    known = _ORDERED.get(dev)
+    if known is None:
+        buf = ctypes.create_string_buffer(256)
+        if _statfs is None or _statfs(os.fsencode(path), buf) != 0:
+            known = False
+        else:
+            known = struct.unpack_from("l", buf)[0] in (_EXT4_MAGIC, _XFS_MAGIC)
+        _ORDERED[dev] = known
+    return known
 
 
 def make_public_dirs(path: Path) -> None:
@@ -125,7 +194,9 @@ def make_public_dirs(path: Path) -> None:
             os.mkdir(folder)
         except FileExistsError:
             if not folder.is_dir():
-                raise
+                raise NotADirectoryError(
+                    errno.ENOTDIR, "Not a directory (a file is in the way)", str(folder)
+                ) from None
             continue  # made meanwhile by another process: theirs
         os.chmod(folder, 0o755)  # noqa: S103 - readable by the deploy step is the point
 
@@ -140,7 +211,7 @@ def _fsync_dir(path: Path) -> None:
 
 def publish(
     target: Target,
-    build: Callable[[Path, Path | None], None],
+    build: Callable[[Path, Path | None], object],
     *,
     grace: float,
     durable: bool = True,
@@ -160,7 +231,9 @@ def publish(
         with target_lock(target):
             # Only the work area and the lock raise OSError here: the check and the build
             # below turn theirs into a result or a PublishError.
-            staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{_name(target)}"
+            name = _name(target)
+            _record_name(target, name)
+            staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{name}"
             if unchanged is not None and final.is_dir() and not final.is_symlink():
                 try:
                     if unchanged(final):
@@ -176,7 +249,7 @@ def publish(
 
 def _build_and_swap(
     target: Target,
-    build: Callable[[Path, Path | None], None],
+    build: Callable[[Path, Path | None], object],
     staging: Path,
     trash_dir: Path,
     grace: float,
@@ -186,9 +259,10 @@ def _build_and_swap(
     try:
         current = final if final.is_dir() and not final.is_symlink() else None
         try:
-            build(staging, current)
+            written = build(staging, current)
             if durable:
-                make_durable(staging)
+                # A build that returns the list of files it wrote lets us flush just those.
+                make_durable(staging, written if isinstance(written, list) else None)
         except BaseException:
             try:
                 _remove(staging)
@@ -211,7 +285,26 @@ def _build_and_swap(
             _fsync_dir(final.parent)
         return Published(final, None, None)
     except OSError as exc:
-        raise PublishError(f"cannot publish {final}: {_describe(exc)}") from exc
+        raise PublishError(
+            f"cannot publish {final}: {_describe(exc)}{_space_hint(exc, target)}"
+        ) from exc
+
+
+def _space_hint(exc: OSError, target: Target) -> str:
+    """For a full filesystem (or quota), name it, what is free and what a publish needs."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return ""
+    try:
+        vfs = os.statvfs(target.root)
+    except OSError:
+        return ""
+    free = vfs.f_bavail * vfs.f_frsize
+    return (
+        f"; the filesystem of {target.root} has {free // (1 << 20)} MiB and {vfs.f_favail}"
+        " inodes free for this user, and must hold the new tree next to the old one, kept"
+        " for the grace period (files unchanged since the last publish are hard links and"
+        " take no room)"
+    )
 
 
 def _swap(staging: Path, final: Path) -> Path:
@@ -327,8 +420,8 @@ def _restore_aside(root: Path, aside: Path) -> bool:
     parts = aside.name[: -len(_ASIDE)].split(".", 2)
     if len(parts) < 3:
         return _try_remove(aside)
-    final = root / unquote(parts[2])
-    if os.path.lexists(final):
+    final = _target_of(root, parts[2])
+    if final is None or os.path.lexists(final):
         return _try_remove(aside)
     try:
         os.rename(aside, final)
@@ -342,7 +435,8 @@ def _restore_aside(root: Path, aside: Path) -> bool:
 def next_expiry(root: Path) -> float | None:
     """Return when the next replaced tree under root may be removed, or None if none waits."""
     times: list[float] = []
-    with contextlib.suppress(FileNotFoundError):
+    # A root that is missing or no folder holds nothing to remove: the sync reports it.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in (work_area(root) / "trash").iterdir():
             times.append(_expiry(entry.name) or 0.0)
     return min(times) if times else None

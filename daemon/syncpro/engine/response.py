@@ -83,6 +83,12 @@ def command_line(
     return shlex.join(parts)
 
 
+def _message(ok: bool, errors: list[str], notes: list[str]) -> str:
+    if not ok:
+        return f"{FAIL_MSG}: " + "; ".join(errors)
+    return f"{OK_MSG}: " + "; ".join(notes) if notes else OK_MSG
+
+
 def run_document(
     request: SyncRequest,
     *,
@@ -94,9 +100,11 @@ def run_document(
     started: float,
     cmd: str,
     unknown: tuple[str, ...],
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Given what a run (a sync or a diff) found, return the original's response document
-    with our extra keys; callers add their own details."""
+    with our extra keys; callers add their own details. `notes` are what a successful run
+    still has to tell (entries left out): they follow the success message."""
     param = param_of(request)
     doc: dict[str, Any] = {
         "code": "0",
@@ -107,7 +115,7 @@ def run_document(
                 "1": ",".join(missing_program),
                 "2": ",".join(missing_config),
             },
-            "msg": OK_MSG if ok else f"{FAIL_MSG}: " + "; ".join(errors),
+            "msg": _message(ok, errors, notes or []),
         },
         "param": param,
         "parseparameters": {
@@ -150,7 +158,9 @@ def response_document(result: SyncResult) -> dict[str, Any]:
         started=result.started,
         cmd=command_line(result.request, result.config_path),
         unknown=result.unknown,
+        notes=result.notes,
     )
+    doc["skipped"] = [s.as_dict() for s in result.skipped]
     doc["drift"] = [d.as_dict() for d in result.drift]
     doc["apps"] = [app.as_dict() for app in result.apps]
     return text_safe(doc)  # type: ignore[no-any-return]

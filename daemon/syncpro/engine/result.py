@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from syncpro.engine.request import SyncRequest
+from syncpro.engine.selection import Skipped
 from syncpro.engine.tree import CopyStats
 
 PUBLISHED, MISSING, FAILED, SUPERSEDED = "published", "missing", "failed", "superseded"
@@ -24,6 +25,8 @@ class TargetOutcome:
     seconds: float = 0.0
     winner: str | None = None  # for a superseded program: the app whose tree was published
     unchanged: bool = False  # the published tree already equalled the source: left as it was
+    # The walk's digest and newest ctime of the source, when it was walked whole.
+    digest: tuple[str, float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -105,14 +108,35 @@ class SyncResult:
     seconds: float = 0.0
     apps: list[AppOutcome] = field(default_factory=list)
     unknown: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()  # members of selected groups not synced: not failures
     drift: list[Drift] = field(default_factory=list)
     missing_program: list[str] = field(default_factory=list)
     missing_config: list[str] = field(default_factory=list)
     config_path: Path | None = None  # the config the run used, for its command line
+    # Source folder -> (digest, newest ctime) of every source the sync walked whole: what the
+    # daemon records as published without walking them again.
+    digests: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.unknown and bool(self.apps) and all(app.ok for app in self.apps)
+
+    @property
+    def notes(self) -> list[str]:
+        """What was left out of targets that were published: special files never copied,
+        attributes the target filesystem could not hold."""
+        found: list[str] = []
+        for app in self.apps:
+            for outcome in (app.program, app.config):
+                stats = outcome.stats if outcome is not None else None
+                if outcome is None or stats is None:
+                    continue
+                where = f"{app.app_key}: {outcome.kind}"
+                if stats.skipped:
+                    found.append(f"{where} left out special files {', '.join(stats.skipped)}")
+                if stats.not_kept:
+                    found.append(f"{where} could not keep {'; '.join(stats.not_kept)}")
+        return found
 
     @property
     def errors(self) -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.publish import publish, sweep
@@ -26,7 +26,8 @@ from syncpro.engine.result import (
     TargetOutcome,
 )
 from syncpro.engine.selection import select
-from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder, tree_matches
+from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
+from syncpro.engine.walk import TreePlan, plan_path
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
 
@@ -64,6 +65,7 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     clock = time.monotonic()
     selection = select(tokens, inventory)
     result.unknown = selection.unknown
+    result.skipped = selection.skipped
     outcomes = {app.app_key: AppOutcome(app.app_key, app.local_name) for app in selection.apps}
     result.apps = list(outcomes.values())
     ignore = ignore_for(config)
@@ -73,6 +75,10 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     for app in selection.apps:
         outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
 
+    for outcome in outcomes.values():
+        for target in (outcome.program, outcome.config):
+            if target is not None and target.digest is not None:
+                result.digests[target.source] = target.digest
     result.seconds = time.monotonic() - clock
     _report(result)
     return result
@@ -112,7 +118,7 @@ def _sync_program(
     # In inventory order the last app whose program exists wins, as the original did.
     winner, source = existing[-1]
     if not update:
-        result.drift.extend(_drift(group, existing, ignore))
+        result.drift.extend(_drift(group, existing, ignore, result))
     published = _publish(config, "program", source, target, ignore, None)
     for app, app_source in existing:
         if app is winner:
@@ -128,12 +134,21 @@ def _sync_program(
         )
 
 
-def _drift(group: str, existing: list[tuple[App, Path]], ignore: Ignore) -> list[Drift]:
+def _drift(
+    group: str, existing: list[tuple[App, Path]], ignore: Ignore, result: SyncResult
+) -> list[Drift]:
     winner, winner_source = existing[-1]
     found: list[Drift] = []
+    winner_plan: TreePlan | None = None
     for app, source in existing[:-1]:
         try:
-            count, paths = tree_differences(source, winner_source, ignore)
+            if winner_plan is None:  # walked once for all the group's comparisons
+                winner_plan = plan_path(winner_source, None, ignore, owners=False)
+            plan = plan_path(source, None, ignore, owners=False)
+            result.digests[str(source)] = (plan.digest, plan.newest_ctime)
+            count, paths = tree_differences(
+                source, winner_source, ignore, plans=(plan, winner_plan)
+            )
         except OSError as exc:
             log.warning("sync.drift_check_failed", group=group, app=app.app_key, error=str(exc))
             continue
@@ -164,18 +179,27 @@ def _publish(
 ) -> TargetOutcome:
     started = time.monotonic()
     builder: TreeBuilder | None = None
+    plan: TreePlan | None = None
     preserve_owner = os.geteuid() == 0
 
-    def build(staging: Path, current: Path | None) -> None:
-        nonlocal builder
+    def unchanged(current: Path) -> bool:
+        # The one walk of the source: it answers this and tells the build what to reuse.
+        nonlocal builder, plan
         builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+        plan = builder.plan(source)
+        return plan.unchanged
+
+    def build(staging: Path, current: Path | None) -> list[str]:
+        nonlocal builder, plan
+        if builder is None or builder.reuse != current:
+            # No walk yet against this published tree: copy_tree makes its own.
+            builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+            plan = None
         if listed is None:
-            builder.copy_tree(source, staging)
+            builder.copy_tree(source, staging, plan)
         else:
             builder.copy_listed(source, listed, staging)
-
-    def unchanged(current: Path) -> bool:
-        return tree_matches(source, current, ignore, preserve_owner)
+        return builder.written
 
     outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
     try:
@@ -197,6 +221,8 @@ def _publish(
     outcome.seconds = time.monotonic() - started
     if builder is not None:
         outcome.stats = builder.stats
+        if builder.last_plan is not None and listed is None:
+            outcome.digest = (builder.last_plan.digest, builder.last_plan.newest_ctime)
     if outcome.status == FAILED:
         log.error("sync.target_failed", kind=kind, target=str(target.path), error=outcome.error)
     return outcome

@@ -1,16 +1,17 @@
 """Build an exact copy of a source tree in a staging directory, reusing unchanged files.
 
-A file whose size, mtime and mode equal the already published file at the same path is
-hard-linked from the published tree instead of copied: a sync where one file of thousands
-changed costs a walk and one copy. Sources are always read, never linked or modified.
+The source is walked once (`walk.plan_tree`, by folder descriptors); a file the walk found
+unchanged in the published tree is hard-linked from it instead of copied, so a sync where one
+file of thousands changed costs one walk, links and one copy. Sources are always read, never
+linked or modified. Folders are created and filled through descriptors too: a symlink swapped
+into the source between the walk and the copy fails the sync, it never leads the copy elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import fnmatch
 import os
-import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,9 +19,23 @@ from pathlib import Path
 
 import structlog
 
+from syncpro.engine.copy import copy_data, finish_metadata
+from syncpro.engine.ignore import Ignore
+from syncpro.engine.walk import (
+    Entry,
+    TreePlan,
+    Xattrs,
+    open_beneath,
+    open_dir,
+    plan_tree,
+    read_xattrs,
+    special_kind,
+)
+
+__all__ = ["CopyStats", "Ignore", "ListedFileError", "TreeBuilder", "resolve_listed"]
+
 log = structlog.get_logger()
 
-_CHUNK = 1 << 30
 _OPEN_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_TARGET = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -43,10 +58,13 @@ class CopyStats:
     copied: int = 0
     linked: int = 0
     bytes_copied: int = 0
+    hardlinks: int = 0
     skipped: list[str] = field(default_factory=list)
+    # Attributes the target filesystem (or this user) could not hold, each named with its path.
+    not_kept: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        doc: dict[str, object] = {
             "files": self.files,
             "dirs": self.dirs,
             "symlinks": self.symlinks,
@@ -55,26 +73,23 @@ class CopyStats:
             "bytes_copied": self.bytes_copied,
             "skipped": list(self.skipped),
         }
+        if self.hardlinks:
+            doc["hardlinks"] = self.hardlinks
+        if self.not_kept:
+            doc["not_kept"] = list(self.not_kept)
+        return doc
 
 
-class Ignore:
-    """Glob patterns for upload temporaries. A pattern without '/' matches a name; one with
-    '/' matches the path relative to the source root."""
+@dataclass
+class _Dir:
+    """A folder being filled: its source, staging and published descriptors."""
 
-    def __init__(self, patterns: Iterable[str]) -> None:
-        self.patterns = tuple(patterns)
-        self._names = _compile(p for p in self.patterns if "/" not in p)
-        self._paths = _compile(p for p in self.patterns if "/" in p)
-
-    def __call__(self, name: str, rel: str = "") -> bool:
-        if self._names is not None and self._names.match(name):
-            return True
-        return bool(rel and self._paths is not None and self._paths.match(rel))
-
-
-def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
-    joined = "|".join(fnmatch.translate(p) for p in patterns)
-    return re.compile(joined) if joined else None
+    src: int
+    dst: int
+    pub: int | None
+    st: os.stat_result
+    xattrs: Xattrs
+    rel: str
 
 
 class TreeBuilder:
@@ -85,94 +100,257 @@ class TreeBuilder:
         self.reuse = reuse
         self.preserve_owner = preserve_owner
         self.stats = CopyStats()
+        # The last walk of a whole tree: its digest is what the daemon records as published.
+        self.last_plan: TreePlan | None = None
+        # Staging paths of the files copied (not linked): what a durable publish must flush.
+        self.written: list[str] = []
+        # Source inode -> the staging path of its first name: later names become hard links.
+        self._inodes: dict[tuple[int, int], str] = {}
 
     # --- whole trees ---
 
-    def copy_tree(self, src: Path, dst: Path) -> None:
-        """Given a source directory and a staging path that does not exist, make dst an exact
-        copy of src (names matching the ignore patterns left out)."""
-        root_stat = os.stat(src)  # the source root may itself be a symlink to a directory
-        if not stat.S_ISDIR(root_stat.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(src))
-        os.mkdir(dst, 0o700)
-        self._fill_dir(str(src), str(dst), "", _real_dir(self.reuse))
-        self._finish_dir(str(dst), root_stat)
+    def plan(self, src: Path) -> TreePlan:
+        """Given a source directory, walk it once against `reuse`. Raise OSError if it cannot
+        be read, NotADirectoryError if it is no folder."""
+        fd = _open_root(src)
+        try:
+            reuse = _real_dir_path(self.reuse)
+            self.last_plan = plan_tree(fd, reuse, self.ignore, owners=self.preserve_owner)
+            return self.last_plan
+        finally:
+            os.close(fd)
 
-    def _fill_dir(self, src: str, dst: str, rel: str, reuse: str | None) -> None:
-        """Copy the entries of src into dst; `reuse` is the published directory at the same
-        relative path, only ever reached through real directories, or None."""
-        with os.scandir(src) as entries:
-            listing = sorted(entries, key=lambda e: e.name)
-        for entry in listing:
-            entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-            if self.ignore(entry.name, entry_rel):
-                continue
-            # f-strings, not os.path.join: this runs once per file and join costs as much as
-            # a syscall here.
-            self._copy_entry(
-                entry.path,
-                f"{dst}/{entry.name}",
-                entry_rel,
-                None if reuse is None else f"{reuse}/{entry.name}",
-            )
+    def copy_tree(self, src: Path, dst: Path, plan: TreePlan | None = None) -> None:
+        """Given a source directory, a staging path that does not exist and the plan of the
+        source against `reuse` (walked here when None), make dst an exact copy of src (names
+        matching the ignore patterns left out)."""
+        fd = _open_root(src)
+        try:
+            if plan is None:
+                plan = plan_tree(
+                    fd, _real_dir_path(self.reuse), self.ignore, owners=self.preserve_owner
+                )
+            self.last_plan = plan
+            self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src))
+        finally:
+            os.close(fd)
 
-    def _copy_entry(self, src: str, dst: str, rel: str, reuse: str | None) -> None:
-        st = os.lstat(src)
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            os.mkdir(dst, 0o700)
-            self._fill_dir(src, dst, rel, _real_dir(reuse))
-            self._finish_dir(dst, st)
-        elif stat.S_ISREG(mode):
-            self._copy_file(src, dst, st, reuse)
-        elif stat.S_ISLNK(mode):
-            os.symlink(os.readlink(src), dst)
-            if self.preserve_owner:
-                os.lchown(dst, st.st_uid, st.st_gid)
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-            self.stats.symlinks += 1
-        else:
-            # FIFOs, sockets and devices are never opened: a FIFO would block the copy forever.
+    def _build(self, src_fd: int, plan: TreePlan, dst: str, reuse: Path | None, src: str) -> None:
+        """Create dst and fill it from the plan, walking the source by descriptors again."""
+        for rel, kind in plan.skipped:
             self.stats.skipped.append(rel)
-            log.warning("copy.special_file_skipped", path=src, kind=_kind(mode))
+            log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
+        os.mkdir(dst, 0o700)
+        dst_fd = open_dir(dst)
+        pub_fd: int | None = None
+        if reuse is not None:
+            try:
+                pub_fd = open_dir(reuse)
+            except OSError:
+                pub_fd = None
+        stack = [_Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, plan.root_xattrs, "")]
+        try:
+            for entry in plan.entries:
+                while len(stack) > entry.depth + 1:
+                    self._finish(stack.pop())
+                here = stack[-1]
+                mode = entry.st.st_mode
+                if stat.S_ISDIR(mode):
+                    stack.append(self._enter(here, entry))
+                elif stat.S_ISREG(mode):
+                    inner = entry.rel[len(plan.prefix) + 1 :] if plan.prefix else entry.rel
+                    self._file(here, entry, f"{dst}/{inner}")
+                else:
+                    self._symlink(here, entry)
+            while stack:
+                self._finish(stack.pop())
+        finally:
+            for folder in stack:
+                _close(folder)
 
-    def _finish_dir(self, dst: str, st: os.stat_result) -> None:
-        # Metadata last: creating the children changed the directory's mtime.
+    def _enter(self, here: _Dir, entry: Entry) -> _Dir:
+        os.mkdir(entry.name, 0o700, dir_fd=here.dst)
+        src = open_dir(entry.name, here.src)
+        try:
+            opened = os.fstat(src)
+            if (opened.st_dev, opened.st_ino) != (entry.st.st_dev, entry.st.st_ino):
+                raise OSError(errno.ESTALE, "replaced during the sync", entry.rel)
+            dst = open_dir(entry.name, here.dst)
+        except BaseException:
+            os.close(src)
+            raise
+        pub: int | None = None
+        if here.pub is not None:
+            try:
+                pub = open_dir(entry.name, here.pub)
+            except OSError:
+                pub = None  # not a folder there (or a symlink): nothing to reuse below
+        return _Dir(src, dst, pub, entry.st, entry.xattrs, entry.rel)
+
+    def _finish(self, folder: _Dir) -> None:
+        # Metadata last: creating the children changed the directory's mtime, and a default
+        # ACL set earlier would have been inherited by files that do not have it.
+        try:
+            finish_metadata(
+                folder.dst,
+                folder.st,
+                folder.xattrs,
+                owners=self.preserve_owner,
+                rel=folder.rel,
+                not_kept=self.stats.not_kept,
+            )
+            self.stats.dirs += 1
+        finally:
+            _close(folder)
+
+    def _symlink(self, here: _Dir, entry: Entry) -> None:
+        assert entry.link is not None
+        os.symlink(entry.link, entry.name, dir_fd=here.dst)
         if self.preserve_owner:
-            os.chown(dst, st.st_uid, st.st_gid)
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-        os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        self.stats.dirs += 1
+            os.chown(
+                entry.name, entry.st.st_uid, entry.st.st_gid, dir_fd=here.dst, follow_symlinks=False
+            )
+        os.utime(
+            entry.name,
+            ns=(entry.st.st_atime_ns, entry.st.st_mtime_ns),
+            dir_fd=here.dst,
+            follow_symlinks=False,
+        )
+        self.stats.symlinks += 1
 
     # --- files ---
 
-    def _copy_file(self, src: str, dst: str, st: os.stat_result, reuse: str | None) -> None:
+    def _file(self, here: _Dir, entry: Entry, staged: str) -> None:
         self.stats.files += 1
-        if reuse is not None and self._link_unchanged(dst, reuse, st):
+        key = (entry.st.st_dev, entry.st.st_ino)
+        if entry.st.st_nlink > 1:
+            first = self._inodes.get(key)
+            if first is not None and _try_link(first, None, entry.name, here.dst):
+                self.stats.hardlinks += 1
+                return
+            self._inodes.setdefault(key, staged)
+        if (
+            entry.reuse
+            and here.pub is not None
+            and _try_link(entry.name, here.pub, entry.name, here.dst)
+        ):
             self.stats.linked += 1
             return
-        fd_in = os.open(src, _OPEN_SOURCE)
+        fd_in = os.open(entry.name, _OPEN_SOURCE, dir_fd=here.src)
         try:
-            st_in = os.fstat(fd_in)
-            if not stat.S_ISREG(st_in.st_mode):
-                raise OSError(errno.ESTALE, "replaced by a non-regular file during the copy", src)
-            fd_out = os.open(dst, _OPEN_TARGET, 0o600)
-            try:
-                copied = _copy_bytes(fd_in, fd_out, st_in.st_size)
-                if self.preserve_owner:
-                    os.fchown(fd_out, st_in.st_uid, st_in.st_gid)
-                os.fchmod(fd_out, stat.S_IMODE(st_in.st_mode))
-                # The mtime read before copying: if the file changes under us, its newer mtime
-                # will differ from ours and the next sync copies it again.
-                os.utime(fd_out, ns=(st_in.st_atime_ns, st_in.st_mtime_ns))
-            finally:
-                os.close(fd_out)
+            self._copy_open(fd_in, entry.name, here.dst, entry.rel)
         finally:
             os.close(fd_in)
+        self.written.append(staged)
+
+    def _copy_open(self, fd_in: int, name: str, dst_fd: int | None, rel: str) -> None:
+        st_in = os.fstat(fd_in)
+        if not stat.S_ISREG(st_in.st_mode):
+            raise OSError(errno.ESTALE, "replaced by a non-regular file during the copy", rel)
+        fd_out = os.open(name, _OPEN_TARGET, 0o600, dir_fd=dst_fd)
+        try:
+            copied = copy_data(fd_in, fd_out, st_in)
+            # The mtime read before copying: if the file changes under us, its newer mtime
+            # will differ from ours and the next sync copies it again.
+            finish_metadata(
+                fd_out,
+                st_in,
+                read_xattrs(fd_in),
+                owners=self.preserve_owner,
+                rel=rel,
+                not_kept=self.stats.not_kept,
+            )
+        finally:
+            os.close(fd_out)
         self.stats.copied += 1
         self.stats.bytes_copied += copied
 
-    def _link_unchanged(self, dst: str, published: str, st: os.stat_result) -> bool:
+    # --- type-2 config: listed files only ---
+
+    def copy_listed(self, src: Path, entries: Iterable[str], dst: Path) -> None:
+        """Given a config source, its list of relative entries and a staging path, copy only
+        the listed entries to their relative paths. Raise ListedFileError naming every entry
+        that is absolute, escapes the source or is missing; nothing is copied then."""
+        real_root = os.path.realpath(src)
+        chosen = resolve_listed(src, entries)
+        root_fd = _open_root(Path(real_root))
+        try:
+            self._copy_listed(root_fd, real_root, chosen, dst)
+        finally:
+            os.close(root_fd)
+
+    def _copy_listed(
+        self, root_fd: int, real_root: str, chosen: list[tuple[str, str]], dst: Path
+    ) -> None:
+        root_stat = os.fstat(root_fd)
+        os.mkdir(dst, 0o700)
+        made: list[tuple[str, os.stat_result, Xattrs]] = []
+        # Shallow entries first: a listed directory is copied whole before any file inside it
+        # that is listed too (which then is already there).
+        for norm, real in sorted(chosen, key=lambda item: item[0].count("/")):
+            # Opened below the root one component at a time: the entry was checked to resolve
+            # inside the source, and a symlink swapped in since makes the open fail.
+            inside = os.path.relpath(real, real_root)
+            parts = norm.split("/")
+            for depth in range(1, len(parts)):
+                sub = "/".join(parts[:depth])
+                target_dir = os.path.join(dst, sub)
+                if not os.path.isdir(target_dir):
+                    os.mkdir(target_dir, 0o700)
+                    real_sub = os.path.relpath(
+                        os.path.realpath(os.path.join(real_root, sub)), real_root
+                    )
+                    sub_fd = open_beneath(root_fd, real_sub, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        made.append((target_dir, os.fstat(sub_fd), read_xattrs(sub_fd)))
+                    finally:
+                        os.close(sub_fd)
+            target = os.path.join(dst, norm)
+            if os.path.lexists(target):
+                continue  # listed twice, or inside a listed directory
+            fd = open_beneath(root_fd, inside, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                st = os.fstat(fd)  # listed files are published as content, links resolved
+                if stat.S_ISDIR(st.st_mode):
+                    reuse = self._reuse_path(norm, directory=True)
+                    plan = plan_tree(
+                        fd,
+                        Path(reuse) if reuse else None,
+                        self.ignore,
+                        owners=self.preserve_owner,
+                        rel_prefix=norm,
+                    )
+                    self._build(fd, plan, target, Path(reuse) if reuse else None, real)
+                elif stat.S_ISREG(st.st_mode):
+                    self.stats.files += 1
+                    reuse = self._reuse_path(norm, directory=False)
+                    if reuse is not None and self._link_unchanged(fd, st, reuse, target):
+                        self.stats.linked += 1
+                    else:
+                        self._copy_open(fd, target, None, norm)
+                        self.written.append(target)
+                else:
+                    self.stats.skipped.append(norm)
+                    log.warning(
+                        "copy.special_file_skipped", path=real, kind=special_kind(st.st_mode)
+                    )
+            finally:
+                os.close(fd)
+        for path, st, xattrs in sorted(made, key=lambda item: item[0].count("/"), reverse=True):
+            self._finish_path(path, st, xattrs)
+        self._finish_path(str(dst), root_stat, read_xattrs(root_fd))
+
+    def _finish_path(self, path: str, st: os.stat_result, xattrs: Xattrs) -> None:
+        fd = open_dir(path)
+        try:
+            finish_metadata(
+                fd, st, xattrs, owners=self.preserve_owner, rel=path, not_kept=self.stats.not_kept
+            )
+        finally:
+            os.close(fd)
+        self.stats.dirs += 1
+
+    def _link_unchanged(self, fd: int, st: os.stat_result, published: str, dst: str) -> bool:
         # `published` was reached through real directories only and its last component is
         # not followed either: a symlink in the published tree never makes us link a file it
         # points to (the source's own file, say) into the new tree.
@@ -185,52 +363,9 @@ class TreeBuilder:
             and old.st_size == st.st_size
             and old.st_mtime_ns == st.st_mtime_ns
             and (not self.preserve_owner or (old.st_uid, old.st_gid) == (st.st_uid, st.st_gid))
+            and read_xattrs(published) == read_xattrs(fd)
         )
-        if not same:
-            return False
-        try:
-            os.link(published, dst, follow_symlinks=False)
-        except OSError:
-            return False  # too many links, or hardlinks protected: copying still works
-        return True
-
-    # --- type-2 config: listed files only ---
-
-    def copy_listed(self, src: Path, entries: Iterable[str], dst: Path) -> None:
-        """Given a config source, its list of relative entries and a staging path, copy only
-        the listed entries to their relative paths. Raise ListedFileError naming every entry
-        that is absolute, escapes the source or is missing; nothing is copied then."""
-        real_root = os.path.realpath(src)
-        chosen = resolve_listed(src, entries)
-        root_stat = os.stat(real_root)
-        os.mkdir(dst, 0o700)
-        made: list[tuple[str, os.stat_result]] = []
-        # Shallow entries first: a listed directory is copied whole before any file inside it
-        # that is listed too (which then is already there).
-        for norm, real in sorted(chosen, key=lambda item: item[0].count("/")):
-            parts = norm.split("/")
-            for depth in range(1, len(parts)):
-                sub = "/".join(parts[:depth])
-                target_dir = os.path.join(dst, sub)
-                if not os.path.isdir(target_dir):
-                    os.mkdir(target_dir, 0o700)
-                    made.append((target_dir, os.stat(os.path.join(real_root, sub))))
-            target = os.path.join(dst, norm)
-            if os.path.lexists(target):
-                continue  # listed twice, or inside a listed directory
-            st = os.stat(real)  # listed files are published as content, links resolved
-            if stat.S_ISDIR(st.st_mode):
-                os.mkdir(target, 0o700)
-                self._fill_dir(real, target, norm, self._reuse_path(norm, directory=True))
-                made.append((target, st))
-            elif stat.S_ISREG(st.st_mode):
-                self._copy_file(real, target, st, self._reuse_path(norm, directory=False))
-            else:
-                self.stats.skipped.append(norm)
-                log.warning("copy.special_file_skipped", path=real, kind=_kind(st.st_mode))
-        for path, st in sorted(made, key=lambda item: item[0].count("/"), reverse=True):
-            self._finish_dir(path, st)
-        self._finish_dir(str(dst), root_stat)
+        return same and _try_link(published, None, dst, None)
 
     def _reuse_path(self, rel: str, *, directory: bool) -> str | None:
         """Return the published path at `rel`, if every directory on the way is a real one
@@ -245,6 +380,38 @@ class TreeBuilder:
             return None
         path = os.path.join(here, parts[-1])
         return _real_dir(path) if directory else path
+
+
+def _open_root(src: Path) -> int:
+    """Open a source root; the configured path itself may be a symlink to a folder."""
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(src))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _try_link(src: str, src_fd: int | None, dst: str, dst_fd: int | None) -> bool:
+    try:
+        os.link(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+    except OSError:
+        return False  # too many links, or hardlinks protected: copying still works
+    return True
+
+
+def _close(folder: _Dir) -> None:
+    for fd in (folder.src, folder.dst, folder.pub):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _real_dir_path(path: Path | None) -> Path | None:
+    real = _real_dir(path)
+    return None if real is None else Path(real)
 
 
 def _real_dir(path: str | Path | None) -> str | None:
@@ -288,83 +455,3 @@ def resolve_listed(src: Path, entries: Iterable[str]) -> list[tuple[str, str]]:
     if problems:
         raise ListedFileError(problems)
     return chosen
-
-
-def tree_matches(src: Path, published: Path, ignore: Ignore, preserve_owner: bool) -> bool:
-    """Given a source tree and the tree published from it, return True when a build would
-    produce exactly the published tree (names, types, modes, sizes, mtimes, link targets, and
-    owners when they are preserved), so the publish can be skipped."""
-
-    def same(a: os.stat_result, b: os.stat_result) -> bool:
-        if a.st_mode != b.st_mode or a.st_mtime_ns != b.st_mtime_ns:
-            return False
-        if preserve_owner and (a.st_uid, a.st_gid) != (b.st_uid, b.st_gid):
-            return False
-        return stat.S_ISDIR(a.st_mode) or a.st_size == b.st_size
-
-    if not same(os.stat(src), os.lstat(published)):
-        return False
-    stack = [(str(src), str(published), "")]
-    while stack:
-        src_dir, pub_dir, rel = stack.pop()
-        with os.scandir(src_dir) as entries:
-            wanted: dict[str, os.DirEntry[str]] = {}
-            for entry in entries:
-                entry_rel = f"{rel}/{entry.name}" if rel else entry.name
-                if not ignore(entry.name, entry_rel):
-                    wanted[entry.name] = entry
-        with os.scandir(pub_dir) as entries:
-            have = {entry.name: entry for entry in entries}
-        for name, entry in wanted.items():
-            st = entry.stat(follow_symlinks=False)
-            if not (
-                stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
-            ):
-                continue  # never published
-            old = have.pop(name, None)
-            if old is None or not same(st, old.stat(follow_symlinks=False)):
-                return False
-            if stat.S_ISLNK(st.st_mode) and os.readlink(entry.path) != os.readlink(old.path):
-                return False
-            if stat.S_ISDIR(st.st_mode):
-                entry_rel = f"{rel}/{name}" if rel else name
-                stack.append((entry.path, old.path, entry_rel))
-        if have:
-            return False  # the published tree has names the source no longer has
-    return True
-
-
-def _copy_bytes(fd_in: int, fd_out: int, size: int) -> int:
-    """Copy fd_in to fd_out, up to `size` (fd_in's size when opened) or its end. A file that
-    grows meanwhile differs from the copy in size, so the next sync copies it again."""
-    total = 0
-    try:
-        while True:
-            n = os.copy_file_range(fd_in, fd_out, _CHUNK)
-            if n == 0:
-                return total
-            total += n
-            if total == size:
-                # Most files end here: the size was known, so no call that only says EOF.
-                return total
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-            raise
-    # Filesystems without copy_file_range: plain reads and writes from where we stopped.
-    while chunk := os.read(fd_in, 1 << 20):
-        view = memoryview(chunk)
-        while view:
-            written = os.write(fd_out, view)
-            view = view[written:]
-        total += len(chunk)
-    return total
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "device"
-    return "unknown"

@@ -1,0 +1,27 @@
+"""Which names a publish leaves out: upload temporaries and the ready marker, by glob."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+
+
+class Ignore:
+    """Glob patterns for upload temporaries. A pattern without '/' matches a name; one with
+    '/' matches the path relative to the source root."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        self._names = _compile(p for p in self.patterns if "/" not in p)
+        self._paths = _compile(p for p in self.patterns if "/" in p)
+
+    def __call__(self, name: str, rel: str = "") -> bool:
+        if self._names is not None and self._names.match(name):
+            return True
+        return bool(rel and self._paths is not None and self._paths.match(rel))
+
+
+def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    joined = "|".join(fnmatch.translate(p) for p in patterns)
+    return re.compile(joined) if joined else None

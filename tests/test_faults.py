@@ -1,0 +1,74 @@
+"""Real faults under a real sync: a full filesystem, holes that must not fill it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from small_fs import small_ext4
+from syncpro.config.settings import load_config
+
+from helpers import (
+    app,
+    config_dict,
+    config_source,
+    program_source,
+    program_target,
+    snapshot,
+    sync,
+    write_config,
+)
+
+
+def _config_on(mnt: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    doc = config_dict([app("a1", "a")], grace=30)
+    doc["dirs"]["softdir"] = str(mnt / "softdir")
+    doc["dirs"]["configuredir"] = str(mnt / "configuredir")
+    return load_config(str(write_config(tmp_path / "config.yml", doc)))
+
+
+def test_a_full_target_filesystem_fails_the_publish_keeps_the_old_tree_and_says_why(
+    tmp_path: Path,
+) -> None:
+    with small_ext4(tmp_path) as mnt:
+        config = _config_on(mnt, tmp_path)
+        source = program_source(config, "a1")
+        source.mkdir(parents=True)
+        config_source(config, "a1").mkdir(parents=True)
+        (source / "big.bin").write_bytes(os.urandom(7 << 20))
+        assert sync(config, "a1").ok
+        old = snapshot(program_target(config, "a1"))
+
+        (source / "big.bin").write_bytes(os.urandom(7 << 20))  # old + new do not fit
+        result = sync(config, "a1")
+
+        program = result.apps[0].program
+        assert program is not None and program.status == "failed"
+        assert "No space left" in (program.error or "")
+        assert f"the filesystem of {mnt / 'softdir'}" in (program.error or "")
+        assert "grace period" in (program.error or "")
+        assert snapshot(program_target(config, "a1")) == old
+        assert os.listdir(mnt / "softdir/.syncpro/staging") == []
+
+
+def test_a_sparse_file_bigger_than_the_target_filesystem_publishes_sparse(
+    tmp_path: Path,
+) -> None:
+    with small_ext4(tmp_path) as mnt:
+        config = _config_on(mnt, tmp_path)
+        source = program_source(config, "a1")
+        source.mkdir(parents=True)
+        config_source(config, "a1").mkdir(parents=True)
+        with open(source / "disk.img", "wb") as f:
+            f.seek(100 << 20)
+            f.write(b"eighteen bytes :-)")
+            f.truncate(256 << 20)
+
+        result = sync(config, "a1")
+
+        assert result.ok, result.errors
+        published = program_target(config, "a1") / "disk.img"
+        assert published.stat().st_size == 256 << 20
+        with open(published, "rb") as f:
+            f.seek(100 << 20)
+            assert f.read(18) == b"eighteen bytes :-)"

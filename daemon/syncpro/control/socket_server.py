@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import grp
 import json
+import logging
 import os
 import pwd
 import selectors
@@ -23,8 +24,10 @@ import structlog
 from syncpro.config.settings import ControlSettings
 from syncpro.control.protocol import (
     DIFF_ACTION,
+    HEALTH_ACTION,
     MAX_REQUEST,
     NEEDS_K,
+    QUIET_ACTIONS,
     STATUS_ACTION,
     ControlRequest,
     ProtocolError,
@@ -62,6 +65,8 @@ class ControlHandler(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def reload(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 def dispatch(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str, Any]:
@@ -108,6 +113,8 @@ def _run(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str,
             doc = handler.diff(to_sync_request(req, origin))
         elif req.action == STATUS_ACTION:
             doc = handler.status()
+        elif req.action == HEALTH_ACTION:
+            doc = handler.health()
         else:
             doc = handler.reload()
     except RequestError as exc:
@@ -599,7 +606,8 @@ class ControlServer:
         with conn:
             doc, action, param, error = self._answer(line)
             delivered = self._send(conn, doc, self.write_timeout)
-        log.info(
+        log.log(
+            logging.DEBUG if action in QUIET_ACTIONS else logging.INFO,
             "control.request",
             action=action,
             k=param.get("k"),

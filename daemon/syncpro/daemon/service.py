@@ -25,9 +25,13 @@ import structlog
 
 from syncpro import __version__
 from syncpro.config.settings import Config, Dirs, load_config
+from syncpro.daemon.metrics import Metrics
+from syncpro.daemon.progress import RunningSyncs
+from syncpro.daemon.reloads import Reloads
 from syncpro.daemon.scheduler import Batch, Scheduler
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.state import StateLock, StateStore, fingerprint, marker_is_new, marker_signature
+from syncpro.daemon.status import completed_status, health_answer, reload_answer
 from syncpro.daemon.watch import DONE, WRITING, Watcher
 from syncpro.engine import layout
 from syncpro.engine.publish import next_expiry, sweep
@@ -60,6 +64,8 @@ _TROUBLE = frozenset(
 """Rescan reasons that say events may have been lost: re-checked at most once per max_wait."""
 _AREAS = ("softdir", "configuredir")
 _DATA_DIRS = ("remotecomdir", "updatedir", "softdir", "configuredir")
+RELOAD_WAIT = 120.0
+"""Seconds a `reload` request waits for the reload's outcome."""
 STOP_TIMEOUT = 30.0
 """Seconds shutdown waits in all, for syncs, requests and threads together (one deadline):
 the systemd unit's TimeoutStopSec leaves room above it, so no sync is SIGKILLed."""
@@ -176,6 +182,13 @@ class Service:
         self.control: Any = None
         self.http: Any = None
         self._previous_handlers: dict[int, Any] = {}
+        self.ready = False
+        self.monitor: Any = None
+        self.metrics = Metrics()
+        self.syncs_running = RunningSyncs(self.metrics.linked_bytes)
+        self.reloads = Reloads(self.metrics.reloaded)
+        self.metrics.watch_scheduler(self._queue_counts)
+        self.metrics.watch_health(lambda: bool(self.status()["healthy"]))
 
     # --- snapshot of config and inventory ---
 
@@ -215,6 +228,7 @@ class Service:
         self._state_lock = StateLock(config.dirs.state)
         self.state = open_state(config.dirs.state, self._state_reset)
         inventory, self.inventory_error = self._load_inventory(config, None)
+        self.metrics.inventory_read(len(inventory.apps), self.inventory_error)
         snap = Snapshot(config, inventory, ignore_for(config))
         with self._snapshot_lock:
             self._snapshot = snap
@@ -246,6 +260,7 @@ class Service:
             backends={str(k): v for k, v in self.watcher.backends.items()},
         )
         self.notifier.ready(self._status_line())
+        self.ready = True
 
     def _new_scheduler(self, config: Config) -> Scheduler:
         return Scheduler(
@@ -272,6 +287,20 @@ class Service:
     def _start_servers(self, config: Config) -> None:
         self._start_control(config)
         self._start_http(config)
+        self._start_monitor(config)
+
+    def _start_monitor(self, config: Config) -> None:
+        if config.monitor.listen:
+            from syncpro.daemon.monitor import MonitorServer
+
+            monitor = MonitorServer(config.monitor, self)
+            monitor.start()
+            self.monitor = monitor
+
+    def _stop_monitor(self, timeout: float = STOP_TIMEOUT) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop(timeout)
 
     def _start_control(self, config: Config) -> None:
         from syncpro.control.socket_server import ControlServer
@@ -307,9 +336,12 @@ class Service:
             for differs, start, stop in (
                 (new.control != old.control, self._start_control, self._stop_control),
                 (new.http != old.http, self._start_http, self._stop_http),
+                (new.monitor != old.monitor, self._start_monitor, self._stop_monitor),
             )
             if differs
         ]
+        if new.control != old.control or new.http != old.http:
+            self.reloads.release_waiters()  # their server waits for them to be answered
         for _, stop in changed:
             stop()
         try:
@@ -389,7 +421,7 @@ class Service:
             if self._hup:
                 self._hup = False
                 try:
-                    self._off_loop(self.reload_now, "syncpro-reload")
+                    self._off_loop(self.reloads.around(self.reload_now), "syncpro-reload")
                 except Exception as exc:
                     # Whatever broke half way, the daemon goes on with what it has.
                     log.exception("service.reload_crashed", error=str(exc))
@@ -424,6 +456,7 @@ class Service:
             if self._stopping.is_set():
                 return
             self._stopping.set()
+            self.ready = False
             self.notifier.stopping("stopping: finishing running syncs")
         log.info("service.stopping")
 
@@ -466,6 +499,7 @@ class Service:
             return max(0.0, deadline - time.monotonic())
 
         self._stop_http(left())
+        self._stop_monitor(left())
         self._stop_control(left())
         if self.watcher is not None:
             self.watcher.stop(left())
@@ -541,6 +575,7 @@ class Service:
             problem = exc
         else:
             inventory, inventory_error = self._load_inventory(config, old.inventory)
+            self.metrics.inventory_read(len(inventory.apps), inventory_error)
             new = Snapshot(config, inventory, ignore_for(config))
         with self._apply_lock:
             if self._stopping.is_set():
@@ -549,6 +584,7 @@ class Service:
             if new is None:
                 assert problem is not None
                 log.error("service.reload_failed", error=str(problem))
+                self.reloads.failed(str(problem))
                 first = problem.problems[0]
                 self._ready_unless_stopping(f"reload failed, old config kept: {first}")
                 return False
@@ -574,6 +610,7 @@ class Service:
     def _reload_failed(self, old: Snapshot, exc: BaseException) -> bool:
         error = str(exc) if not isinstance(exc, OSError) else _os_error(exc)
         log.error("service.reload_failed", error=error, config_kept=str(old.config.path))
+        self.reloads.failed(error)
         self._ready_unless_stopping(f"reload failed, old config kept: {error}")
         return False
 
@@ -689,6 +726,7 @@ class Service:
     # --- rescans: catch-up at start, periodic, after watcher trouble ---
 
     def request_rescan(self, reason: str) -> None:
+        self.metrics.rescan_requested(reason)
         with self._rescan_lock:
             self._rescan_reasons.append(reason)
         self._rescan_wanted.set()
@@ -808,12 +846,14 @@ class Service:
                     self._inflight[(app.app_key, request.update)] = (
                         fp.digest if fp is not None else None
                     )
-            result = run_sync(request, snap.config, snap.inventory)
+            with self.syncs_running.track(request, tuple(a.app_key for a in apps)) as progress:
+                result = run_sync(request, snap.config, snap.inventory, progress)
         finally:
             with self._inflight_lock:
                 for key in keys:
                     self._inflight.pop(key, None)
         now = time.time()
+        self.metrics.sync_finished(result, result.seconds)
         for outcome in result.apps:
             fp, signature = prints.get(outcome.app_key, (None, None))
             failures = [
@@ -926,6 +966,7 @@ class Service:
         try:
             inventory = load_inventory(snap.config.inventory, snap.config.config_inventory)
         except InventoryError as exc:
+            self.metrics.inventory_read(None, str(exc))
             with self._snapshot_lock:
                 if self._generation != generation:
                     # A reload read its own inventory meanwhile: this error is not about it.
@@ -955,6 +996,7 @@ class Service:
             self._inventory_backoff = 0.0
             self._inventory_due = time.monotonic() + refresh
             self._snapshot = Snapshot(snap.config, inventory, snap.ignore)
+        self.metrics.inventory_read(len(inventory.apps), None)
         if recovered or inventory.apps != snap.inventory.apps:
             log.info("inventory.refreshed", apps=len(inventory.apps), recovered=recovered)
             self.request_rescan("inventory")
@@ -1002,7 +1044,7 @@ class Service:
         with self._last_lock:
             last = {key: dict(value) for key, value in self._last.items()}
         sched = self.scheduler.snapshot() if self.scheduler is not None else None
-        return {
+        doc = {
             "code": "0",
             "msg": "ok",
             "version": __version__,
@@ -1028,6 +1070,16 @@ class Service:
                 "in_memory": self.state.in_memory if self.state is not None else False,
             },
         }
+        return completed_status(
+            doc, ready=self.ready, running=self.syncs_running, reloads=self.reloads
+        )
+
+    def health(self) -> dict[str, Any]:
+        return health_answer(self.status())
+
+    def _queue_counts(self) -> tuple[int, int]:
+        sched = self.scheduler.snapshot() if self.scheduler is not None else None
+        return (len(sched["pending"]), len(sched["running"])) if sched else (0, 0)
 
     def _retry_status(self) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -1044,8 +1096,9 @@ class Service:
             ]
 
     def reload(self) -> dict[str, Any]:
+        ticket = self.reloads.ask()
         self.request_reload()
-        return {"code": "0", "msg": "reload requested"}
+        return reload_answer(self.reloads.wait(ticket, RELOAD_WAIT), RELOAD_WAIT)
 
 
 def _same_dir(a: Path, b: Path) -> bool:

@@ -26,7 +26,7 @@ from syncpro.engine.result import (
     TargetOutcome,
 )
 from syncpro.engine.selection import select
-from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
+from syncpro.engine.tree import Ignore, ListedFileError, Progress, TreeBuilder
 from syncpro.engine.walk import TreePlan, plan_path
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
@@ -54,9 +54,12 @@ def ignore_for(config: Config) -> Ignore:
     return Ignore(patterns)
 
 
-def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> SyncResult:
+def run_sync(
+    request: SyncRequest, config: Config, inventory: Inventory, progress: Progress | None = None
+) -> SyncResult:
     """Given a request, the config and the inventory, sync every selected app and return the
-    result. Raise RequestError if `k` selects nothing at all (empty)."""
+    result, telling `progress` of each file built. Raise RequestError if `k` selects nothing
+    at all (empty)."""
     tokens = request.tokens
     if not tokens:
         raise RequestError("k must not be empty: give an app_key, a local_name or all")
@@ -71,9 +74,11 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
     ignore = ignore_for(config)
 
     for group, apps in _groups(selection.apps).items():
-        _sync_program(config, request.update, group, apps, outcomes, result, ignore)
+        _sync_program(config, request.update, group, apps, outcomes, result, ignore, progress)
     for app in selection.apps:
-        outcomes[app.app_key].config = _sync_config(config, request.update, app, result, ignore)
+        outcomes[app.app_key].config = _sync_config(
+            config, request.update, app, result, ignore, progress
+        )
 
     for outcome in outcomes.values():
         for target in (outcome.program, outcome.config):
@@ -99,6 +104,7 @@ def _sync_program(
     outcomes: dict[str, AppOutcome],
     result: SyncResult,
     ignore: Ignore,
+    progress: Progress | None = None,
 ) -> None:
     dirs = config.dirs
     target = layout.program_target(dirs, apps[0])
@@ -119,7 +125,7 @@ def _sync_program(
     winner, source = existing[-1]
     if not update:
         result.drift.extend(_drift(group, existing, ignore, result))
-    published = _publish(config, "program", source, target, ignore, None)
+    published = _publish(config, "program", source, target, ignore, None, progress)
     for app, app_source in existing:
         if app is winner:
             outcomes[app.app_key].program = published
@@ -158,7 +164,12 @@ def _drift(
 
 
 def _sync_config(
-    config: Config, update: bool, app: App, result: SyncResult, ignore: Ignore
+    config: Config,
+    update: bool,
+    app: App,
+    result: SyncResult,
+    ignore: Ignore,
+    progress: Progress | None = None,
 ) -> TargetOutcome:
     source = layout.config_source(config.dirs, app, update)
     target = layout.config_target(config.dirs, app)
@@ -166,7 +177,7 @@ def _sync_config(
         result.missing_config.append(str(source))
         return TargetOutcome("config", str(source), str(target.path), MISSING)
     listed = app.configure_file_list if app.config_integrated else None
-    return _publish(config, "config", source, target, ignore, listed)
+    return _publish(config, "config", source, target, ignore, listed, progress)
 
 
 def _publish(
@@ -176,6 +187,7 @@ def _publish(
     target: layout.Target,
     ignore: Ignore,
     listed: tuple[str, ...] | None,
+    progress: Progress | None = None,
 ) -> TargetOutcome:
     started = time.monotonic()
     builder: TreeBuilder | None = None
@@ -185,7 +197,9 @@ def _publish(
     def unchanged(current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
         nonlocal builder, plan
-        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+        builder = TreeBuilder(
+            ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
+        )
         plan = builder.plan(source)
         return plan.unchanged
 
@@ -193,7 +207,9 @@ def _publish(
         nonlocal builder, plan
         if builder is None or builder.reuse != current:
             # No walk yet against this published tree: copy_tree makes its own.
-            builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+            builder = TreeBuilder(
+                ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
+            )
             plan = None
         if listed is None:
             builder.copy_tree(source, staging, plan)

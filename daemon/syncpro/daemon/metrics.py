@@ -118,7 +118,10 @@ class Metrics:
         self.pending.set_function(lambda: counts()[0])
         self.running.set_function(lambda: counts()[1])
 
-    def watch_health(self, healthy: Callable[[], bool]) -> None:
+    def watch_health(self, ready: Callable[[], bool], healthy: Callable[[], bool]) -> None:
+        """Given functions saying whether the daemon is ready and healthy, read them at
+        every scrape."""
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
         self.healthy.set_function(lambda: 1.0 if healthy() else 0.0)
 
     def rescan_requested(self, reason: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from control_fakes import short_dir
+
 from daemon_harness import free_port, put, running, write_config
 from helpers import wait_until
 

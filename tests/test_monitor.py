@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -189,26 +190,16 @@ def test_an_empty_monitor_listen_serves_nothing(base: Path, run_dir: Path) -> No
         assert daemon.stop() == 0
 
 
-def test_a_busy_monitor_port_fails_the_start_naming_the_key(base: Path, run_dir: Path) -> None:
-    import socket
-
+def test_a_busy_monitor_port_is_logged_and_the_daemon_syncs_without_it(
+    base: Path, run_dir: Path
+) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "syncpro",
-                "serve",
-                "--config",
-                str(config_for(base, run_dir, port)),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    assert proc.returncode != 0
-    assert "monitor.listen" in proc.stdout + proc.stderr
+        with running(config_for(base, run_dir, port)) as daemon:
+            [event] = daemon.find("monitor.unavailable")
+            assert event["error"].startswith(f"monitor.listen: cannot serve 127.0.0.1:{port}")
+            daemon.wait(lambda: bool(daemon.syncs()), what="the catch-up")
+            assert ctl(daemon.config, "status").returncode == 0
+            assert daemon.stop() == 0

@@ -41,7 +41,14 @@ from syncpro.engine.result import FAILED, SyncResult
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for, run_sync
 from syncpro.engine.tree import Ignore
-from syncpro.errors import ConfigError, InventoryError, RequestError, StartupError, SyncproError
+from syncpro.errors import (
+    ConfigError,
+    ControlError,
+    InventoryError,
+    RequestError,
+    StartupError,
+    SyncproError,
+)
 from syncpro.inventory.apps import App, Inventory
 from syncpro.inventory.source import load_inventory
 
@@ -287,7 +294,12 @@ class Service:
     def _start_servers(self, config: Config) -> None:
         self._start_control(config)
         self._start_http(config)
-        self._start_monitor(config)
+        try:
+            self._start_monitor(config)
+        except ControlError as exc:
+            # Watching and syncing matter more than being watched: run without it (a
+            # scraper sees the target down), and a reload that changes monitor.listen retries.
+            log.error("monitor.unavailable", error=str(exc))
 
     def _start_monitor(self, config: Config) -> None:
         if config.monitor.listen:

@@ -71,3 +71,14 @@ def test_released_waiters_answer_pending_before_the_end() -> None:
     assert answered.wait(30)
     thread.join(30)
     assert got[0] is not None and got[0].pending
+
+
+def test_stopping_answers_waiters_that_the_reload_was_abandoned() -> None:
+    reloads = Reloads()
+    ticket = reloads.ask()
+    reloads.release_waiters("abandoned: the daemon is stopping")
+
+    outcome = reloads.wait(ticket, timeout=0)
+    assert outcome is not None
+    assert (outcome.ok, outcome.pending) == (False, False)
+    assert outcome.error == "abandoned: the daemon is stopping"

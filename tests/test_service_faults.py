@@ -132,8 +132,10 @@ def ctl_status(config: Path) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "syncpro", "ctl", "status", "--config", str(config)],
         capture_output=True,
-        check=True,
+        check=False,
     )
+    # 1 while an app's last sync failed, as these tests make happen: the answer still came.
+    assert done.returncode in (0, 1), done.stderr
     status: dict[str, Any] = json.loads(done.stdout)
     return status
 

@@ -33,6 +33,7 @@ class Reloads:
         self._asked = 0
         self._done = 0
         self._released = 0
+        self._release_error: str | None = None
         self._error: str | None = None
         self.last: ReloadOutcome | None = None
         self._on_outcome = on_outcome
@@ -77,11 +78,13 @@ class Reloads:
         if self._on_outcome is not None:
             self._on_outcome(error)
 
-    def release_waiters(self) -> None:
-        """Wake every asker now, outcome unknown: the server it is connected through is about
-        to be stopped, and would wait for that very asker."""
+    def release_waiters(self, error: str | None = None) -> None:
+        """Wake every asker now: the server it is connected through is about to be stopped,
+        and would wait for that very asker. Without `error` the outcome is not known yet
+        (pending); with one, that is the outcome (the daemon is stopping)."""
         with self._cond:
             self._released = self._asked
+            self._release_error = error
             self._cond.notify_all()
 
     def wait(self, ticket: int, timeout: float) -> ReloadOutcome | None:
@@ -95,4 +98,6 @@ class Reloads:
                 return None
             if self._done >= ticket and self.last is not None:
                 return self.last
+            if self._release_error is not None:
+                return ReloadOutcome(False, time.time(), self._release_error)
             return ReloadOutcome(True, time.time(), None, pending=True)

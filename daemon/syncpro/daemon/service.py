@@ -469,6 +469,8 @@ class Service:
                 return
             self._stopping.set()
             self.ready = False
+            # A reload's asker would hold the control server's stop until its deadline.
+            self.reloads.release_waiters("abandoned: the daemon is stopping")
             self.notifier.stopping("stopping: finishing running syncs")
         log.info("service.stopping")
 

@@ -429,4 +429,5 @@ def summary(config: Config) -> str:
         )
     lines.append(f"  control       {config.control.socket}")
     lines.append(f"  http          {'on ' + config.http.listen if config.http.enabled else 'off'}")
+    lines.append(f"  monitor       {config.monitor.listen or 'off'}")
     return "\n".join(lines)

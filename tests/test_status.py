@@ -169,7 +169,7 @@ def test_a_running_sync_shows_its_files_and_bytes_done_of_the_total(
             stderr=subprocess.DEVNULL,
         ) as sync:
             try:
-                with holding(base / "conf", "server1"):
+                with holding(base / "conf", "server/server1"):
                     entry = wait_until(lambda: progress_done(config), timeout=30, interval=0.05)
             finally:
                 code = sync.wait(60)

@@ -14,6 +14,7 @@ import dataclasses
 import hmac
 import io
 import json
+import logging
 import re
 import socket
 import socketserver
@@ -29,7 +30,13 @@ import structlog
 from syncpro import __version__
 from syncpro.config.settings import HttpSettings
 from syncpro.control.forms import FormError, body_pairs
-from syncpro.control.protocol import ProtocolError, request_of, request_pairs, unquote
+from syncpro.control.protocol import (
+    QUIET_ACTIONS,
+    ProtocolError,
+    request_of,
+    request_pairs,
+    unquote,
+)
 from syncpro.control.socket_server import (
     BUSY_CODE,
     FAILED_CODE,
@@ -467,10 +474,14 @@ class _Handler(BaseHTTPRequestHandler):
             delivered = False
         self.close_connection = True
         param = self._app.scrub(param or {})
-        log.info(
+        path = self._app.redact(urlsplit(getattr(self, "path", "")).path)
+        # Monitors poll status and /healthz every few seconds: no news, at debug.
+        polled = action in QUIET_ACTIONS or (path == "/healthz" and status == 200)
+        log.log(
+            logging.DEBUG if polled else logging.INFO,
             "http.request",
             method=getattr(self, "command", None) or "",
-            path=self._app.redact(urlsplit(getattr(self, "path", "")).path),
+            path=path,
             status=status,
             client=self.client_address[0],
             action=self._app.scrub(action) or param.get("action"),

@@ -41,14 +41,7 @@ from syncpro.engine.result import FAILED, SyncResult
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for, run_sync
 from syncpro.engine.tree import Ignore
-from syncpro.errors import (
-    ConfigError,
-    ControlError,
-    InventoryError,
-    RequestError,
-    StartupError,
-    SyncproError,
-)
+from syncpro.errors import ConfigError, InventoryError, RequestError, StartupError, SyncproError
 from syncpro.inventory.apps import App, Inventory
 from syncpro.inventory.source import load_inventory
 
@@ -296,7 +289,7 @@ class Service:
         self._start_http(config)
         try:
             self._start_monitor(config)
-        except ControlError as exc:
+        except SyncproError as exc:  # the port is busy or not allowed
             # Watching and syncing matter more than being watched: run without it (a
             # scraper sees the target down), and a reload that changes monitor.listen retries.
             log.error("monitor.unavailable", error=str(exc))

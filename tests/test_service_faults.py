@@ -200,3 +200,57 @@ def test_a_root_made_again_with_no_inotify_instance_left_is_polled(base: Path) -
             what="the change published by polling",
         )
         assert daemon.stop() == 0
+
+
+@contextlib.contextmanager
+def small_filesystem(where: Path, size: str = "4M") -> Iterator[Path]:
+    """Mount a small ext4 of its own, loop-mounted from a file, at where, for the block."""
+    image = where.with_name(f"{where.name}.img")
+    subprocess.run(["truncate", "-s", size, str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    where.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+        image.unlink()
+
+
+def fill(folder: Path) -> None:
+    """Write into folder until its filesystem has not one block left (as root: reserve too)."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (65536, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+
+
+def test_a_state_that_fails_in_use_is_rebuilt_and_the_daemon_goes_on(base: Path) -> None:
+    with small_filesystem(base / "state") as state:
+        config = write_config(base, APPS)
+        with running(config) as daemon:
+            daemon.wait_sync("server1")
+            daemon.wait_sync("web1")
+            fill(state)
+            # The next record after this sync finds the disk full.
+            put(base / "r/softdir/web1", {"index.html": "while the state disk is full\n"})
+            aside = daemon.wait_event("state.set_aside")
+            assert aside["level"] == "error"
+            daemon.wait_event("state.in_memory")
+            # Nothing is recorded any more but what web1's sync recorded in the new one:
+            # every other app counts as changed and is synced again.
+            rescan = daemon.wait_event("service.rescanned", reasons=["state_rebuilt"])
+            assert rescan["changed"] == [{"app_key": "server1", "update": False}]
+            daemon.wait_sync("server1", count=2)
+            assert ctl_status(config)["state"]["in_memory"] is True
+            put(base / "r/softdir/server1", {"bin/run.sh": "still watched\n"})
+            daemon.wait(
+                lambda: tree(base / "soft/server").get("bin/run.sh") == "still watched\n",
+                what="a later change published",
+            )
+            assert tree(base / "soft/web") == {"index.html": "while the state disk is full\n"}
+            assert daemon.stop() == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,3 +128,22 @@ def test_a_damaged_state_on_a_read_only_folder_lives_in_memory(tmp_path: Path) -
     events = [e["event"] for e in logs if e["event"].startswith("state.")]
     assert events[0] == "state.set_aside_failed"
     assert events[-1] == "state.in_memory"
+
+
+def test_a_state_another_process_holds_is_not_set_aside(tmp_path: Path) -> None:
+    store = StateStore(tmp_path)
+    store.record("server1", False, "before", 1.0)
+    operator = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        operator.execute("BEGIN IMMEDIATE")  # an operator's shell, writing
+        with capture_logs() as logs:
+            store.record("server1", False, "during", 2.0)
+        operator.execute("ROLLBACK")
+        assert [e["event"] for e in logs] == ["state.busy"]
+        assert store.resets == 0
+        assert store.get("server1", False) == Record("before", 1.0, None)
+        store.record("server1", False, "after", 3.0)
+        assert store.get("server1", False) == Record("after", 3.0, None)
+    finally:
+        operator.close()
+        store.close()

@@ -4,6 +4,11 @@ startup() → run() → shutdown(timeout). Signal handlers only record the signa
 acts on it. Everything a sync needs (config, inventory) is swapped as one snapshot on reload.
 The main loop never blocks on anything slow (a reload's database read, a server restart that
 waits for its clients): that runs in a thread while the loop keeps pinging the watchdog.
+
+Lost events are made up for by re-checks (a rescan compares each app's sources with what the
+state recorded), which never add a run for an app already pending or running, and after watcher
+trouble come at most once per max_wait: a re-check must never feed the trouble it answers. A
+failed (app, mode) is tried again after 5 s, doubling up to the rescan interval.
 """
 
 from __future__ import annotations
@@ -740,8 +745,9 @@ class Service:
 
     def _state_reset(self, error: str) -> None:
         """The state database was set aside and rebuilt while in use: nothing is recorded
-        any more, so every app counts as changed and is caught up at once."""
-        self.request_rescan("catch-up")
+        any more, so every app counts as changed and is synced again. Not at once as at
+        start: an upload may be half way, it settles like any event."""
+        self.request_rescan("state_rebuilt")
 
     def _rescan_loop(self) -> None:
         while not self._rescan_stop.is_set():
@@ -763,12 +769,13 @@ class Service:
                 reasons, self._rescan_reasons = self._rescan_reasons, []
             if not reasons:
                 continue
-            if any(r in _TROUBLE for r in reasons):
-                self._last_trouble_rescan = time.monotonic()
             try:
                 self._rescan("catch-up" if "catch-up" in reasons else "rescan", reasons)
             except Exception:
                 log.exception("service.rescan_failed", reasons=reasons)
+            if any(r in _TROUBLE for r in reasons):
+                # From its end: a long walk must not be followed by another at once.
+                self._last_trouble_rescan = time.monotonic()
 
     def _rescan(self, trigger: str, reasons: list[str]) -> None:
         snap = self.snapshot
@@ -1017,6 +1024,10 @@ class Service:
         if self.scheduler is not None:
             s = self.scheduler.snapshot()
             parts.append(f"{len(s['running'])} syncing, {len(s['pending'])} pending")
+        with self._retry_lock:
+            retrying = len(self._retries)
+        if retrying:
+            parts.append(f"{retrying} failed, retrying")
         return "; ".join(parts)
 
     # --- the control plane's handler ---

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS published (
 """
 _ABSENT = "-"
 T = TypeVar("T")
+_IN_USE = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 log = structlog.get_logger()
 LOCK_NAME = "serve.lock"
 
@@ -146,6 +147,11 @@ class StateStore:
             try:
                 return work(self._db)
             except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", None) in _IN_USE:
+                    # Someone else (an operator's sqlite3 shell) holds it: nothing is wrong
+                    # with it. Unknown or unrecorded counts as changed: one sync too many.
+                    log.warning("state.busy", path=str(self.path), error=str(exc))
+                    return None
                 failure = exc
                 self._reset(exc)
                 try:

@@ -120,17 +120,18 @@ def _in_child_user_namespace() -> bool:
     return uid_map != ["0", "0", "4294967295"]
 
 
-def _applying_limit(kind: str) -> str:
-    """Given "watches" or "instances", name the inotify limit that applies to this process
-    and its value, with the host's sysctl (which the messages must always name)."""
+def _applying_limit(kind: str) -> tuple[str, str]:
+    """Given "watches" or "instances", return the inotify limit that applies to this process
+    with its value, and what to raise: in a user namespace of its own, that namespace's limit
+    (`/proc/sys/user/max_inotify_*`) applies, below the host's sysctl."""
     host_name = f"fs.inotify.max_user_{kind}"
     host = _limit(_HOST_LIMITS / f"max_user_{kind}")
     if not _in_child_user_namespace():
-        return f"{host_name} = {host}"
+        return f"{host_name} = {host}", host_name
     own = _NAMESPACE_LIMITS / f"max_inotify_{kind}"
     return (
-        f"{own} = {_limit(own)} in this user namespace (user.max_inotify_{kind});"
-        f" host-wide {host_name} = {host}"
+        f"{own} = {_limit(own)} in this user namespace; host-wide {host_name} = {host}",
+        f"{own} in this user namespace (or {host_name} on the host)",
     )
 
 
@@ -138,17 +139,14 @@ def limit_message(exc: OSError) -> str | None:
     """Given the error of an inotify call, return what to raise to get past it, or None when
     it is no limit of inotify's."""
     if exc.errno == errno.ENOSPC:
-        return (
-            f"inotify watch limit reached ({_applying_limit('watches')}); raise"
-            " fs.inotify.max_user_watches (in a container: user.max_inotify_watches)."
-            " Polling this root meanwhile."
-        )
+        limit, fix = _applying_limit("watches")
+        return f"inotify watch limit reached ({limit}); raise {fix}. Polling this root meanwhile."
     if exc.errno in (errno.EMFILE, errno.ENFILE):
+        limit, fix = _applying_limit("instances")
         return (
-            "cannot create an inotify instance: limit of inotify instances reached"
-            f" ({_applying_limit('instances')}) or of open files; raise"
-            " fs.inotify.max_user_instances (in a container: user.max_inotify_instances)"
-            " or the open files limit. Polling this root meanwhile."
+            f"cannot create an inotify instance: limit of inotify instances reached ({limit})"
+            f" or of open files; raise {fix} or the open files limit."
+            " Polling this root meanwhile."
         )
     return None
 

@@ -17,17 +17,24 @@ def can_mount() -> bool:
 
 
 @contextlib.contextmanager
-def small_ext4(where: Path, size_mib: int = 16) -> Iterator[Path]:
-    """Mount a fresh ext4 of size_mib at where/mnt for the block; unmount whatever happens."""
+def small_ext4(where: Path, size_mib: int = 16, inodes: int | None = None) -> Iterator[Path]:
+    """Mount a fresh ext4 of size_mib (with that many inodes, if given) at where/mnt for the
+    block; unmount whatever happens."""
     if not can_mount():
         pytest.skip("needs root, mkfs.ext4 and mount for a loop-mounted filesystem")
     image, mnt = where / "fs.img", where / "mnt"
     mnt.mkdir(parents=True)
     with open(image, "wb") as f:
         f.truncate(size_mib << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    extra = ["-N", str(inodes)] if inodes else []
+    subprocess.run(["mkfs.ext4", "-q", "-F", *extra, str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def remount(mnt: Path, mode: str) -> None:
+    """Remount mnt read-only ("ro") or read-write ("rw")."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)

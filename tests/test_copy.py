@@ -181,3 +181,54 @@ def test_a_published_tree_linking_what_the_source_keeps_apart_is_not_unchanged(
     assert not plan.unchanged
     _builder(reuse=published).copy_tree(source, tmp_path / "next", plan)
     assert os.stat(tmp_path / "next/a").st_ino != os.stat(tmp_path / "next/b").st_ino
+
+
+def test_the_manifest_spares_rereading_attributes_yet_an_xattr_change_is_published(
+    tmp_path: Path,
+) -> None:
+    from syncpro.engine.layout import Target
+    from syncpro.engine.publish import manifest_path
+    from syncpro.engine.walk import Manifest
+
+    from helpers import app, config_source, make_config, program_source, program_target, sync
+
+    config = make_config(tmp_path, [app("a1", "a")])
+    source = write_tree(program_source(config, "a1"), {"bin/x": "1", "lib/y": "2"})
+    write_tree(config_source(config, "a1"), {"c": "1"})
+    os.setxattr(source / "lib/y", "user.v", b"1")
+    assert sync(config, "a1").ok
+    target = program_target(config, "a1")
+    known = Manifest.load(manifest_path(Target(config.dirs.softdir, "a")))
+    assert known is not None and set(known.entries) == {"bin", "bin/x", "lib", "lib/y"}
+
+    plan = plan_path(source, target, Ignore(()), owners=ROOT)
+    assert plan.unchanged and plan.read_in_full == 4  # no manifest given: all read
+    builder = _builder(reuse=target)
+    plan = builder.plan(source, known)
+    assert plan.unchanged and plan.read_in_full == 0
+
+    st = os.stat(source / "lib/y")
+    os.setxattr(source / "lib/y", "user.v", b"2")
+    os.utime(source / "lib/y", ns=(st.st_atime_ns, st.st_mtime_ns))
+    plan = _builder(reuse=target).plan(source, known)
+    assert not plan.unchanged and plan.read_in_full >= 1
+    assert sync(config, "a1").ok
+    assert os.getxattr(target / "lib/y", "user.v") == b"2"
+
+
+def test_a_manifest_of_another_tree_is_never_trusted(tmp_path: Path) -> None:
+    from syncpro.engine.walk import Manifest
+
+    source = write_tree(tmp_path / "src", {"a": "1"})
+    os.setxattr(source / "a", "user.v", b"1")
+    published = tmp_path / "pub"
+    builder = _builder()
+    builder.copy_tree(source, published)
+    assert builder.manifest is not None
+    os.setxattr(published / "a", "user.v", b"tampered")  # ctime of the source unchanged
+    stale = Manifest((0, 0), builder.manifest.entries)
+
+    assert not _builder(reuse=published).plan(source, stale).unchanged
+    # The tree's own manifest vouches for the source as it was compared: a change made
+    # inside the published tree by hand is the one thing it does not see.
+    assert _builder(reuse=published).plan(source, builder.manifest).unchanged

@@ -770,3 +770,71 @@ def test_a_sync_hands_back_the_digest_of_every_source_it_walked_whole(tmp_path: 
     for source in walked:
         plan = plan_path(source, None, ignore, owners=os.geteuid() == 0)
         assert result.digests[str(source)] == (plan.digest, plan.newest_ctime), source
+
+
+def test_a_request_for_the_config_part_alone_leaves_the_program_target_as_it_is(
+    tmp_path: Path,
+) -> None:
+    from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
+    from syncpro.engine.sync import run_sync
+
+    config = make_config(tmp_path, [app("a1", "a")])
+    write_tree(program_source(config, "a1"), {"bin": "1.4.2"})
+    write_tree(config_source(config, "a1"), {"c": "1"})
+    assert sync(config, "a1").ok
+    (program_source(config, "a1") / "bin").write_text("older, from elsewhere")
+    (config_source(config, "a1") / "c").write_text("2")
+
+    result = run_sync(
+        SyncRequest(k="a1", parts=frozenset({CONFIG})), config, config.config_inventory
+    )
+
+    assert result.ok and result.apps[0].program is None
+    assert (program_target(config, "a1") / "bin").read_text() == "1.4.2"
+    assert (config_target(config, "a1") / "c").read_text() == "2"
+    result = run_sync(
+        SyncRequest(k="a1", parts=frozenset({PROGRAM})), config, config.config_inventory
+    )
+    assert result.ok and result.apps[0].config is None
+    assert (program_target(config, "a1") / "bin").read_text() == "older, from elsewhere"
+
+
+def test_a_failed_sync_is_logged_as_a_warning_so_quiet_mode_still_shows_it(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, [app("a1", "a")])
+    write_tree(config_source(config, "a1"), {"c": "1"})  # no program source: a failure
+
+    with structlog.testing.capture_logs() as logs:
+        result = sync(config, "a1")
+
+    assert not result.ok
+    finished = [e for e in logs if e["event"] == "sync.finished"]
+    assert [e["log_level"] for e in finished] == ["warning"]
+
+
+def test_groups_are_built_at_once_up_to_publish_parallel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    config = make_config(tmp_path, [app("a1", "a"), app("b1", "b")])
+    for key in ("a1", "b1"):
+        write_tree(program_source(config, key), {"bin": key})
+        write_tree(config_source(config, key), {"c": key})
+    both = threading.Barrier(2, timeout=20)
+
+    class Meeting(TreeBuilder):
+        def plan(self, src: Path, known: Any = None) -> Any:
+            if src.parent.name == "softdir":  # the two program builds must meet here
+                both.wait()
+            return super().plan(src, known)
+
+    monkeypatch.setattr(engine, "TreeBuilder", Meeting)
+    assert config.publish.parallel >= 2
+
+    result = sync(config, "all")
+
+    assert result.ok, result.errors
+    assert [a.app_key for a in result.apps] == ["a1", "b1"]
+    assert (program_target(config, "b1") / "bin").read_text() == "b1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from small_fs import small_ext4
+from small_fs import remount, small_ext4
 from syncpro.config.settings import load_config
 
 from helpers import (
@@ -17,6 +17,7 @@ from helpers import (
     snapshot,
     sync,
     write_config,
+    write_tree,
 )
 
 
@@ -72,3 +73,45 @@ def test_a_sparse_file_bigger_than_the_target_filesystem_publishes_sparse(
         with open(published, "rb") as f:
             f.seek(100 << 20)
             assert f.read(18) == b"eighteen bytes :-)"
+
+
+def test_running_out_of_inodes_fails_the_publish_and_keeps_the_old_tree(tmp_path: Path) -> None:
+    with small_ext4(tmp_path, inodes=128) as mnt:
+        config = _config_on(mnt, tmp_path)
+        source = program_source(config, "a1")
+        write_tree(source, {f"f{i}": "x" for i in range(40)})
+        config_source(config, "a1").mkdir(parents=True)
+        assert sync(config, "a1").ok
+        old = snapshot(program_target(config, "a1"))
+
+        write_tree(source, {f"new{i}": "x" for i in range(200)})
+        result = sync(config, "a1")
+
+        program = result.apps[0].program
+        assert program is not None and program.status == "failed"
+        assert "inodes free" in (program.error or "")
+        assert snapshot(program_target(config, "a1")) == old
+
+
+def test_a_read_only_target_filesystem_fails_the_sync_and_the_next_one_converges(
+    tmp_path: Path,
+) -> None:
+    with small_ext4(tmp_path) as mnt:
+        config = _config_on(mnt, tmp_path)
+        source = program_source(config, "a1")
+        write_tree(source, {"v": "1"})
+        config_source(config, "a1").mkdir(parents=True)
+        assert sync(config, "a1").ok
+        (source / "v").write_text("2")
+
+        remount(mnt, "ro")
+        try:
+            result = sync(config, "a1")
+            assert not result.ok
+            assert "Read-only file system" in " ".join(result.errors)
+            assert (program_target(config, "a1") / "v").read_text() == "1"
+        finally:
+            remount(mnt, "rw")
+
+        assert sync(config, "a1").ok
+        assert (program_target(config, "a1") / "v").read_text() == "2"

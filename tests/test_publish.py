@@ -644,3 +644,22 @@ def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesy
     assert len(flushed) == 1
     publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=True)
     assert len(flushed) == 2  # a build that does not say what it wrote: syncfs
+
+
+def test_the_detached_sweeper_removes_replaced_trees_at_idle_io_priority(tmp_path: Path) -> None:
+    from syncpro.engine.publish import sweep_later
+    from syncpro.engine.sweeper import io_priority_class
+
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    publish(target, lambda s, c: write_tree(s, {"v": "2"}), grace=60, durable=False)
+
+    pid = sweep_later([target.root])
+
+    assert pid is not None
+    try:
+        if io_priority_class(os.getpid()) is None:
+            pytest.skip("ioprio_get is not known on this architecture")
+        assert wait_until(lambda: io_priority_class(pid) == 3)
+    finally:
+        os.kill(pid, 9)

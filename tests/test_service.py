@@ -306,7 +306,7 @@ def test_temporary_upload_files_neither_trigger_nor_get_published(base: Path) ->
 def test_a_ready_marker_holds_the_sync_until_it_is_written(base: Path) -> None:
     config = write_config(base, APPS, watch={"ready_marker": "READY"})
     with running(config) as daemon:
-        daemon.wait_event("sync.waiting_for_marker", app="server1")
+        daemon.wait_event("sync.waiting_for_marker", app_key="server1")
         assert daemon.syncs("server1") == []
         put(base / "r/softdir/server1", {"READY": ""})
         daemon.wait_sync("server1")
@@ -645,7 +645,7 @@ def test_a_ready_marker_written_while_a_sync_runs_is_honoured_by_the_next(base: 
     config = write_config(base, APPS, watch={"ready_marker": "READY"})
     source = base / "r/softdir/server1"
     with running(config) as daemon:
-        daemon.wait_event("sync.waiting_for_marker", app="server1")
+        daemon.wait_event("sync.waiting_for_marker", app_key="server1")
         with holding(base / "conf", "server/server1") as lock:
             put(source, {"READY": "1\n"})
             # The sync published the program and waits on the config target: it is running.

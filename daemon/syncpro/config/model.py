@@ -37,6 +37,7 @@ class Dirs:
 class PublishSettings:
     grace: float = 10.0
     fsync: bool = True
+    parallel: int = 2
 
 
 @dataclass(frozen=True)

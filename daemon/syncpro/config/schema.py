@@ -248,6 +248,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
         {
             "grace": Opt(_positive, "seconds a replaced tree is kept for its readers"),
             "fsync": Opt(_bool, "make a new tree durable before swapping it in"),
+            "parallel": Opt(_count, "targets one sync builds at once (groups of k=all, say)"),
         },
     ),
     "watch": (

@@ -943,7 +943,7 @@ class Service:
         record = self.state.get(app.app_key, update)
         if marker_is_new(current, record.marker if record is not None else None):
             return True
-        log.info("sync.waiting_for_marker", app=app.app_key, update=update, marker=marker)
+        log.info("sync.waiting_for_marker", app_key=app.app_key, update=update, marker=marker)
         return False
 
     def _remember(self, app_key: str, update: bool, ok: bool, errors: list[str], at: float) -> None:

@@ -19,17 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from syncpro.config.model import Config
-from syncpro.engine import layout
 from syncpro.engine.ignore import Ignore
+from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.response import command_line, run_document, text_safe
+from syncpro.engine.result import Status
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for
 from syncpro.engine.tree import ListedFileError, resolve_listed
 from syncpro.engine.walk import Entry, plan_path, read_xattrs, same_entry
-from syncpro.inventory.apps import App, Inventory
+from syncpro.inventory.apps import Inventory
 
-OK, MISSING, FAILED = "ok", "missing", "failed"
+OK, MISSING, FAILED = Status.OK, Status.MISSING, Status.FAILED
 _NOTHING = Ignore(())
 DEFAULT_LIMIT = 1000
 
@@ -41,7 +42,7 @@ class TargetDiff:
     kind: str  # "program" or "config"
     source: str
     target: str
-    status: str = OK
+    status: Status = OK
     total: int = 0
     changed: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -55,7 +56,7 @@ class TargetDiff:
 
     def as_dict(self, limit: int) -> dict[str, Any]:
         doc: dict[str, Any] = {
-            "status": self.status,
+            "status": str(self.status),
             "source": self.source,
             "target": self.target,
             "differcount": self.differcount,
@@ -90,17 +91,14 @@ def diff(
     missing_program: list[str] = []
     missing_config: list[str] = []
 
-    groups: dict[str, list[App]] = {}
-    for app in selection.apps:
-        groups.setdefault(app.local_name, []).append(app)
-    for apps in groups.values():
-        programs = _program_diffs(config, request.update, apps, ignore, owners)
-        for app in apps:
+    for plan in program_plans(config.dirs, selection.apps, request.update):
+        programs = _program_diffs(plan, ignore, owners)
+        for app, _ in (*plan.missing, *plan.present):
             per_app[app.app_key]["program"] = programs[app.app_key]
             if programs[app.app_key].status == MISSING:
                 _append_once(missing_program, programs[app.app_key].source)
     for app in selection.apps:
-        found = _config_diff(config, request.update, app, ignore, owners)
+        found = _config_diff(config_plan(config.dirs, app, request.update), ignore, owners)
         per_app[app.app_key]["config"] = found
         if found.status == MISSING:
             missing_config.append(found.source)
@@ -137,45 +135,36 @@ def _append_once(items: list[str], item: str) -> None:
         items.append(item)
 
 
-def _program_diffs(
-    config: Config, update: bool, apps: list[App], ignore: Ignore, owners: bool
-) -> dict[str, TargetDiff]:
-    """The group's program target receives the last app's (inventory order) existing source;
-    every app whose source exists is told that difference, the others that theirs is missing."""
-    target = str(layout.program_target(config.dirs, apps[0]).path)
-    sources = {app.app_key: layout.program_source(config.dirs, app, update) for app in apps}
-    existing = [app for app in apps if sources[app.app_key].is_dir()]
-    found: dict[str, TargetDiff] = {}
-    for app in apps:
-        if app not in existing:
-            found[app.app_key] = TargetDiff("program", str(sources[app.app_key]), target, MISSING)
-    if not existing:
+def _program_diffs(plan: ProgramPlan, ignore: Ignore, owners: bool) -> dict[str, TargetDiff]:
+    """The group's program target receives the winner's source (the plan's rule); every app
+    whose source exists is told that difference, the others that theirs is missing."""
+    target = str(plan.target.path)
+    found: dict[str, TargetDiff] = {
+        app.app_key: TargetDiff("program", str(source), target, MISSING)
+        for app, source in plan.missing
+    }
+    if plan.winner is None:
         return found
-    winner = existing[-1]
-    group_diff = TargetDiff("program", str(sources[winner.app_key]), target)
-    _compare(group_diff, lambda: _listing(sources[winner.app_key], ignore), owners)
-    for app in existing:
+    winner, winner_source = plan.winner
+    group_diff = TargetDiff("program", str(winner_source), target)
+    _compare(group_diff, lambda: _listing(winner_source, ignore), owners)
+    for app, source in plan.present:
         found[app.app_key] = replace(
-            group_diff,
-            source=str(sources[app.app_key]),
-            winner=None if app is winner else winner.app_key,
+            group_diff, source=str(source), winner=None if app is winner else winner.app_key
         )
     return found
 
 
-def _config_diff(
-    config: Config, update: bool, app: App, ignore: Ignore, owners: bool
-) -> TargetDiff:
-    source = layout.config_source(config.dirs, app, update)
-    target = str(layout.config_target(config.dirs, app).path)
-    found = TargetDiff("config", str(source), target)
-    if not source.is_dir():
+def _config_diff(plan: ConfigPlan, ignore: Ignore, owners: bool) -> TargetDiff:
+    found = TargetDiff("config", str(plan.source), str(plan.target.path))
+    if not plan.exists:
         found.status = MISSING
         return found
-    if app.config_integrated:
-        _compare(found, lambda: _listed(source, app.configure_file_list, ignore), owners)
+    listed = plan.listed
+    if listed is not None:
+        _compare(found, lambda: _listed(plan.source, listed, ignore), owners)
     else:
-        _compare(found, lambda: _listing(source, ignore), owners)
+        _compare(found, lambda: _listing(plan.source, ignore), owners)
     return found
 
 
@@ -221,7 +210,9 @@ def _listing(root: Path, ignore: Ignore | None, prefix: str = "") -> dict[str, E
     following links). Names the copy would leave out (ignore patterns; FIFOs, sockets and
     devices) are not listed for a source. A target is listed whole (ignore None): whatever
     lies there that the source lacks, the sync would delete, special files included (None)."""
-    plan = plan_path(root, None, ignore or _NOTHING, owners=False, rel_prefix=prefix)
+    plan = plan_path(
+        root, None, ignore or _NOTHING, owners=False, rel_prefix=prefix, every_xattr=True
+    )
     found: dict[str, Entry | None] = {entry.rel: entry for entry in plan.entries}
     if ignore is None:
         found.update((rel, None) for rel, _ in plan.skipped)

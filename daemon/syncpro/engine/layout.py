@@ -46,6 +46,7 @@ class PathOwner:
     """What a changed source path concerns: app keys (or a whole group) in one mode."""
 
     update: bool
+    part: str  # "program" (a softdir source) or "config" (a configuredir source)
     app_key: str | None = None  # one app
     group: str | None = None  # every app of a group (a program under updatedir)
     top: str | None = None  # the first component under softdir/configuredir, for logging
@@ -62,12 +63,15 @@ def owner_of(dirs: Dirs, path: Path) -> PathOwner | None:
         if len(parts) < 2 or parts[0] not in ("softdir", "configuredir"):
             return None
         area, first = parts[0], parts[1]
+        part = "program" if area == "softdir" else "config"
         if not update:
-            return PathOwner(update=False, app_key=first, top=first)
+            return PathOwner(update=False, part=part, app_key=first, top=first)
         if area == "softdir":
-            return PathOwner(update=True, group=first, top=first)
+            return PathOwner(update=True, part=part, group=first, top=first)
         if len(parts) < 3:
             # <updatedir>/configuredir/L itself: every app of the group may have changed.
-            return PathOwner(update=True, group=first, top=first)
-        return PathOwner(update=True, app_key=parts[2], group=first, top=f"{first}/{parts[2]}")
+            return PathOwner(update=True, part=part, group=first, top=first)
+        return PathOwner(
+            update=True, part=part, app_key=parts[2], group=first, top=f"{first}/{parts[2]}"
+        )
     return None

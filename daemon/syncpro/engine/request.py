@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from syncpro.errors import RequestError
 
 SYNC_ACTION = "Deploy:Core:syncpro"
+PROGRAM, CONFIG = "program", "config"
+BOTH_PARTS = frozenset({PROGRAM, CONFIG})
 _SEPARATORS = re.compile(r"[\s,]+")
 _QUOTES = "'\""
 
@@ -32,6 +34,9 @@ class SyncRequest:
     trigger: Trigger | None = None
     origin: str = "cli"  # cli, control, http, watcher
     extra: dict[str, str] = field(default_factory=dict)
+    # Which targets of each app to sync. A manual or HTTP request syncs both, as the original
+    # did; the watcher syncs only the part whose source changed.
+    parts: frozenset[str] = BOTH_PARTS
 
     @property
     def tokens(self) -> tuple[str, ...]:

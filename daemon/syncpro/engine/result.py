@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.selection import Skipped
 from syncpro.engine.tree import CopyStats
 
-PUBLISHED, MISSING, FAILED, SUPERSEDED = "published", "missing", "failed", "superseded"
+
+class Status(StrEnum):
+    """What became of one target. A str: documents and logs carry the plain word."""
+
+    OK = "ok"  # a diff could compare it
+    PUBLISHED = "published"
+    SUPERSEDED = "superseded"  # a program another app of the group supplied
+    MISSING = "missing"  # its source folder does not exist
+    FAILED = "failed"
+
+
+PUBLISHED, MISSING, FAILED, SUPERSEDED = (
+    Status.PUBLISHED,
+    Status.MISSING,
+    Status.FAILED,
+    Status.SUPERSEDED,
+)
 
 
 @dataclass
@@ -19,7 +36,7 @@ class TargetOutcome:
     kind: str  # "program" or "config"
     source: str
     target: str
-    status: str
+    status: Status
     error: str | None = None
     stats: CopyStats | None = None
     seconds: float = 0.0
@@ -34,7 +51,7 @@ class TargetOutcome:
 
     def as_dict(self) -> dict[str, object]:
         doc: dict[str, object] = {
-            "status": self.status,
+            "status": str(self.status),
             "source": self.source,
             "target": self.target,
         }
@@ -59,7 +76,10 @@ class AppOutcome:
 
     @property
     def ok(self) -> bool:
-        return all(t is not None and t.ok for t in (self.program, self.config))
+        """Every target that was synced is fine; a part the request left out (None) is not
+        judged, but at least one part was synced."""
+        synced = [t for t in (self.program, self.config) if t is not None]
+        return bool(synced) and all(t.ok for t in synced)
 
     @property
     def errors(self) -> list[str]:

@@ -2,14 +2,47 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
 from syncpro.engine.publish import next_expiry, sweep
 
+_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}.get(platform.machine())
+_IOPRIO_WHO_PROCESS = 1
+_IOPRIO_CLASS_IDLE = 3
+
+
+def yield_to_others() -> None:
+    """Run the calling thread at idle I/O and CPU priority: removing a replaced tree (thousands
+    of unlinks) must never slow a sync or the deploy step reading the new tree. Best effort:
+    where the kernel refuses, the removal runs at normal priority."""
+    if _IOPRIO_SET is not None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_PRIO_VALUE(IDLE, 0)): per thread on Linux.
+        libc.syscall(
+            _IOPRIO_SET, _IOPRIO_WHO_PROCESS, threading.get_native_id(), _IOPRIO_CLASS_IDLE << 13
+        )
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+
+
+def io_priority_class(tid: int) -> int | None:
+    """The I/O priority class of a thread (3 is idle), or None where it cannot be read."""
+    if _IOPRIO_SET is None:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    value = libc.syscall(_IOPRIO_SET + 1, _IOPRIO_WHO_PROCESS, tid)  # ioprio_get
+    return None if value < 0 else int(value) >> 13
+
 
 def main(argv: list[str]) -> int:
+    yield_to_others()
     roots = [Path(arg) for arg in argv]
     deadline = time.time() + 24 * 3600  # never linger for ever, whatever the clock does
     while roots and time.time() < deadline:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
@@ -12,8 +14,9 @@ import structlog
 from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.drift import tree_differences
-from syncpro.engine.publish import publish, sweep
-from syncpro.engine.request import SyncRequest
+from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
+from syncpro.engine.publish import manifest_path, publish, sweep
+from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
 from syncpro.engine.response import response_document
 from syncpro.engine.result import (
     FAILED,
@@ -27,7 +30,7 @@ from syncpro.engine.result import (
 )
 from syncpro.engine.selection import select
 from syncpro.engine.tree import Ignore, ListedFileError, Progress, TreeBuilder
-from syncpro.engine.walk import TreePlan, plan_path
+from syncpro.engine.walk import Manifest, TreePlan, plan_path
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
 
@@ -73,15 +76,28 @@ def run_sync(
     result.apps = list(outcomes.values())
     ignore = ignore_for(config)
 
-    for group, apps in _groups(selection.apps).items():
-        _sync_program(config, request.update, group, apps, outcomes, result, ignore, progress)
-    for app in selection.apps:
-        outcomes[app.app_key].config = _sync_config(
-            config, request.update, app, result, ignore, progress
-        )
-
-    for outcome in outcomes.values():
-        for target in (outcome.program, outcome.config):
+    # Targets are independent (a lock each); their builds wait on the disk, so a few at once
+    # overlap well. Results are gathered in selection order: the document does not depend on
+    # which build finished first.
+    with ThreadPoolExecutor(max_workers=config.publish.parallel) as pool:
+        if PROGRAM in request.parts:
+            plans = program_plans(config.dirs, selection.apps, request.update)
+            parts = list(
+                pool.map(
+                    lambda p: _sync_program(config, request.update, p, ignore, progress), plans
+                )
+            )
+            for program in parts:
+                program.merge_into(outcomes, result)
+        if CONFIG in request.parts:
+            found = [config_plan(config.dirs, app, request.update) for app in selection.apps]
+            made = pool.map(lambda c: _sync_config(config, c, ignore, progress), found)
+            for plan, config_outcome in zip(found, made, strict=True):
+                outcomes[plan.app.app_key].config = config_outcome
+                if config_outcome.status == MISSING:
+                    result.missing_config.append(str(plan.source))
+    for app_outcome in outcomes.values():
+        for target in (app_outcome.program, app_outcome.config):
             if target is not None and target.digest is not None:
                 result.digests[target.source] = target.digest
     result.seconds = time.monotonic() - clock
@@ -89,48 +105,48 @@ def run_sync(
     return result
 
 
-def _groups(apps: tuple[App, ...]) -> dict[str, list[App]]:
-    groups: dict[str, list[App]] = {}
-    for app in apps:
-        groups.setdefault(app.local_name, []).append(app)
-    return groups
+@dataclass
+class _ProgramRun:
+    """What syncing one group's program target gave, merged into the result in order."""
+
+    outcomes: dict[str, TargetOutcome] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    drift: list[Drift] = field(default_factory=list)
+    digests: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def merge_into(self, outcomes: dict[str, AppOutcome], result: SyncResult) -> None:
+        for key, outcome in self.outcomes.items():
+            outcomes[key].program = outcome
+        for source in self.missing:
+            if source not in result.missing_program:
+                result.missing_program.append(source)
+        result.drift.extend(self.drift)
+        result.digests.update(self.digests)
 
 
 def _sync_program(
     config: Config,
     update: bool,
-    group: str,
-    apps: list[App],
-    outcomes: dict[str, AppOutcome],
-    result: SyncResult,
+    plan: ProgramPlan,
     ignore: Ignore,
     progress: Progress | None = None,
-) -> None:
-    dirs = config.dirs
-    target = layout.program_target(dirs, apps[0])
-    existing: list[tuple[App, Path]] = []
-    for app in apps:
-        source = layout.program_source(dirs, app, update)
-        if source.is_dir():
-            existing.append((app, source))
-            continue
-        outcomes[app.app_key].program = TargetOutcome(
-            "program", str(source), str(target.path), MISSING
-        )
-        if str(source) not in result.missing_program:
-            result.missing_program.append(str(source))
-    if not existing:
-        return
-    # In inventory order the last app whose program exists wins, as the original did.
-    winner, source = existing[-1]
+) -> _ProgramRun:
+    run = _ProgramRun()
+    target = plan.target
+    for app, source in plan.missing:
+        run.outcomes[app.app_key] = TargetOutcome("program", str(source), str(target.path), MISSING)
+        run.missing.append(str(source))
+    if plan.winner is None:
+        return run
+    winner, source = plan.winner
     if not update:
-        result.drift.extend(_drift(group, existing, ignore, result))
+        run.drift = _drift(plan.group, list(plan.present), ignore, run.digests)
     published = _publish(config, "program", source, target, ignore, None, progress)
-    for app, app_source in existing:
+    for app, app_source in plan.present:
         if app is winner:
-            outcomes[app.app_key].program = published
+            run.outcomes[app.app_key] = published
             continue
-        outcomes[app.app_key].program = TargetOutcome(
+        run.outcomes[app.app_key] = TargetOutcome(
             "program",
             str(app_source),
             str(target.path),
@@ -138,10 +154,14 @@ def _sync_program(
             error=None if published.ok else published.error,
             winner=winner.app_key,
         )
+    return run
 
 
 def _drift(
-    group: str, existing: list[tuple[App, Path]], ignore: Ignore, result: SyncResult
+    group: str,
+    existing: list[tuple[App, Path]],
+    ignore: Ignore,
+    digests: dict[str, tuple[str, float]],
 ) -> list[Drift]:
     winner, winner_source = existing[-1]
     found: list[Drift] = []
@@ -151,12 +171,12 @@ def _drift(
             if winner_plan is None:  # walked once for all the group's comparisons
                 winner_plan = plan_path(winner_source, None, ignore, owners=False)
             plan = plan_path(source, None, ignore, owners=False)
-            result.digests[str(source)] = (plan.digest, plan.newest_ctime)
+            digests[str(source)] = (plan.digest, plan.newest_ctime)
             count, paths = tree_differences(
                 source, winner_source, ignore, plans=(plan, winner_plan)
             )
         except OSError as exc:
-            log.warning("sync.drift_check_failed", group=group, app=app.app_key, error=str(exc))
+            log.warning("sync.drift_check_failed", group=group, app_key=app.app_key, error=str(exc))
             continue
         if count:
             found.append(Drift(group, (app.app_key, winner.app_key), count, tuple(paths)))
@@ -164,20 +184,11 @@ def _drift(
 
 
 def _sync_config(
-    config: Config,
-    update: bool,
-    app: App,
-    result: SyncResult,
-    ignore: Ignore,
-    progress: Progress | None = None,
+    config: Config, plan: ConfigPlan, ignore: Ignore, progress: Progress | None = None
 ) -> TargetOutcome:
-    source = layout.config_source(config.dirs, app, update)
-    target = layout.config_target(config.dirs, app)
-    if not source.is_dir():
-        result.missing_config.append(str(source))
-        return TargetOutcome("config", str(source), str(target.path), MISSING)
-    listed = app.configure_file_list if app.config_integrated else None
-    return _publish(config, "config", source, target, ignore, listed, progress)
+    if not plan.exists:
+        return TargetOutcome("config", str(plan.source), str(plan.target.path), MISSING)
+    return _publish(config, "config", plan.source, plan.target, ignore, plan.listed, progress)
 
 
 def _publish(
@@ -194,13 +205,15 @@ def _publish(
     plan: TreePlan | None = None
     preserve_owner = os.geteuid() == 0
 
+    manifest_file = manifest_path(target)
+
     def unchanged(current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
         nonlocal builder, plan
         builder = TreeBuilder(
             ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
         )
-        plan = builder.plan(source)
+        plan = builder.plan(source, Manifest.load(manifest_file))
         return plan.unchanged
 
     def build(staging: Path, current: Path | None) -> list[str]:
@@ -228,6 +241,7 @@ def _publish(
             unchanged=unchanged if listed is None else None,
         )
         outcome.unchanged = published.unchanged
+        _keep_manifest(manifest_file, builder, published.unchanged)
     except ListedFileError as exc:
         outcome.status, outcome.error = FAILED, "; ".join(exc.problems)
     except PublishError as exc:
@@ -244,8 +258,27 @@ def _publish(
     return outcome
 
 
+def _keep_manifest(path: Path, builder: TreeBuilder | None, unchanged: bool) -> None:
+    """Record what this publish compared in full, so the next walk need not read it again."""
+    if builder is None:
+        return
+    plan = builder.last_plan
+    if unchanged and (plan is None or not plan.read_in_full):
+        return  # the manifest on disk vouched for every entry: it is still right
+    manifest = (plan.manifest() if plan is not None else None) if unchanged else builder.manifest
+    if manifest is None:
+        return
+    try:
+        path.parent.mkdir(exist_ok=True)
+        manifest.save(path)
+    except OSError as exc:  # a cache: the next walk compares in full
+        log.warning("publish.manifest_not_saved", path=str(path), error=str(exc))
+
+
 def _report(result: SyncResult) -> None:
-    log.info(
+    # A failed sync is a warning (its failed targets were errors), so `-q` never hides it.
+    emit = log.info if result.ok else log.warning
+    emit(
         "sync.finished",
         ok=result.ok,
         k=result.request.normalised_k,

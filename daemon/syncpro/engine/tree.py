@@ -23,6 +23,7 @@ from syncpro.engine.copy import copy_data, finish_metadata
 from syncpro.engine.ignore import Ignore
 from syncpro.engine.walk import (
     Entry,
+    Manifest,
     TreePlan,
     Xattrs,
     open_beneath,
@@ -117,18 +118,25 @@ class TreeBuilder:
         self.last_plan: TreePlan | None = None
         # Staging paths of the files copied (not linked): what a durable publish must flush.
         self.written: list[str] = []
-        # Source inode -> the staging path of its first name: later names become hard links.
-        self._inodes: dict[tuple[int, int], str] = {}
+        # Source inode -> the staging path of its first name and its new inode: later names
+        # become hard links.
+        self._inodes: dict[tuple[int, int], tuple[str, int]] = {}
+        # What this build compared in full, for the next walk against the tree it makes.
+        self.manifest: Manifest | None = None
+        self._manifest: dict[str, tuple[int, int, int]] = {}
 
     # --- whole trees ---
 
-    def plan(self, src: Path) -> TreePlan:
-        """Given a source directory, walk it once against `reuse`. Raise OSError if it cannot
-        be read, NotADirectoryError if it is no folder."""
+    def plan(self, src: Path, known: Manifest | None = None) -> TreePlan:
+        """Given a source directory (and the manifest of `reuse`, if known), walk it once
+        against `reuse`. Raise OSError if it cannot be read, NotADirectoryError if it is no
+        folder."""
         fd = _open_root(src)
         try:
             reuse = _real_dir_path(self.reuse)
-            self.last_plan = plan_tree(fd, reuse, self.ignore, owners=self.preserve_owner)
+            self.last_plan = plan_tree(
+                fd, reuse, self.ignore, owners=self.preserve_owner, known=known
+            )
             return self.last_plan
         finally:
             os.close(fd)
@@ -159,13 +167,14 @@ class TreeBuilder:
                     self.progress("planned", entry.st.st_size)
         os.mkdir(dst, 0o700)
         dst_fd = open_dir(dst)
+        made = os.fstat(dst_fd)
         pub_fd: int | None = None
         if reuse is not None:
             try:
                 pub_fd = open_dir(reuse)
             except OSError:
                 pub_fd = None
-        stack = [_Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, plan.root_xattrs, "")]
+        stack = [_Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, read_xattrs(src_fd), "")]
         try:
             for entry in plan.entries:
                 while len(stack) > entry.depth + 1:
@@ -184,6 +193,8 @@ class TreeBuilder:
         finally:
             for folder in stack:
                 _close(folder)
+        if not plan.prefix:
+            self.manifest = Manifest((made.st_dev, made.st_ino), self._manifest)
 
     def _enter(self, here: _Dir, entry: Entry) -> _Dir:
         os.mkdir(entry.name, 0o700, dir_fd=here.dst)
@@ -192,7 +203,14 @@ class TreeBuilder:
             opened = os.fstat(src)
             if (opened.st_dev, opened.st_ino) != (entry.st.st_dev, entry.st.st_ino):
                 raise OSError(errno.ESTALE, "replaced during the sync", entry.rel)
+            # Read here, from the folder opened: the walk reads attributes only to compare.
+            xattrs = read_xattrs(src)
             dst = open_dir(entry.name, here.dst)
+            self._manifest[entry.rel] = (
+                entry.st.st_ino,
+                entry.st.st_ctime_ns,
+                os.fstat(dst).st_ino,
+            )
         except BaseException:
             os.close(src)
             raise
@@ -202,7 +220,7 @@ class TreeBuilder:
                 pub = open_dir(entry.name, here.pub)
             except OSError:
                 pub = None  # not a folder there (or a symlink): nothing to reuse below
-        return _Dir(src, dst, pub, entry.st, entry.xattrs, entry.rel)
+        return _Dir(src, dst, pub, entry.st, xattrs, entry.rel)
 
     def _finish(self, folder: _Dir) -> None:
         # Metadata last: creating the children changed the directory's mtime, and a default
@@ -242,37 +260,49 @@ class TreeBuilder:
         key = (entry.st.st_dev, entry.st.st_ino)
         if entry.st.st_nlink > 1:
             first = self._inodes.get(key)
-            if first is not None and _try_link(first, None, entry.name, here.dst):
+            if first is not None and _try_link(first[0], None, entry.name, here.dst):
                 self.stats.hardlinks += 1
+                self._remember(entry, first[1])
                 self._told("linked", entry.st.st_size)
                 return
-            self._inodes.setdefault(key, staged)
         if (
             entry.reuse
             and here.pub is not None
             and _try_link(entry.name, here.pub, entry.name, here.dst)
         ):
             self.stats.linked += 1
-            self._told("linked", entry.st.st_size)
-            return
-        fd_in = os.open(entry.name, _OPEN_SOURCE, dir_fd=here.src)
-        try:
-            self._copy_open(fd_in, entry.name, here.dst, entry.rel)
-        finally:
-            os.close(fd_in)
-        self.written.append(staged)
-        self._told("copied", entry.st.st_size)
+            made = entry.pub_ino
+            how = "linked"
+        else:
+            fd_in = os.open(entry.name, _OPEN_SOURCE, dir_fd=here.src)
+            try:
+                made = self._copy_open(fd_in, entry.name, here.dst, entry.rel)
+            finally:
+                os.close(fd_in)
+            self.written.append(staged)
+            how = "copied"
+        if entry.st.st_nlink > 1:
+            self._inodes.setdefault(key, (staged, made))
+        self._remember(entry, made)
+        self._told(how, entry.st.st_size)
 
     def _told(self, event: str, size: int) -> None:
         if self.progress is not None:
             self.progress(event, size)
 
-    def _copy_open(self, fd_in: int, name: str, dst_fd: int | None, rel: str) -> None:
+    def _remember(self, entry: Entry, made: int) -> None:
+        # The walk's stat of the source, not the copy's: a change in between moves the ctime,
+        # so the next walk compares that file in full.
+        self._manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, made)
+
+    def _copy_open(self, fd_in: int, name: str, dst_fd: int | None, rel: str) -> int:
+        """Copy an open source file to name (in dst_fd); return the copy's inode."""
         st_in = os.fstat(fd_in)
         if not stat.S_ISREG(st_in.st_mode):
             raise OSError(errno.ESTALE, "replaced by a non-regular file during the copy", rel)
         fd_out = os.open(name, _OPEN_TARGET, 0o600, dir_fd=dst_fd)
         try:
+            made = os.fstat(fd_out).st_ino
             copied = copy_data(fd_in, fd_out, st_in)
             # The mtime read before copying: if the file changes under us, its newer mtime
             # will differ from ours and the next sync copies it again.
@@ -288,6 +318,7 @@ class TreeBuilder:
             os.close(fd_out)
         self.stats.copied += 1
         self.stats.bytes_copied += copied
+        return made
 
     # --- type-2 config: listed files only ---
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import marshal
 import os
 import stat
 from collections.abc import Iterator
@@ -41,6 +42,39 @@ class Entry:
     link: str | None = None
     xattrs: Xattrs = ()
     reuse: bool = False
+    pub_ino: int = 0  # the published file's inode, for a reused one
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What the build of a published tree compared in full: per relative path of a file or
+    folder, its source inode and ctime then and its inode in the tree, whose root is `root`
+    (device, inode): a manifest of another tree never applies."""
+
+    root: tuple[int, int]
+    entries: dict[str, tuple[int, int, int]]
+
+    def save(self, path: Path) -> None:
+        """Write the manifest next to the tree's work area, atomically; it is a cache, never
+        flushed: lost or stale, the next walk compares in full."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_bytes(marshal.dumps((_MANIFEST_VERSION, self.root, self.entries)))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> Manifest | None:
+        """Return the manifest at path, or None if it is missing or unreadable."""
+        try:
+            # Our own file, in a work area only syncpro's user can write.
+            version, root, entries = marshal.loads(path.read_bytes())  # noqa: S302
+        except (OSError, ValueError, EOFError, TypeError):
+            return None
+        if version != _MANIFEST_VERSION or not isinstance(entries, dict):
+            return None
+        return cls(tuple(root), entries)
+
+
+_MANIFEST_VERSION = 1
 
 
 @dataclass
@@ -57,6 +91,21 @@ class TreePlan:
     newest_ctime: float
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (rel, kind)
     prefix: str = ""  # what every rel starts with (a listed folder's own path), "" for a root
+    published_root: tuple[int, int] | None = None  # (device, inode) of the tree compared with
+    read_in_full: int = 0  # entries whose attributes had to be read: no manifest vouched
+
+    def manifest(self) -> Manifest | None:
+        """For a plan that found the published tree unchanged: the manifest of that tree."""
+        if not self.unchanged or self.published_root is None:
+            return None
+        return Manifest(
+            self.published_root,
+            {
+                e.rel: (e.st.st_ino, e.st.st_ctime_ns, e.pub_ino)
+                for e in self.entries
+                if e.link is None and e.pub_ino
+            },
+        )
 
 
 def open_dir(name: str | Path, dir_fd: int | None = None) -> int:
@@ -191,10 +240,18 @@ def plan_tree(
     *,
     owners: bool,
     rel_prefix: str = "",
+    known: Manifest | None = None,
+    every_xattr: bool = False,
 ) -> TreePlan:
     """Given an open source folder, the published tree to compare with (or None) and the
-    ignore rules, walk the source once and return its plan. Raise OSError if the source cannot
-    be read or changes shape under the walk (a folder swapped for something else)."""
+    ignore rules, walk the source once and return its plan. `known` is the manifest the last
+    build of the published tree left: an entry whose source inode and ctime and published
+    inode are as it records was compared in full then and has not changed since (any change
+    of an inode, its extended attributes included, moves its ctime), so its attributes need
+    not be read again. Entries carry their extended attributes where they were read (to
+    compare them), or all of them with `every_xattr` (a listing for diff). Raise OSError if
+    the source cannot be read or changes shape under the walk (a folder swapped for something
+    else)."""
     # This loop runs once per file of every sync: it is written for speed (no helper calls
     # where an inline test does, one digest update at the end), and says the same as
     # same_entry(), which stays the rule's definition.
@@ -207,8 +264,14 @@ def plan_tree(
         except OSError:
             pub_fd = None
     unchanged = pub_fd is not None
+    recorded: dict[str, tuple[int, int, int]] = {}
+    published_root: tuple[int, int] | None = None
+    read_in_full = 0
     if pub_fd is not None:
         pub_root = os.fstat(pub_fd)
+        published_root = (pub_root.st_dev, pub_root.st_ino)
+        if known is not None and known.root == (pub_root.st_dev, pub_root.st_ino):
+            recorded = known.entries
         unchanged = same_entry(
             root, None, root_xattrs, pub_root, None, read_xattrs(pub_fd), owners=owners
         )
@@ -237,25 +300,24 @@ def plan_tree(
                 continue
             st = item.stat(follow_symlinks=False)
             fmt = _IFMT(st.st_mode)
-            if fmt in (_REG, _DIR):
+            if fmt == _LNK:
+                link: str | None = os.readlink(name, dir_fd=frame.src)
+            elif fmt in (_REG, _DIR):
                 link = None
-                xattrs = _xattrs_in(frame.src, name)
-            elif fmt == _LNK:
-                link = os.readlink(name, dir_fd=frame.src)
-                xattrs = ()
             else:
                 # FIFOs, sockets and devices are never opened nor published.
                 skipped.append((rel, special_kind(st.st_mode)))
                 continue
             if st.st_ctime > newest:
                 newest = st.st_ctime
+            # The ctime stands for the extended attributes: setting one moves it.
             material.append(
-                f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0"
+                f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
                 f"{st.st_uid}:{st.st_gid}\0{link or ''}\0"
             )
-            if xattrs:
-                material.extend(f"{attr}\0{value.hex()}\0" for attr, value in xattrs)
-            entry = Entry(rel, name, frame.depth, st, link, xattrs)
+            entry = Entry(rel, name, frame.depth, st, link)
+            if every_xattr and fmt != _LNK:
+                entry.xattrs = _xattrs_in(frame.src, name)
             entries.append(entry)
 
             pub_st: os.stat_result | None = None
@@ -276,14 +338,21 @@ def plan_tree(
                     # Only now the calls the stat could not answer.
                     if fmt == _LNK:
                         same = os.readlink(name, dir_fd=frame.pub) == link
+                    elif recorded.get(rel) == (st.st_ino, st.st_ctime_ns, pub_st.st_ino):
+                        same = True  # compared in full by the build that made this tree
                     else:
-                        same = _xattrs_in(frame.pub, name) == xattrs
+                        read_in_full += 1
+                        if not every_xattr:
+                            entry.xattrs = _xattrs_in(frame.src, name)
+                        same = _xattrs_in(frame.pub, name) == entry.xattrs
             if same and fmt == _REG and pub_st is not None:
                 inode = (st.st_dev, st.st_ino)
                 mapped = src_to_pub.setdefault(inode, pub_st.st_ino)
                 back = pub_to_src.setdefault(pub_st.st_ino, inode)
                 same = mapped == pub_st.st_ino and back == inode
                 entry.reuse = same
+            if same and pub_st is not None:
+                entry.pub_ino = pub_st.st_ino
             if not same:
                 unchanged = False
             if fmt == _DIR:
@@ -295,7 +364,16 @@ def plan_tree(
             os.close(pub_fd)
     digest = hashlib.blake2b("".join(material).encode("utf-8", "surrogateescape"), digest_size=16)
     return TreePlan(
-        root, root_xattrs, entries, unchanged, digest.hexdigest(), newest, skipped, rel_prefix
+        root,
+        root_xattrs,
+        entries,
+        unchanged,
+        digest.hexdigest(),
+        newest,
+        skipped,
+        rel_prefix,
+        published_root,
+        read_in_full,
     )
 
 
@@ -350,6 +428,7 @@ def plan_path(
     *,
     owners: bool,
     rel_prefix: str = "",
+    every_xattr: bool = False,
 ) -> TreePlan:
     """plan_tree for a source given by path. The source root itself may be a symlink to a
     folder (a configured path); nothing below it is followed. Raise NotADirectoryError if it
@@ -359,6 +438,8 @@ def plan_path(
     except NotADirectoryError:
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(source)) from None
     try:
-        return plan_tree(fd, published, ignore, owners=owners, rel_prefix=rel_prefix)
+        return plan_tree(
+            fd, published, ignore, owners=owners, rel_prefix=rel_prefix, every_xattr=every_xattr
+        )
     finally:
         os.close(fd)

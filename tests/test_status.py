@@ -182,7 +182,7 @@ def test_a_running_sync_shows_its_files_and_bytes_done_of_the_total(
         assert entry["bytes_total"] == 3 + 5000 + 3000
         assert entry["bytes_done"] == entry["bytes_total"]
         [started] = daemon.find("sync.started", origin="control")
-        assert started["apps"] == ["server1"]
+        assert started["app_keys"] == ["server1"]
         status = document(ctl(config, "status"))
         assert status["running"] == []
         assert daemon.stop() == 0

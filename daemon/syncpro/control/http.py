@@ -14,7 +14,6 @@ import dataclasses
 import hmac
 import io
 import json
-import logging
 import re
 import socket
 import socketserver
@@ -477,8 +476,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self._app.redact(urlsplit(getattr(self, "path", "")).path)
         # Monitors poll status and /healthz every few seconds: no news, at debug.
         polled = action in QUIET_ACTIONS or (path == "/healthz" and status == 200)
-        log.log(
-            logging.DEBUG if polled else logging.INFO,
+        emit = log.debug if polled else log.info
+        emit(
             "http.request",
             method=getattr(self, "command", None) or "",
             path=path,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import grp
 import json
-import logging
 import os
 import pwd
 import selectors
@@ -606,8 +605,9 @@ class ControlServer:
         with conn:
             doc, action, param, error = self._answer(line)
             delivered = self._send(conn, doc, self.write_timeout)
-        log.log(
-            logging.DEBUG if action in QUIET_ACTIONS else logging.INFO,
+        # Monitors poll status and health every few seconds: no news, at debug.
+        emit = log.debug if action in QUIET_ACTIONS else log.info
+        emit(
             "control.request",
             action=action,
             k=param.get("k"),

@@ -89,7 +89,7 @@ class RunningSyncs:
         log.info(
             "sync.started",
             k=request.normalised_k,
-            apps=list(app_keys),
+            app_keys=list(app_keys),
             update=request.update,
             origin=request.origin,
             trigger=trigger.by if trigger is not None else None,

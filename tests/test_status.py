@@ -177,6 +177,7 @@ def test_a_running_sync_shows_its_files_and_bytes_done_of_the_total(
         assert entry["app_keys"] == ["server1"]
         assert entry["origin"] == "control"
         assert is_iso(entry["started"])
+        assert entry["syncing"] is True
         # bin/run.sh, lib/a.jar and lib/b.jar: the program tree, built whole.
         assert entry["files_total"] == 3
         assert entry["bytes_total"] == 3 + 5000 + 3000
@@ -186,3 +187,35 @@ def test_a_running_sync_shows_its_files_and_bytes_done_of_the_total(
         status = document(ctl(config, "status"))
         assert status["running"] == []
         assert daemon.stop() == 0
+
+
+def test_a_batch_not_yet_syncing_gets_a_wall_clock_start_and_no_monotonic_time() -> None:
+    import time
+
+    from syncpro.daemon.progress import RunningSyncs
+    from syncpro.daemon.reloads import Reloads
+    from syncpro.daemon.status import completed_status
+
+    raw = {
+        "code": "0",
+        "msg": "ok",
+        "apps": {"server1": {"update": False, "ok": True, "errors": [], "at": time.time()}},
+        "inventory": {"error": None},
+        "running": [
+            {
+                "group": "server",
+                "update": False,
+                "app_keys": ["server1"],
+                "since": time.monotonic() - 2,
+                "started": True,
+            }
+        ],
+    }
+    doc = completed_status(raw, ready=True, running=RunningSyncs(), reloads=Reloads())
+
+    [entry] = doc["running"]
+    assert entry["syncing"] is False
+    assert "since" not in entry
+    started = datetime.fromisoformat(entry["started"]).timestamp()
+    assert time.time() - 10 < started < time.time()
+    assert (doc["code"], doc["healthy"], doc["reload"]) == ("0", True, None)

@@ -61,6 +61,7 @@ class SyncProgress:
             "origin": self.request.origin,
             "trigger": trigger.by if trigger is not None else None,
             "started": iso(self.started),
+            "syncing": True,
             "seconds": round(time.time() - self.started, 3),
             "files_done": done[0],
             "files_total": done[1],

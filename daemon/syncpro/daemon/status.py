@@ -50,9 +50,12 @@ def _running(scheduled: list[Any], running: RunningSyncs) -> list[dict[str, Any]
         key = (tuple(entry.get("app_keys") or ()), entry.get("update"))
         if key in busy:
             continue
-        waiting = {k: v for k, v in entry.items() if k != "since"}
+        # The scheduler's own `started` (taken by a worker) and monotonic `since` become the
+        # one wall-clock `started` every entry has; `syncing` tells the two kinds apart.
+        waiting = {k: v for k, v in entry.items() if k not in ("since", "started")}
         if isinstance(entry.get("since"), int | float):
             waiting["started"] = iso(entry["since"] + wall_offset)
+        waiting["syncing"] = False
         syncs.append(waiting)
     return syncs
 

@@ -22,7 +22,17 @@ from syncpro.engine.result import SyncResult
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a no-op sync of a small app (milliseconds) to a multi-gigabyte copy (minutes).
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-_TROUBLE_REASONS = ("overflow", "watcher_error", "watcher_died", "inotify_failed")
+# Rescan reasons that come from the watcher losing (or possibly losing) events.
+_TROUBLE_REASONS = frozenset(
+    {
+        "overflow",
+        "watcher_error",
+        "watcher_died",
+        "inotify_failed",
+        "root_missing",
+        "root_unavailable",
+    }
+)
 
 
 class Metrics:

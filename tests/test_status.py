@@ -219,3 +219,25 @@ def test_a_batch_not_yet_syncing_gets_a_wall_clock_start_and_no_monotonic_time()
     started = datetime.fromisoformat(entry["started"]).timestamp()
     assert time.time() - 10 < started < time.time()
     assert (doc["code"], doc["healthy"], doc["reload"]) == ("0", True, None)
+
+
+def test_a_reload_that_restarts_the_control_socket_answers_its_asker_at_once(
+    base: Path, run_dir: Path
+) -> None:
+    config = config_for(base, run_dir)
+    with running(config) as daemon:
+        doc = yaml.safe_load(config.read_text())
+        doc["control"]["mode"] = "0600"  # the socket is made again, under this very request
+        config.write_text(yaml.safe_dump(doc))
+
+        proc = ctl(config, "reload")
+
+        assert proc.returncode == 0, proc.stderr
+        answer = document(proc)
+        assert answer["msg"].startswith("reload applying")
+        daemon.wait_event("service.reloaded")
+        # Not held until the old server's stop deadline: that would have logged this.
+        assert daemon.find("control.stop_abandoned") == []
+        status = document(ctl(config, "status"))
+        assert status["reload"]["ok"] is True
+        assert daemon.stop() == 0

@@ -70,6 +70,10 @@ class FakeHandler:
         self._record("reload", None)
         return {"code": "0", "msg": "reload requested"}
 
+    def health(self) -> dict[str, Any]:
+        self._record("health", None)
+        return {"code": "0", "msg": "healthy", "healthy": True, "problems": []}
+
 
 @contextmanager
 def short_dir() -> Iterator[Path]:

@@ -15,7 +15,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
-ACTIONS = ("Deploy:Core:syncpro", "Deploy:Core:diff", "status", "reload")
+ACTIONS = ("Deploy:Core:syncpro", "Deploy:Core:diff", "status", "reload", "health")
 NEEDS_K = ("Deploy:Core:syncpro", "Deploy:Core:diff")
 FIELDS = ("action", "k", "update", "w", "token", "pretty")
 SWITCHES = ("debug", "sprint")

@@ -733,3 +733,22 @@ def test_shipped_config_validates() -> None:
 
     assert config.apps
     assert config.inventory.source == "config"
+
+
+def test_the_shipped_config_serves_the_monitor_on_localhost() -> None:
+    shipped = load_config(Path(__file__).parent.parent / "config.yml")
+
+    assert shipped.monitor.listen == "127.0.0.1:9469"
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_an_empty_monitor_listen_turns_the_monitor_off(tmp_path: Path, value: Any) -> None:
+    assert load(tmp_path, doc(monitor={"listen": value})).monitor.listen == ""
+
+
+@pytest.mark.parametrize("value", ["localhost", "host:0", 9469])
+def test_monitor_listen_must_be_host_and_port(tmp_path: Path, value: Any) -> None:
+    found = problems(tmp_path, doc(monitor={"listen": value}))
+
+    assert len(found) == 1
+    assert found[0].startswith("monitor.listen: must be host:port")

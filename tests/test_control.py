@@ -722,6 +722,9 @@ class EngineHandler:
     def reload(self) -> dict[str, Any]:
         return {"code": "0", "msg": "reload requested"}
 
+    def health(self) -> dict[str, Any]:
+        return {"code": "0", "msg": "healthy"}
+
 
 def test_a_real_sync_and_diff_over_the_socket(tmp_path: Path, sock_dir: Path) -> None:
     config = make_config(tmp_path, SERVER_GROUP)

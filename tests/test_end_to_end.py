@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -247,7 +248,9 @@ def test_ctl_status_shows_version_uptime_roots_last_results_and_queues(
         web1 = status["apps"]["web1"]
         assert web1["ok"] is True
         assert web1["update"] is False
-        assert time.time() - 60 < web1["at"] <= time.time()
+        # ISO 8601 in UTC, as every time of the status answer.
+        at = datetime.fromisoformat(web1["at"]).timestamp()
+        assert time.time() - 60 < at <= time.time()
         [pending] = [p for p in status["pending"] if p["app_key"] == "server1"]
         assert pending["update"] is False
         assert pending["due_in"] > 0

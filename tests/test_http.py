@@ -212,6 +212,19 @@ def test_the_token_never_appears_in_any_log_event(server: HttpServer, handler: F
     assert events[0]["k"] == "server"
 
 
+def test_status_polls_and_healthz_are_logged_at_debug_a_sync_at_info(
+    server: HttpServer, handler: FakeHandler
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        curl("-d", "action=status", url(server, f"/rex?token={TOKEN}"))
+        curl(url(server, "/healthz"))
+        curl("-d", SEED_BODY, url(server, f"/rex?token={TOKEN}"))
+        wait_until(lambda: sum(e["event"] == "http.request" for e in logs) == 3)
+
+    events = [e for e in logs if e["event"] == "http.request"]
+    assert [e["log_level"] for e in events] == ["debug", "debug", "info"]
+
+
 def test_the_request_log_says_ok_only_for_a_request_that_ran_and_succeeded(
     server: HttpServer, handler: FakeHandler
 ) -> None:

@@ -636,3 +636,16 @@ def test_touching_a_temporary_pushes_the_settle_time_back_but_never_runs(
     assert (batch.events, batch.paths) == (1, ("/src/app1/a",))
     assert scheduler.wait_idle(WAIT)
     assert len(recorder.runs) == 1
+
+
+def test_busy_says_which_keys_are_pending_and_which_are_running(make: MakeScheduler) -> None:
+    recorder = Recorder(hold=True)
+    scheduler = make(recorder, workers=1)
+    scheduler.submit("a", False, immediate=True)
+    recorder.started.get(timeout=WAIT)
+    scheduler.submit("a", False, "again")  # arrives while a runs: one more run afterwards
+    scheduler.submit("b", True, immediate=True)
+    assert scheduler.busy() == (frozenset({("a", False), ("b", True)}), frozenset({("a", False)}))
+    recorder.release()
+    assert scheduler.wait_idle(WAIT)
+    assert scheduler.busy() == (frozenset(), frozenset())

@@ -109,6 +109,10 @@ def test_path_globs_are_matched_under_the_source_root_and_never_reported(
     assert {("change", "logs"), ("change", "tmp/new")} <= set(events)
 
 
+# The tree below the root made again is made faster than watchdog adds its watches: watchdog
+# then adds one folder twice and warns that it overwrites its own callback, which is harmless,
+# but this suite turns warnings into errors, and in watchdog's thread that error kills it.
+@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 def test_a_deleted_root_is_made_again_and_watched_with_its_own_backend(
     tmp_path: Path, polling: bool
@@ -165,3 +169,59 @@ def test_a_root_that_cannot_be_made_again_is_retried_by_every_check(tmp_path: Pa
     unavailable = [e for e in logs if e["event"] == "watch.root_unavailable"]
     assert len(unavailable) == 1, "logged once per outage, not once per check"
     assert unavailable[0]["root"] == str(root)
+
+
+def _inotify_masks() -> dict[int, list[int]]:
+    """Every inotify instance of this process, by fd: the event masks of its watches."""
+    found: dict[int, list[int]] = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/self/fdinfo/{name}").read_text()
+        except OSError:
+            continue
+        found[int(name)] = [
+            int(field.split(":", 1)[1], 16)
+            for line in info.splitlines()
+            if line.startswith("inotify ")
+            for field in line.split()
+            if field.startswith("mask:")
+        ]
+    return found
+
+
+def test_reads_are_never_subscribed_to_only_changes_are(tmp_path: Path) -> None:
+    root = tmp_path / "remotecomdir"
+    (root / "softdir/server1/lib").mkdir(parents=True)
+    before = set(_inotify_masks())
+    watcher = Watcher(
+        [root], ignore=Ignore(DEFAULT_IGNORE), on_change=lambda path: None, on_trouble=print
+    )
+    with watcher:
+        masks = {fd: m for fd, m in _inotify_masks().items() if fd not in before}
+    watches = [mask for per_fd in masks.values() for mask in per_fd]
+    assert len(watches) == 4, "the root, softdir, server1 and lib are each watched"
+    in_access, in_close_nowrite, in_open = 0x1, 0x10, 0x20
+    for mask in watches:
+        assert mask & (in_access | in_close_nowrite | in_open) == 0, hex(mask)
+        # created, deleted, modified, attributes, closed after writing, moved both ways
+        assert mask & 0x100 and mask & 0x200 and mask & 0x2 and mask & 0x4
+        assert mask & 0x8 and mask & 0x40 and mask & 0x80
+
+
+def test_reading_every_file_many_times_queues_nothing_and_a_write_still_counts(
+    watched: tuple[Path, queue.Queue[tuple[str, str]]],
+) -> None:
+    source, seen = watched
+    for i in range(50):
+        (source / f"f{i}").write_text(f"{i}\n", encoding="utf-8")
+    # A folder made after them has one event, which comes after all of theirs.
+    (source / "sentinel").mkdir()
+    until_change(seen, "sentinel")
+    for _ in range(200):  # 10,000 opens: past any queue of opened/closed events
+        for i in range(50):
+            (source / f"f{i}").read_bytes()
+    (source / "f0").write_text("written\n", encoding="utf-8")
+    events = until_change(seen, "f0")
+    assert set(events) == {("change", "f0")}

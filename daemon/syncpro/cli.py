@@ -7,10 +7,13 @@ import difflib
 import io
 import json
 import os
+import shutil
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO, cast
 
 import structlog
 
@@ -183,8 +186,15 @@ def _sync(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     as_json = args.json or args.pretty or not is_terminal(sys.stdout)
+    # A person watching: a progress line on stderr, which log lines erase before they print.
+    progress = ProgressLine(sys.stderr) if is_terminal(sys.stderr) and not args.quiet else None
     # stdout carries the result alone; log events go to stderr.
-    log.configure(sys.stderr, verbose=args.verbose, quiet=args.quiet, fmt=args.log_format)
+    log.configure(
+        cast(TextIO, progress) if progress is not None else sys.stderr,
+        verbose=args.verbose,
+        quiet=args.quiet,
+        fmt=args.log_format,
+    )
     try:
         k = validate_k(args.k)
     except RequestError as exc:
@@ -195,7 +205,12 @@ def _sync(args: argparse.Namespace) -> int:
             print_document(refusal_document(param, str(exc)), args.pretty)
         raise
     inventory = load_inventory(config.inventory, config.config_inventory)
-    result = run_sync(SyncRequest(k=k, update=args.update, origin="cli"), config, inventory)
+    try:
+        request = SyncRequest(k=k, update=args.update, origin="cli")
+        result = run_sync(request, config, inventory, progress)
+    finally:
+        if progress is not None:
+            progress.clear()
     # Before printing: a reader gone away (`| head`) must not leave replaced trees behind.
     try:
         sweep_later([config.dirs.softdir, config.dirs.configuredir])
@@ -213,6 +228,72 @@ def _sync(args: argparse.Namespace) -> int:
             hint = did_you_mean(token, inventory).strip(" ()")
             structlog.get_logger().warning("cli.unknown_key", token=token, hint=hint)
     return ExitCode.OK if result.ok else ExitCode.UNSUCCESSFUL
+
+
+class ProgressLine(io.TextIOBase):
+    """`syncpro sync`'s line on a terminal: files and bytes built of the total and the rate,
+    redrawn at most five times a second and erased when the sync ends. It is the log stream
+    too: a log line erases it first, and it is drawn again below at the next file."""
+
+    def __init__(self, stream: TextIO, interval: float = 0.2) -> None:
+        super().__init__()
+        self.stream = stream
+        self.interval = interval
+        self.files_total = self.files_done = self.bytes_total = self.bytes_done = 0
+        self._started = time.monotonic()
+        self._next = 0.0
+        self._shown = False
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, size: int) -> None:
+        """The engine's Progress: ("planned" | "copied" | "linked", size) per file."""
+        with self._lock:
+            if event == "planned":
+                # A tree's files are planned all at once before the first is made: drawn
+                # with the files made, the total is whole.
+                self.files_total += 1
+                self.bytes_total += size
+                return
+            self.files_done += 1
+            self.bytes_done += size
+            now = time.monotonic()
+            if now >= self._next:
+                self._next = now + self.interval
+                self._draw(now)
+
+    def text(self, now: float) -> str:
+        from syncpro.summary import human_bytes
+
+        rate = self.bytes_done / max(now - self._started, 1e-3)
+        return (
+            f"syncing: {self.files_done}/{self.files_total} files,"
+            f" {human_bytes(self.bytes_done)} of {human_bytes(self.bytes_total)},"
+            f" {human_bytes(int(rate))}/s"
+        )
+
+    def _draw(self, now: float) -> None:
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        self.stream.write("\r\x1b[K" + self.text(now)[:width])
+        self.stream.flush()
+        self._shown = True
+
+    def clear(self) -> None:
+        """Erase the line, if it is shown."""
+        if self._shown:
+            self._shown = False
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.clear()
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
 
 
 def _print_summary(result: SyncResult, inventory: Inventory) -> None:
@@ -298,6 +379,8 @@ def _default_text(value: object) -> str:
         return "(required)"
     if value is None:
         return "(none)"
+    if value == "":
+        return '""'
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
@@ -346,4 +429,5 @@ def summary(config: Config) -> str:
         )
     lines.append(f"  control       {config.control.socket}")
     lines.append(f"  http          {'on ' + config.http.listen if config.http.enabled else 'off'}")
+    lines.append(f"  monitor       {config.monitor.listen or 'off'}")
     return "\n".join(lines)

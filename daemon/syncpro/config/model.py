@@ -76,6 +76,17 @@ class HttpSettings:
 
 
 @dataclass(frozen=True)
+class MonitorSettings:
+    listen: str = ""
+    """host:port of GET /metrics, /healthz and /readyz; empty: not served."""
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     dirs: Dirs
@@ -84,6 +95,7 @@ class Config:
     watch: WatchSettings = WatchSettings()
     control: ControlSettings = ControlSettings()
     http: HttpSettings = HttpSettings()
+    monitor: MonitorSettings = MonitorSettings()
     inventory: InventorySettings = field(default_factory=InventorySettings)
 
     @property

@@ -20,6 +20,7 @@ from syncpro.config.model import (
     ControlSettings,
     Dirs,
     HttpSettings,
+    MonitorSettings,
     PublishSettings,
     WatchSettings,
 )
@@ -147,6 +148,12 @@ def _listen(value: Any, base: Path) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"must be host:port like '127.0.0.1:3000', not {value!r}")
     return text
+
+
+def _listen_or_off(value: Any, base: Path) -> str:
+    if value is None or value == "":
+        return ""
+    return _listen(value, base)
 
 
 def _choice(*choices: str) -> Converter:
@@ -282,6 +289,14 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
             "max_body": Opt(_count, "largest accepted request body in bytes"),
             "cors_origin": Opt(
                 _optional(_header), "Access-Control-Allow-Origin of /rex answers ('*': any)"
+            ),
+        },
+    ),
+    "monitor": (
+        MonitorSettings,
+        {
+            "listen": Opt(
+                _listen_or_off, "host:port of GET /metrics, /healthz, /readyz (empty: off)"
             ),
         },
     ),

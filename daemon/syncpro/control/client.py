@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from syncpro.config.settings import ControlSettings, control_socket_of, find_config, load_config
-from syncpro.control.protocol import DIFF_ACTION, MAX_REQUEST, NEEDS_K, RELOAD_ACTION, STATUS_ACTION
+from syncpro.control.protocol import (
+    DIFF_ACTION,
+    HEALTH_ACTION,
+    MAX_REQUEST,
+    NEEDS_K,
+    RELOAD_ACTION,
+    STATUS_ACTION,
+)
 from syncpro.engine.request import SYNC_ACTION
 from syncpro.errors import ConfigError, ControlError
 
@@ -22,6 +29,7 @@ ACTIONS = {
     "diff": DIFF_ACTION,
     "status": STATUS_ACTION,
     "reload": RELOAD_ACTION,
+    "health": HEALTH_ACTION,
 }
 DEFAULT_TIMEOUT = 600.0
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: time_t tv_sec; suseconds_t tv_usec
@@ -35,9 +43,11 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         "ctl",
         help="drive the running daemon through its control socket",
         description="Send one request to the daemon's control socket and print the response"
-        " JSON. Exit 0 when it succeeded, 1 when the sync ran unsuccessfully, 2 when the"
-        " request was refused or the daemon cannot be reached.",
-        usage="syncpro ctl [sync|diff] -k K [--update] | syncpro ctl {status,reload} [options]",
+        " JSON. Exit 0 when it succeeded; 1 when the sync ran unsuccessfully, an app's last"
+        " sync failed (status), the daemon is unhealthy (health) or the reload failed; 2 when"
+        " the request was refused or the daemon cannot be reached.",
+        usage="syncpro ctl [sync|diff] -k K [--update]"
+        " | syncpro ctl {status,reload,health} [options]",
     )
     ctl.add_argument(
         "ctl_action",
@@ -45,7 +55,8 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
         choices=tuple(ACTIONS),
         default="sync",
         metavar="ACTION",
-        help="sync (the default), diff (what a sync would change), status or reload",
+        help="sync (the default), diff (what a sync would change), status, reload (waits for"
+        " its outcome) or health (exit 1 when unhealthy)",
     )
     ctl.add_argument("-k", help="app keys, group names (local_name) or all")
     ctl.add_argument(
@@ -88,7 +99,10 @@ def run_ctl(args: argparse.Namespace) -> int:
     except ControlError as exc:
         return _fail(str(exc))
     print_document(doc, args.pretty)
-    return exit_code(action, doc)
+    code = exit_code(action, doc)
+    if code != EXIT_OK and action in (RELOAD_ACTION, HEALTH_ACTION) and doc.get("msg"):
+        print(f"syncpro ctl: {doc['msg']}", file=sys.stderr)
+    return code
 
 
 def socket_path(explicit: str | None, config: str | None) -> Path:
@@ -198,7 +212,10 @@ def exit_code(action: str, doc: dict[str, Any]) -> int:
     """Given the action and its response document, return the exit code as `syncpro sync`
     does: 2 when the request was refused, else 0 when it fully succeeded, 1 when not."""
     if str(doc.get("code")) != "0":
-        return EXIT_USAGE
+        # A refusal carries parseparameters; a status, health or reload that ran and
+        # answers "1" says the daemon is unwell, which is not the caller's mistake.
+        ran = action not in NEEDS_K and "parseparameters" not in doc
+        return EXIT_UNSUCCESSFUL if ran else EXIT_USAGE
     if action not in NEEDS_K:
         return EXIT_OK
     data = doc.get("data")

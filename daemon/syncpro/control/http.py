@@ -29,7 +29,13 @@ import structlog
 from syncpro import __version__
 from syncpro.config.settings import HttpSettings
 from syncpro.control.forms import FormError, body_pairs
-from syncpro.control.protocol import ProtocolError, request_of, request_pairs, unquote
+from syncpro.control.protocol import (
+    QUIET_ACTIONS,
+    ProtocolError,
+    request_of,
+    request_pairs,
+    unquote,
+)
 from syncpro.control.socket_server import (
     BUSY_CODE,
     FAILED_CODE,
@@ -467,10 +473,14 @@ class _Handler(BaseHTTPRequestHandler):
             delivered = False
         self.close_connection = True
         param = self._app.scrub(param or {})
-        log.info(
+        path = self._app.redact(urlsplit(getattr(self, "path", "")).path)
+        # Monitors poll status and /healthz every few seconds: no news, at debug.
+        polled = action in QUIET_ACTIONS or (path == "/healthz" and status == 200)
+        emit = log.debug if polled else log.info
+        emit(
             "http.request",
             method=getattr(self, "command", None) or "",
-            path=self._app.redact(urlsplit(getattr(self, "path", "")).path),
+            path=path,
             status=status,
             client=self.client_address[0],
             action=self._app.scrub(action) or param.get("action"),

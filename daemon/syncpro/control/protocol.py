@@ -16,7 +16,10 @@ from syncpro.errors import RequestError
 DIFF_ACTION = "Deploy:Core:diff"
 STATUS_ACTION = "status"
 RELOAD_ACTION = "reload"
-ACTIONS = (SYNC_ACTION, DIFF_ACTION, STATUS_ACTION, RELOAD_ACTION)
+HEALTH_ACTION = "health"
+ACTIONS = (SYNC_ACTION, DIFF_ACTION, STATUS_ACTION, RELOAD_ACTION, HEALTH_ACTION)
+QUIET_ACTIONS = frozenset({STATUS_ACTION, HEALTH_ACTION})
+"""Polled by monitors every few seconds: their requests are logged at debug."""
 NEEDS_K = frozenset({SYNC_ACTION, DIFF_ACTION})
 
 MAX_REQUEST = 64 * 1024

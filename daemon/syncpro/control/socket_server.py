@@ -23,8 +23,10 @@ import structlog
 from syncpro.config.settings import ControlSettings
 from syncpro.control.protocol import (
     DIFF_ACTION,
+    HEALTH_ACTION,
     MAX_REQUEST,
     NEEDS_K,
+    QUIET_ACTIONS,
     STATUS_ACTION,
     ControlRequest,
     ProtocolError,
@@ -62,6 +64,8 @@ class ControlHandler(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def reload(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 def dispatch(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str, Any]:
@@ -108,6 +112,8 @@ def _run(handler: ControlHandler, req: ControlRequest, origin: str) -> dict[str,
             doc = handler.diff(to_sync_request(req, origin))
         elif req.action == STATUS_ACTION:
             doc = handler.status()
+        elif req.action == HEALTH_ACTION:
+            doc = handler.health()
         else:
             doc = handler.reload()
     except RequestError as exc:
@@ -599,7 +605,9 @@ class ControlServer:
         with conn:
             doc, action, param, error = self._answer(line)
             delivered = self._send(conn, doc, self.write_timeout)
-        log.info(
+        # Monitors poll status and health every few seconds: no news, at debug.
+        emit = log.debug if action in QUIET_ACTIONS else log.info
+        emit(
             "control.request",
             action=action,
             k=param.get("k"),

@@ -301,6 +301,16 @@ class Scheduler:
             ]
         return {"pending": pending, "running": running}
 
+    def busy(self) -> tuple[frozenset[Key], frozenset[Key]]:
+        """Return the keys pending (a run after their last event is still to come) and the
+        keys of the batches handed out or running."""
+        with self._lock:
+            pending = frozenset(self._pending)
+            running = frozenset(
+                (key, r.batch.update) for r in self._running.values() for key in r.batch.app_keys
+            )
+        return pending, running
+
     def wait_idle(self, timeout: float) -> bool:
         """Return True once nothing is pending or running, False if `timeout` passes first."""
         with self._lock:

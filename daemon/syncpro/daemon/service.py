@@ -4,6 +4,11 @@ startup() → run() → shutdown(timeout). Signal handlers only record the signa
 acts on it. Everything a sync needs (config, inventory) is swapped as one snapshot on reload.
 The main loop never blocks on anything slow (a reload's database read, a server restart that
 waits for its clients): that runs in a thread while the loop keeps pinging the watchdog.
+
+Lost events are made up for by re-checks (a rescan compares each app's sources with what the
+state recorded), which never add a run for an app already pending or running, and after watcher
+trouble come at most once per max_wait: a re-check must never feed the trouble it answers. A
+failed (app, mode) is tried again after 5 s, doubling up to the rescan interval.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import logging
 import math
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,9 +30,13 @@ import structlog
 
 from syncpro import __version__
 from syncpro.config.settings import Config, Dirs, load_config
+from syncpro.daemon.metrics import Metrics
+from syncpro.daemon.progress import RunningSyncs
+from syncpro.daemon.reloads import Reloads
 from syncpro.daemon.scheduler import Batch, Scheduler
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.state import StateLock, StateStore, fingerprint, marker_is_new, marker_signature
+from syncpro.daemon.status import completed_status, health_answer, reload_answer
 from syncpro.daemon.watch import DONE, WRITING, Watcher
 from syncpro.engine import layout
 from syncpro.engine.publish import next_expiry, sweep
@@ -45,8 +53,24 @@ from syncpro.inventory.source import load_inventory
 log = structlog.get_logger()
 
 _TICK = 1.0
+RETRY_FIRST = 5.0
+"""Seconds before the first retry of a failed (app, mode); each retry doubles it, up to the
+rescan interval."""
+_TROUBLE = frozenset(
+    {
+        "overflow",
+        "watcher_error",
+        "watcher_died",
+        "inotify_failed",
+        "root_missing",
+        "root_unavailable",
+    }
+)
+"""Rescan reasons that say events may have been lost: re-checked at most once per max_wait."""
 _AREAS = ("softdir", "configuredir")
 _DATA_DIRS = ("remotecomdir", "updatedir", "softdir", "configuredir")
+RELOAD_WAIT = 120.0
+"""Seconds a `reload` request waits for the reload's outcome."""
 STOP_TIMEOUT = 30.0
 """Seconds shutdown waits in all, for syncs, requests and threads together (one deadline):
 the systemd unit's TimeoutStopSec leaves room above it, so no sync is SIGKILLed."""
@@ -64,6 +88,19 @@ class Snapshot:
     def app(self, app_key: str) -> App | None:
         app = self.inventory.by_key().get(app_key)
         return app if app is not None and app.auto_deploy else None
+
+
+@dataclass
+class _Retry:
+    """A failed (app, mode) waiting for its next try."""
+
+    attempts: int
+    delay: float
+    due: float
+    """Monotonic time of the next try."""
+    fingerprint: str | None
+    """The sources the failed sync read: a change of them starts the backoff again."""
+    error: str
 
 
 @dataclass
@@ -95,13 +132,10 @@ def make_data_dirs(dirs: Dirs) -> None:
             log.warning("service.dir_created", key=f"dirs.{key}", path=str(path))
 
 
-def open_state(directory: Path) -> StateStore:
-    """Given dirs.state, return its store. Raise StartupError if sqlite cannot open it,
-    OSError if the directory cannot be made."""
-    try:
-        return StateStore(directory)
-    except sqlite3.Error as exc:
-        raise StartupError(f"cannot open the state in {directory}: {exc}") from None
+def open_state(directory: Path, on_reset: Callable[[str], None] | None = None) -> StateStore:
+    """Given dirs.state, return its store, rebuilt if it was damaged (on_reset is told of a
+    rebuild while in use). Raise OSError if the directory cannot be made."""
+    return StateStore(directory, on_reset)
 
 
 class Service:
@@ -131,6 +165,12 @@ class Service:
         self._rescan_wanted = threading.Event()
         self._rescan_stop = threading.Event()
         self._rescan_thread: threading.Thread | None = None
+        self._last_trouble_rescan = -math.inf
+        # Per (app, mode) being synced: the fingerprint its sync read at its start.
+        self._inflight: dict[tuple[str, bool], str | None] = {}
+        self._inflight_lock = threading.Lock()
+        self._retries: dict[tuple[str, bool], _Retry] = {}
+        self._retry_lock = threading.Lock()
         self._unmapped: set[str] = set()
         self._last: dict[str, dict[str, Any]] = {}
         self._last_lock = threading.Lock()
@@ -147,6 +187,13 @@ class Service:
         self.control: Any = None
         self.http: Any = None
         self._previous_handlers: dict[int, Any] = {}
+        self.ready = False
+        self.monitor: Any = None
+        self.metrics = Metrics()
+        self.syncs_running = RunningSyncs(self.metrics.linked_bytes)
+        self.reloads = Reloads(self.metrics.reloaded)
+        self.metrics.watch_scheduler(self._queue_counts)
+        self.metrics.watch_health(lambda: self.ready, lambda: bool(self.status()["healthy"]))
 
     # --- snapshot of config and inventory ---
 
@@ -184,8 +231,9 @@ class Service:
         # Before anything else: a second daemon on this state is refused before it touches
         # a file or reads the database.
         self._state_lock = StateLock(config.dirs.state)
-        self.state = open_state(config.dirs.state)
+        self.state = open_state(config.dirs.state, self._state_reset)
         inventory, self.inventory_error = self._load_inventory(config, None)
+        self.metrics.inventory_read(len(inventory.apps), self.inventory_error)
         snap = Snapshot(config, inventory, ignore_for(config))
         with self._snapshot_lock:
             self._snapshot = snap
@@ -217,6 +265,7 @@ class Service:
             backends={str(k): v for k, v in self.watcher.backends.items()},
         )
         self.notifier.ready(self._status_line())
+        self.ready = True
 
     def _new_scheduler(self, config: Config) -> Scheduler:
         return Scheduler(
@@ -243,6 +292,25 @@ class Service:
     def _start_servers(self, config: Config) -> None:
         self._start_control(config)
         self._start_http(config)
+        try:
+            self._start_monitor(config)
+        except SyncproError as exc:  # the port is busy or not allowed
+            # Watching and syncing matter more than being watched: run without it (a
+            # scraper sees the target down), and a reload that changes monitor.listen retries.
+            log.error("monitor.unavailable", error=str(exc))
+
+    def _start_monitor(self, config: Config) -> None:
+        if config.monitor.listen:
+            from syncpro.daemon.monitor import MonitorServer
+
+            monitor = MonitorServer(config.monitor, self)
+            monitor.start()
+            self.monitor = monitor
+
+    def _stop_monitor(self, timeout: float = STOP_TIMEOUT) -> None:
+        monitor, self.monitor = self.monitor, None
+        if monitor is not None:
+            monitor.stop(timeout)
 
     def _start_control(self, config: Config) -> None:
         from syncpro.control.socket_server import ControlServer
@@ -278,9 +346,12 @@ class Service:
             for differs, start, stop in (
                 (new.control != old.control, self._start_control, self._stop_control),
                 (new.http != old.http, self._start_http, self._stop_http),
+                (new.monitor != old.monitor, self._start_monitor, self._stop_monitor),
             )
             if differs
         ]
+        if new.control != old.control or new.http != old.http:
+            self.reloads.release_waiters()  # their server waits for them to be answered
         for _, stop in changed:
             stop()
         try:
@@ -360,7 +431,7 @@ class Service:
             if self._hup:
                 self._hup = False
                 try:
-                    self._off_loop(self.reload_now, "syncpro-reload")
+                    self._off_loop(self.reloads.around(self.reload_now), "syncpro-reload")
                 except Exception as exc:
                     # Whatever broke half way, the daemon goes on with what it has.
                     log.exception("service.reload_crashed", error=str(exc))
@@ -381,6 +452,7 @@ class Service:
             if now >= next_rescan:
                 self.request_rescan("rescan")
                 next_rescan = now + snap.config.watch.rescan_interval
+            self._submit_due_retries(now)
             self._sweep_expired(snap.config)
             self._maybe_refresh_inventory(snap.config, now)
             if now >= next_status:
@@ -394,6 +466,9 @@ class Service:
             if self._stopping.is_set():
                 return
             self._stopping.set()
+            self.ready = False
+            # A reload's asker would hold the control server's stop until its deadline.
+            self.reloads.release_waiters("abandoned: the daemon is stopping")
             self.notifier.stopping("stopping: finishing running syncs")
         log.info("service.stopping")
 
@@ -436,6 +511,7 @@ class Service:
             return max(0.0, deadline - time.monotonic())
 
         self._stop_http(left())
+        self._stop_monitor(left())
         self._stop_control(left())
         if self.watcher is not None:
             self.watcher.stop(left())
@@ -511,6 +587,7 @@ class Service:
             problem = exc
         else:
             inventory, inventory_error = self._load_inventory(config, old.inventory)
+            self.metrics.inventory_read(len(inventory.apps), inventory_error)
             new = Snapshot(config, inventory, ignore_for(config))
         with self._apply_lock:
             if self._stopping.is_set():
@@ -519,6 +596,7 @@ class Service:
             if new is None:
                 assert problem is not None
                 log.error("service.reload_failed", error=str(problem))
+                self.reloads.failed(str(problem))
                 first = problem.problems[0]
                 self._ready_unless_stopping(f"reload failed, old config kept: {first}")
                 return False
@@ -544,6 +622,7 @@ class Service:
     def _reload_failed(self, old: Snapshot, exc: BaseException) -> bool:
         error = str(exc) if not isinstance(exc, OSError) else _os_error(exc)
         log.error("service.reload_failed", error=error, config_kept=str(old.config.path))
+        self.reloads.failed(error)
         self._ready_unless_stopping(f"reload failed, old config kept: {error}")
         return False
 
@@ -554,7 +633,7 @@ class Service:
         try:
             if not _same_dir(new.dirs.state, old.dirs.state):
                 prepared.lock = StateLock(new.dirs.state)
-                prepared.state = open_state(new.dirs.state)
+                prepared.state = open_state(new.dirs.state, self._state_reset)
             if new.dirs != old.dirs or new.watch != old.watch:
                 make_data_dirs(new.dirs)
                 prepared.watcher = self._new_watcher(new)
@@ -659,22 +738,44 @@ class Service:
     # --- rescans: catch-up at start, periodic, after watcher trouble ---
 
     def request_rescan(self, reason: str) -> None:
+        self.metrics.rescan_requested(reason)
         with self._rescan_lock:
             self._rescan_reasons.append(reason)
         self._rescan_wanted.set()
+
+    def _state_reset(self, error: str) -> None:
+        """The state database was set aside and rebuilt while in use: nothing is recorded
+        any more, so every app counts as changed and is synced again. Not at once as at
+        start: an upload may be half way, it settles like any event."""
+        self.request_rescan("state_rebuilt")
 
     def _rescan_loop(self) -> None:
         while not self._rescan_stop.is_set():
             self._rescan_wanted.wait()
             if self._rescan_stop.is_set():
                 return
+            with self._rescan_lock:
+                trouble_only = all(r in _TROUBLE for r in self._rescan_reasons)
+            if trouble_only:
+                # Events lost in a storm (an overflow, a watcher rebuilding) are covered by
+                # one re-check after it: at most one per max_wait, however many there were.
+                # Whatever else asks meanwhile comes along with it.
+                max_wait = self.snapshot.config.watch.max_wait
+                delay = self._last_trouble_rescan + max_wait - time.monotonic()
+                if delay > 0 and self._rescan_stop.wait(delay):
+                    return
             self._rescan_wanted.clear()
             with self._rescan_lock:
                 reasons, self._rescan_reasons = self._rescan_reasons, []
+            if not reasons:
+                continue
             try:
                 self._rescan("catch-up" if "catch-up" in reasons else "rescan", reasons)
             except Exception:
                 log.exception("service.rescan_failed", reasons=reasons)
+            if any(r in _TROUBLE for r in reasons):
+                # From its end: a long walk must not be followed by another at once.
+                self._last_trouble_rescan = time.monotonic()
 
     def _rescan(self, trigger: str, reasons: list[str]) -> None:
         snap = self.snapshot
@@ -682,27 +783,42 @@ class Service:
         if state is None or scheduler is None:
             return
         changed: list[tuple[float, str, bool]] = []
+        skipped = 0
         for app in snap.inventory.deployable:
+            pending, running = scheduler.busy()
             for update in (False, True):
                 if self._rescan_stop.is_set():
                     return
+                key = (app.app_key, update)
+                if key in pending:
+                    # Its run is still to come and reads the sources as they are then.
+                    skipped += 1
+                    continue
                 fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
                 if fp is None:
                     continue
+                if key in running:
+                    with self._inflight_lock:
+                        read = self._inflight.get(key)
+                    if read is None or read == fp.digest:
+                        # The running sync reads (or read) these very sources.
+                        skipped += 1
+                        continue
                 record = state.get(app.app_key, update)
                 if record is None or record.fingerprint != fp.digest:
                     changed.append((fp.newest, app.app_key, update))
         # Oldest arrival first, so that where both modes changed the newest arrival wins.
         changed.sort()
-        for _, key, update in changed:
+        for _, app_key, update in changed:
             # At start nothing is being uploaded that we know of: sync at once. Later, an
             # upload may be half way: settle like any event, and wait for its temporaries.
-            scheduler.submit(key, update, None, trigger, immediate=trigger == "catch-up")
+            scheduler.submit(app_key, update, None, trigger, immediate=trigger == "catch-up")
         log.info(
             "service.rescanned",
             trigger=trigger,
             reasons=sorted(set(reasons)),
             changed=[{"app_key": k, "update": u} for _, k, u in changed],
+            busy=skipped,
         )
 
     # --- running a batch (scheduler worker threads) ---
@@ -729,24 +845,93 @@ class Service:
         marker is recorded as it was then too: one written during the sync is honoured next."""
         started = time.time()
         dirs, marker = snap.config.dirs, snap.config.watch.ready_marker
-        prints = {
-            app.app_key: (
-                fingerprint(dirs, app, request.update, snap.ignore),
-                marker_signature(dirs, app, request.update, marker) if marker else None,
-            )
-            for app in apps
-        }
-        result = run_sync(request, snap.config, snap.inventory)
+        apps = list(apps)
+        keys = [(app.app_key, request.update) for app in apps]
+        with self._inflight_lock:
+            for key in keys:
+                self._inflight.setdefault(key, None)
+        try:
+            prints = {}
+            for app in apps:
+                fp = fingerprint(dirs, app, request.update, snap.ignore)
+                signature = marker_signature(dirs, app, request.update, marker) if marker else None
+                prints[app.app_key] = (fp, signature)
+                with self._inflight_lock:
+                    self._inflight[(app.app_key, request.update)] = (
+                        fp.digest if fp is not None else None
+                    )
+            with self.syncs_running.track(request, tuple(a.app_key for a in apps)) as progress:
+                result = run_sync(request, snap.config, snap.inventory, progress)
+        finally:
+            with self._inflight_lock:
+                for key in keys:
+                    self._inflight.pop(key, None)
         now = time.time()
+        self.metrics.sync_finished(result, result.seconds)
         for outcome in result.apps:
             fp, signature = prints.get(outcome.app_key, (None, None))
-            failed = any(
-                t is not None and t.status == FAILED for t in (outcome.program, outcome.config)
-            )
-            if fp is not None and not failed and self.state is not None:
+            failures = [
+                t for t in (outcome.program, outcome.config) if t is not None and t.status == FAILED
+            ]
+            if fp is not None and not failures and self.state is not None:
                 self.state.record(outcome.app_key, request.update, fp.digest, started, signature)
             self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
+            digest = fp.digest if fp is not None else None
+            error = "; ".join(str(t.error) for t in failures) if failures else None
+            self._track_retry(snap, outcome.app_key, request.update, digest, error)
         return result
+
+    # --- retries of failed syncs: 5 s, doubling, up to the rescan interval ---
+
+    def _track_retry(
+        self, snap: Snapshot, app_key: str, update: bool, digest: str | None, error: str | None
+    ) -> None:
+        """Given the outcome of one (app, mode), forget its retry when it succeeded, or plan
+        the next try when it failed: the same sources failing again wait twice as long, new
+        sources start again from RETRY_FIRST."""
+        key = (app_key, update)
+        with self._retry_lock:
+            previous = self._retries.pop(key, None)
+            if error is None:
+                if previous is not None:
+                    log.info(
+                        "sync.retry_succeeded",
+                        app=app_key,
+                        update=update,
+                        attempts=previous.attempts,
+                    )
+                return
+            ceiling = max(RETRY_FIRST, snap.config.watch.rescan_interval)
+            if previous is not None and previous.fingerprint == digest:
+                attempts, delay = previous.attempts + 1, min(previous.delay * 2, ceiling)
+            else:
+                attempts, delay = 1, min(RETRY_FIRST, ceiling)
+            self._retries[key] = _Retry(attempts, delay, time.monotonic() + delay, digest, error)
+        log.warning(
+            "sync.retry_scheduled",
+            app=app_key,
+            update=update,
+            attempt=attempts,
+            retry_in=delay,
+            error=error,
+        )
+
+    def _submit_due_retries(self, now: float) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        snap = self.snapshot
+        due: list[tuple[str, bool]] = []
+        with self._retry_lock:
+            for key, retry in list(self._retries.items()):
+                if snap.app(key[0]) is None:
+                    del self._retries[key]  # no longer an app to sync
+                elif retry.due <= now:
+                    # Should the run never report (its marker not ready), try again later.
+                    retry.due = now + retry.delay
+                    due.append(key)
+        for app_key, update in due:
+            scheduler.submit(app_key, update, None, "retry", immediate=True)
 
     def _marker_ready(self, snap: Snapshot, app: App, update: bool) -> bool:
         """Whether the app's ready marker exists and was written after the last sync of the
@@ -795,6 +980,7 @@ class Service:
         try:
             inventory = load_inventory(snap.config.inventory, snap.config.config_inventory)
         except InventoryError as exc:
+            self.metrics.inventory_read(None, str(exc))
             with self._snapshot_lock:
                 if self._generation != generation:
                     # A reload read its own inventory meanwhile: this error is not about it.
@@ -824,6 +1010,7 @@ class Service:
             self._inventory_backoff = 0.0
             self._inventory_due = time.monotonic() + refresh
             self._snapshot = Snapshot(snap.config, inventory, snap.ignore)
+        self.metrics.inventory_read(len(inventory.apps), None)
         if recovered or inventory.apps != snap.inventory.apps:
             log.info("inventory.refreshed", apps=len(inventory.apps), recovered=recovered)
             self.request_rescan("inventory")
@@ -837,6 +1024,10 @@ class Service:
         if self.scheduler is not None:
             s = self.scheduler.snapshot()
             parts.append(f"{len(s['running'])} syncing, {len(s['pending'])} pending")
+        with self._retry_lock:
+            retrying = len(self._retries)
+        if retrying:
+            parts.append(f"{retrying} failed, retrying")
         return "; ".join(parts)
 
     # --- the control plane's handler ---
@@ -871,7 +1062,7 @@ class Service:
         with self._last_lock:
             last = {key: dict(value) for key, value in self._last.items()}
         sched = self.scheduler.snapshot() if self.scheduler is not None else None
-        return {
+        doc = {
             "code": "0",
             "msg": "ok",
             "version": __version__,
@@ -890,11 +1081,42 @@ class Service:
             "apps": {app.app_key: last.get(app.app_key) for app in snap.inventory.apps},
             "pending": sched["pending"] if sched else [],
             "running": sched["running"] if sched else [],
+            "retrying": self._retry_status(),
+            "state": {
+                "path": str(self.state.path) if self.state is not None else None,
+                "rebuilt": self.state.resets if self.state is not None else 0,
+                "in_memory": self.state.in_memory if self.state is not None else False,
+            },
         }
+        return completed_status(
+            doc, ready=self.ready, running=self.syncs_running, reloads=self.reloads
+        )
+
+    def health(self) -> dict[str, Any]:
+        return health_answer(self.status())
+
+    def _queue_counts(self) -> tuple[int, int]:
+        sched = self.scheduler.snapshot() if self.scheduler is not None else None
+        return (len(sched["pending"]), len(sched["running"])) if sched else (0, 0)
+
+    def _retry_status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        with self._retry_lock:
+            return [
+                {
+                    "app_key": app_key,
+                    "update": update,
+                    "attempts": retry.attempts,
+                    "retry_in": round(max(0.0, retry.due - now), 3),
+                    "error": retry.error,
+                }
+                for (app_key, update), retry in sorted(self._retries.items())
+            ]
 
     def reload(self) -> dict[str, Any]:
+        ticket = self.reloads.ask()
         self.request_reload()
-        return {"code": "0", "msg": "reload requested"}
+        return reload_answer(self.reloads.wait(ticket, RELOAD_WAIT), RELOAD_WAIT)
 
 
 def _same_dir(a: Path, b: Path) -> bool:

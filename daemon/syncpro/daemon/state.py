@@ -9,9 +9,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import structlog
 
 from syncpro.config.settings import Dirs
 from syncpro.engine import layout
@@ -31,6 +34,9 @@ CREATE TABLE IF NOT EXISTS published (
 )
 """
 _ABSENT = "-"
+T = TypeVar("T")
+_IN_USE = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+log = structlog.get_logger()
 LOCK_NAME = "serve.lock"
 
 
@@ -55,26 +61,115 @@ class Record:
 
 
 class StateStore:
-    """A small sqlite database in dirs.state, safe to share between the daemon's threads."""
+    """A small sqlite database in dirs.state, safe to share between the daemon's threads.
 
-    def __init__(self, directory: Path) -> None:
+    It is a cache of what was published, never a reason to stop: a database that cannot be
+    opened or used (truncated, overwritten, a damaged page) is set aside under a new name,
+    with an error logged, and an empty one takes its place; `on_reset` is then told why, so
+    that the daemon re-checks every app (with no record, every app counts as changed). Where
+    not even a new file can be made, the state lives in memory until the next start.
+    """
+
+    def __init__(self, directory: Path, on_reset: Callable[[str], None] | None = None) -> None:
+        """Given dirs.state, open (or rebuild) its database. Raise OSError only if the
+        directory cannot be made."""
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "state.sqlite3"
+        self.on_reset = on_reset
+        self.resets = 0
+        """How many times the database was set aside and rebuilt since it was opened."""
+        self.in_memory = False
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(published)")}
-        if "marker" not in columns:  # a state written before ready markers were recorded
-            self._db.execute("ALTER TABLE published ADD COLUMN marker TEXT")
+        self._closed = False
+        self._db = self._open_or_rebuild()
+
+    def _open_or_rebuild(self) -> sqlite3.Connection:
+        try:
+            return _open(self.path)
+        except sqlite3.DatabaseError as exc:
+            self._set_aside(exc)
+        try:
+            return _open(self.path)
+        except (sqlite3.Error, OSError) as exc:
+            self.in_memory = True
+            log.error(
+                "state.in_memory",
+                path=str(self.path),
+                error=f"cannot make a new state database: {exc}; the state is kept in memory"
+                " until the next start, which then re-syncs every app with sources",
+            )
+            return _open(Path(":memory:"))
+
+    def _set_aside(self, exc: BaseException) -> None:
+        """Move the database and its journal files out of the way, keeping them for a look."""
+        self.resets += 1
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{os.getpid()}-{self.resets}")
+        moved: str | None = str(aside)
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            try:
+                source.rename(f"{aside}{suffix}")
+            except FileNotFoundError:
+                continue
+            except OSError as rename_error:
+                # The journal of a database we cannot move must not be replayed into the
+                # new one: remove what cannot be moved.
+                moved = None
+                with contextlib.suppress(OSError):
+                    source.unlink()
+                log.warning("state.set_aside_failed", path=str(source), error=str(rename_error))
+        log.error(
+            "state.set_aside",
+            path=str(self.path),
+            moved_to=moved,
+            error=f"the state database cannot be used ({exc}): set aside and rebuilt;"
+            " every app counts as changed and is synced again",
+        )
+
+    def _reset(self, exc: sqlite3.DatabaseError) -> None:
+        """Replace a database that failed in use; called with the lock held."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+        if self.in_memory:
+            log.error("state.in_memory_failed", error=str(exc))
+            self._db = _open(Path(":memory:"))
+            return
+        self._set_aside(exc)
+        self._db = self._open_or_rebuild()
+
+    def _use(self, work: Callable[[sqlite3.Connection], T]) -> T | None:
+        """Run work on the database; where the database fails, rebuild it, tell `on_reset`
+        and run work once more on the new one (None if that fails too)."""
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                return work(self._db)
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", None) in _IN_USE:
+                    # Someone else (an operator's sqlite3 shell) holds it: nothing is wrong
+                    # with it. Unknown or unrecorded counts as changed: one sync too many.
+                    log.warning("state.busy", path=str(self.path), error=str(exc))
+                    return None
+                failure = exc
+                self._reset(exc)
+                try:
+                    result = work(self._db)
+                except sqlite3.DatabaseError:
+                    result = None
+        if self.on_reset is not None:
+            self.on_reset(str(failure))
+        return result
 
     def get(self, app_key: str, update: bool) -> Record | None:
-        with self._lock:
-            row = self._db.execute(
+        row = self._use(
+            lambda db: db.execute(
                 "SELECT fingerprint, published_at, marker FROM published"
                 " WHERE app_key=? AND mode=?",
                 (app_key, int(update)),
             ).fetchone()
+        )
         return Record(row[0], row[1], row[2]) if row else None
 
     def record(
@@ -87,16 +182,44 @@ class StateStore:
     ) -> None:
         """Record what a sync that started `at` (default now) read: the fingerprint of the
         sources and the signature of the ready marker."""
-        with self._lock:
-            self._db.execute(
+        when = time.time() if at is None else at
+        self._use(
+            lambda db: db.execute(
                 "INSERT OR REPLACE INTO published"
                 " (app_key, mode, fingerprint, published_at, marker) VALUES (?, ?, ?, ?, ?)",
-                (app_key, int(update), fingerprint, time.time() if at is None else at, marker),
+                (app_key, int(update), fingerprint, when, marker),
             )
+        )
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    """Open the database at path and check it whole. Raise sqlite3.DatabaseError if it is
+    no database or a damaged one."""
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        # A commit per sync need not wait for the disk: a record lost with a power cut
+        # only makes that app sync again (and the WAL keeps the file whole meanwhile).
+        db.execute("PRAGMA synchronous=NORMAL")
+        # A damaged page is found only by reading it: a lookup by key may never touch it,
+        # and would then fail on some later day. The table is small: check it all now.
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError(f"damaged: {'; '.join(problems[:3])}")
+        db.execute(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(published)")}
+        if "marker" not in columns:  # a state written before ready markers were recorded
+            db.execute("ALTER TABLE published ADD COLUMN marker TEXT")
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 class StateLock:

@@ -6,6 +6,12 @@ the app's sync back, since rsync renames each file into place only once it is wh
 seconds after it began, with no event in between), or nothing at all (a path glob of the
 ignore patterns, our own reads, directory listings).
 
+Only events that mean a change are subscribed to (created, deleted, modified, moved, closed
+after writing, attributes): the daemon's own reads of the sources (copies, fingerprints, rescan
+walks, watchdog's reconcile walk) queue nothing in the kernel, so they can never overflow its
+queue. An opened or closed-without-writing event would be two per file read: a rescan of a big
+tree would overflow, and the re-check after the overflow would overflow again, for ever.
+
 watchdog only logs an inotify queue overflow and rebuilds its watches; nothing reaches handler
 code. We listen to its log records so the daemon can re-check everything after one.
 """
@@ -21,7 +27,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import structlog
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
@@ -32,8 +51,25 @@ log = structlog.get_logger()
 
 # Reads by our own syncs open and close source files: those events must never trigger.
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
-_WATCHES_LIMIT = Path("/proc/sys/fs/inotify/max_user_watches")
-_INSTANCES_LIMIT = Path("/proc/sys/fs/inotify/max_user_instances")
+CHANGE_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileAttribEvent,
+    DirAttribEvent,
+]
+"""What the watcher subscribes to. watchdog builds the inotify mask from it: IN_CREATE,
+IN_DELETE, IN_MODIFY, IN_MOVED_*, IN_CLOSE_WRITE, IN_ATTRIB (and IN_DELETE_SELF), never
+IN_OPEN, IN_CLOSE_NOWRITE or IN_ACCESS. A directory's own "modified" event is left out: it
+only repeats, for the parent, what the entry's event says."""
+_HOST_LIMITS = Path("/proc/sys/fs/inotify")
+_NAMESPACE_LIMITS = Path("/proc/sys/user")
+_QUEUE_LIMIT = _HOST_LIMITS / "max_queued_events"
 # What an event says of a temporary: it is being written, it is done with (closed after
 # writing, deleted, renamed away), or only touched (its mode or times set).
 WRITING, DONE, TOUCHED = "writing", "done", "touched"
@@ -74,22 +110,55 @@ def _limit(path: Path) -> str:
         return "unknown"
 
 
+def _in_child_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the host's: there the
+    inotify limits that apply are that namespace's own (`/proc/sys/user/max_inotify_*`)."""
+    try:
+        uid_map = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return uid_map != ["0", "0", "4294967295"]
+
+
+def _applying_limit(kind: str) -> tuple[str, str]:
+    """Given "watches" or "instances", return the inotify limit that applies to this process
+    with its value, and what to raise: in a user namespace of its own, that namespace's limit
+    (`/proc/sys/user/max_inotify_*`) applies, below the host's sysctl."""
+    host_name = f"fs.inotify.max_user_{kind}"
+    host = _limit(_HOST_LIMITS / f"max_user_{kind}")
+    if not _in_child_user_namespace():
+        return f"{host_name} = {host}", host_name
+    own = _NAMESPACE_LIMITS / f"max_inotify_{kind}"
+    return (
+        f"{own} = {_limit(own)} in this user namespace; host-wide {host_name} = {host}",
+        f"{own} in this user namespace (or {host_name} on the host)",
+    )
+
+
 def limit_message(exc: OSError) -> str | None:
     """Given the error of an inotify call, return what to raise to get past it, or None when
     it is no limit of inotify's."""
     if exc.errno == errno.ENOSPC:
-        return (
-            f"inotify watch limit reached ({_limit(_WATCHES_LIMIT)}); raise"
-            " fs.inotify.max_user_watches. Polling this root meanwhile."
-        )
+        limit, fix = _applying_limit("watches")
+        return f"inotify watch limit reached ({limit}); raise {fix}. Polling this root meanwhile."
     if exc.errno in (errno.EMFILE, errno.ENFILE):
+        limit, fix = _applying_limit("instances")
         return (
-            f"cannot create an inotify instance: limit of inotify instances reached"
-            f" ({_limit(_INSTANCES_LIMIT)}) or of open files; raise"
-            " fs.inotify.max_user_instances (or the open files limit)."
+            f"cannot create an inotify instance: limit of inotify instances reached ({limit})"
+            f" or of open files; raise {fix} or the open files limit."
             " Polling this root meanwhile."
         )
     return None
+
+
+def queue_message() -> str:
+    """Return what to say when the kernel's inotify queue overflowed: the sysctl to raise
+    and its value now."""
+    return (
+        f"inotify event queue overflowed (fs.inotify.max_queued_events = {_limit(_QUEUE_LIMIT)}):"
+        " events were lost and every app is re-checked. The queue is too small for the"
+        " changes arriving at once under this tree: raise fs.inotify.max_queued_events."
+    )
 
 
 SourceRootOf = Callable[[Path], Path | None]
@@ -159,17 +228,33 @@ class _Events(FileSystemEventHandler):
 
 
 class _TroubleLog(logging.Handler):
-    """Turns watchdog's own warnings (overflow, failed rebuild) into a call the daemon acts on."""
+    """Turns watchdog's own warnings (overflow, failed rebuild) into a call the daemon acts on.
+
+    One overflow makes watchdog log twice (the lost events, then the rebuild of each
+    recursive watch): both are counted as one. The advice to raise the queue's sysctl is
+    given once per watcher, later overflows only counted."""
 
     def __init__(self, on_trouble: Callable[[str], None]) -> None:
         super().__init__(logging.WARNING)
         self.on_trouble = on_trouble
+        self.overflows = 0
+        self._advised = False
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        log.warning("watch.watchdog_warning", message=message)
-        reason = "overflow" if "overflow" in message.lower() else "watcher_error"
-        self.on_trouble(reason)
+        if "overflow" not in message.lower():
+            log.warning("watch.watchdog_warning", message=message)
+            self.on_trouble("watcher_error")
+            return
+        if "reconciling" in message:
+            return  # the second line of the same overflow
+        self.overflows += 1
+        if not self._advised:
+            self._advised = True
+            log.error("watch.queue_overflow", error=queue_message(), overflows=self.overflows)
+        else:
+            log.warning("watch.queue_overflow", overflows=self.overflows)
+        self.on_trouble("overflow")
 
 
 class Watcher:
@@ -217,17 +302,21 @@ class Watcher:
         handler = _Events(root, self.ignore, self.source_root_of, self.on_change, self.on_temporary)
         self._handlers[root] = handler
         if not polling:
-            observer: BaseObserver = Observer()
+            observer: BaseObserver | None = None
             try:
-                observer.schedule(handler, str(root), recursive=True)
+                # Inside the try: making the observer already opens its inotify instance,
+                # which fails when none is left (EMFILE).
+                observer = Observer()
+                observer.schedule(handler, str(root), recursive=True, event_filter=CHANGE_EVENTS)
                 observer.start()
                 problem = inotify_problem(root)
                 if problem is not None:
                     raise problem
             except OSError as exc:
-                observer.stop()
-                if observer.is_alive():
-                    observer.join(timeout=10)
+                if observer is not None:
+                    observer.stop()
+                    if observer.is_alive():
+                        observer.join(timeout=10)
                 self._report_failure(root, exc)
             else:
                 observer.name = f"syncpro-watch-{root.name}"
@@ -235,7 +324,7 @@ class Watcher:
                 self.backends[root] = "inotify"
                 return
         observer = PollingObserver(timeout=self.poll_interval)
-        observer.schedule(handler, str(root), recursive=True)
+        observer.schedule(handler, str(root), recursive=True, event_filter=CHANGE_EVENTS)
         observer.start()
         self._observers[root] = observer
         self.backends[root] = "polling"

@@ -29,7 +29,7 @@ from syncpro.engine.result import (
     TargetOutcome,
 )
 from syncpro.engine.selection import select
-from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
+from syncpro.engine.tree import Ignore, ListedFileError, Progress, TreeBuilder
 from syncpro.engine.walk import Manifest, TreePlan, plan_path
 from syncpro.errors import PublishError, RequestError
 from syncpro.inventory.apps import App, Inventory
@@ -57,9 +57,12 @@ def ignore_for(config: Config) -> Ignore:
     return Ignore(patterns)
 
 
-def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> SyncResult:
+def run_sync(
+    request: SyncRequest, config: Config, inventory: Inventory, progress: Progress | None = None
+) -> SyncResult:
     """Given a request, the config and the inventory, sync every selected app and return the
-    result. Raise RequestError if `k` selects nothing at all (empty)."""
+    result, telling `progress` of each file built. Raise RequestError if `k` selects nothing
+    at all (empty)."""
     tokens = request.tokens
     if not tokens:
         raise RequestError("k must not be empty: give an app_key, a local_name or all")
@@ -80,13 +83,15 @@ def run_sync(request: SyncRequest, config: Config, inventory: Inventory) -> Sync
         if PROGRAM in request.parts:
             plans = program_plans(config.dirs, selection.apps, request.update)
             parts = list(
-                pool.map(lambda p: _sync_program(config, request.update, p, ignore), plans)
+                pool.map(
+                    lambda p: _sync_program(config, request.update, p, ignore, progress), plans
+                )
             )
             for program in parts:
                 program.merge_into(outcomes, result)
         if CONFIG in request.parts:
             found = [config_plan(config.dirs, app, request.update) for app in selection.apps]
-            made = pool.map(lambda c: _sync_config(config, c, ignore), found)
+            made = pool.map(lambda c: _sync_config(config, c, ignore, progress), found)
             for plan, config_outcome in zip(found, made, strict=True):
                 outcomes[plan.app.app_key].config = config_outcome
                 if config_outcome.status == MISSING:
@@ -119,7 +124,13 @@ class _ProgramRun:
         result.digests.update(self.digests)
 
 
-def _sync_program(config: Config, update: bool, plan: ProgramPlan, ignore: Ignore) -> _ProgramRun:
+def _sync_program(
+    config: Config,
+    update: bool,
+    plan: ProgramPlan,
+    ignore: Ignore,
+    progress: Progress | None = None,
+) -> _ProgramRun:
     run = _ProgramRun()
     target = plan.target
     for app, source in plan.missing:
@@ -130,7 +141,7 @@ def _sync_program(config: Config, update: bool, plan: ProgramPlan, ignore: Ignor
     winner, source = plan.winner
     if not update:
         run.drift = _drift(plan.group, list(plan.present), ignore, run.digests)
-    published = _publish(config, "program", source, target, ignore, None)
+    published = _publish(config, "program", source, target, ignore, None, progress)
     for app, app_source in plan.present:
         if app is winner:
             run.outcomes[app.app_key] = published
@@ -172,10 +183,12 @@ def _drift(
     return found
 
 
-def _sync_config(config: Config, plan: ConfigPlan, ignore: Ignore) -> TargetOutcome:
+def _sync_config(
+    config: Config, plan: ConfigPlan, ignore: Ignore, progress: Progress | None = None
+) -> TargetOutcome:
     if not plan.exists:
         return TargetOutcome("config", str(plan.source), str(plan.target.path), MISSING)
-    return _publish(config, "config", plan.source, plan.target, ignore, plan.listed)
+    return _publish(config, "config", plan.source, plan.target, ignore, plan.listed, progress)
 
 
 def _publish(
@@ -185,6 +198,7 @@ def _publish(
     target: layout.Target,
     ignore: Ignore,
     listed: tuple[str, ...] | None,
+    progress: Progress | None = None,
 ) -> TargetOutcome:
     started = time.monotonic()
     builder: TreeBuilder | None = None
@@ -196,7 +210,9 @@ def _publish(
     def unchanged(current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
         nonlocal builder, plan
-        builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+        builder = TreeBuilder(
+            ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
+        )
         plan = builder.plan(source, Manifest.load(manifest_file))
         return plan.unchanged
 
@@ -204,7 +220,9 @@ def _publish(
         nonlocal builder, plan
         if builder is None or builder.reuse != current:
             # No walk yet against this published tree: copy_tree makes its own.
-            builder = TreeBuilder(ignore=ignore, reuse=current, preserve_owner=preserve_owner)
+            builder = TreeBuilder(
+                ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
+            )
             plan = None
         if listed is None:
             builder.copy_tree(source, staging, plan)

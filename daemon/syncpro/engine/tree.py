@@ -13,7 +13,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,11 @@ log = structlog.get_logger()
 
 _OPEN_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_TARGET = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+Progress = Callable[[str, int], None]
+"""Told of a build as it goes: ("planned", size) for each regular file it will make, then
+("copied", size) or ("linked", size) as each is made. Called on the building thread."""
 
 
 class ListedFileError(Exception):
@@ -96,8 +101,16 @@ class _Dir:
 class TreeBuilder:
     """Copies sources into a new staging tree, hard-linking files unchanged since `reuse`."""
 
-    def __init__(self, *, ignore: Ignore, reuse: Path | None, preserve_owner: bool) -> None:
+    def __init__(
+        self,
+        *,
+        ignore: Ignore,
+        reuse: Path | None,
+        preserve_owner: bool,
+        progress: Progress | None = None,
+    ) -> None:
         self.ignore = ignore
+        self.progress = progress
         self.reuse = reuse
         self.preserve_owner = preserve_owner
         self.stats = CopyStats()
@@ -148,6 +161,10 @@ class TreeBuilder:
         for rel, kind in plan.skipped:
             self.stats.skipped.append(rel)
             log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
+        if self.progress is not None:
+            for entry in plan.entries:
+                if stat.S_ISREG(entry.st.st_mode):
+                    self.progress("planned", entry.st.st_size)
         os.mkdir(dst, 0o700)
         dst_fd = open_dir(dst)
         made = os.fstat(dst_fd)
@@ -246,6 +263,7 @@ class TreeBuilder:
             if first is not None and _try_link(first[0], None, entry.name, here.dst):
                 self.stats.hardlinks += 1
                 self._remember(entry, first[1])
+                self._told("linked", entry.st.st_size)
                 return
         if (
             entry.reuse
@@ -254,6 +272,7 @@ class TreeBuilder:
         ):
             self.stats.linked += 1
             made = entry.pub_ino
+            how = "linked"
         else:
             fd_in = os.open(entry.name, _OPEN_SOURCE, dir_fd=here.src)
             try:
@@ -261,9 +280,15 @@ class TreeBuilder:
             finally:
                 os.close(fd_in)
             self.written.append(staged)
+            how = "copied"
         if entry.st.st_nlink > 1:
             self._inodes.setdefault(key, (staged, made))
         self._remember(entry, made)
+        self._told(how, entry.st.st_size)
+
+    def _told(self, event: str, size: int) -> None:
+        if self.progress is not None:
+            self.progress(event, size)
 
     def _remember(self, entry: Entry, made: int) -> None:
         # The walk's stat of the source, not the copy's: a change in between moves the ctime,
@@ -353,12 +378,15 @@ class TreeBuilder:
                     self._build(fd, plan, target, Path(reuse) if reuse else None, real)
                 elif stat.S_ISREG(st.st_mode):
                     self.stats.files += 1
+                    self._told("planned", st.st_size)
                     reuse = self._reuse_path(norm, directory=False)
                     if reuse is not None and self._link_unchanged(fd, st, reuse, target):
                         self.stats.linked += 1
+                        self._told("linked", st.st_size)
                     else:
                         self._copy_open(fd, target, None, norm)
                         self.written.append(target)
+                        self._told("copied", st.st_size)
                 else:
                     self.stats.skipped.append(norm)
                     log.warning(

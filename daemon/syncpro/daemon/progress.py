@@ -1,0 +1,109 @@
+"""Syncs running now: what each has done of what it will do, for `ctl status`."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from syncpro.engine.request import SyncRequest
+
+log = structlog.get_logger()
+
+
+def iso(timestamp: float) -> str:
+    """Given a Unix time, return it as ISO 8601 in UTC, to the millisecond."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class SyncProgress:
+    """One running sync; the engine calls it per file (see engine.tree.Progress)."""
+
+    number: int
+    request: SyncRequest
+    app_keys: tuple[str, ...]
+    started: float
+    """Unix time it started."""
+    on_linked: Callable[[int], None] | None = None
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __call__(self, event: str, size: int) -> None:
+        with self._lock:
+            if event == "planned":
+                self.files_total += 1
+                self.bytes_total += size
+                return
+            self.files_done += 1
+            self.bytes_done += size
+        if event == "linked" and self.on_linked is not None:
+            self.on_linked(size)
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            done = (self.files_done, self.files_total, self.bytes_done, self.bytes_total)
+        trigger = self.request.trigger
+        return {
+            "k": self.request.normalised_k,
+            "app_keys": list(self.app_keys),
+            "update": self.request.update,
+            "origin": self.request.origin,
+            "trigger": trigger.by if trigger is not None else None,
+            "started": iso(self.started),
+            "syncing": True,
+            "seconds": round(time.time() - self.started, 3),
+            "files_done": done[0],
+            "files_total": done[1],
+            "bytes_done": done[2],
+            "bytes_total": done[3],
+        }
+
+
+class RunningSyncs:
+    """The syncs in progress, each from its sync.started to its end."""
+
+    def __init__(self, on_linked: Callable[[int], None] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[int, SyncProgress] = {}
+        self._numbers = itertools.count(1)
+        self._on_linked = on_linked
+
+    @contextlib.contextmanager
+    def track(self, request: SyncRequest, app_keys: tuple[str, ...]) -> Iterator[SyncProgress]:
+        """Log sync.started and yield the progress to give the engine; it is forgotten when
+        the block ends."""
+        progress = SyncProgress(
+            next(self._numbers), request, app_keys, time.time(), on_linked=self._on_linked
+        )
+        trigger = request.trigger
+        log.info(
+            "sync.started",
+            k=request.normalised_k,
+            app_keys=list(app_keys),
+            update=request.update,
+            origin=request.origin,
+            trigger=trigger.by if trigger is not None else None,
+        )
+        with self._lock:
+            self._running[progress.number] = progress
+        try:
+            yield progress
+        finally:
+            with self._lock:
+                self._running.pop(progress.number, None)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            running = list(self._running.values())
+        return [p.as_dict() for p in running]

@@ -109,11 +109,18 @@ def test_overflows_are_said_once_and_re_checked_at_most_once_per_max_wait(
     put(tmp_path / "r/softdir/small", {"a.txt": "1\n"})
     bigs = ["big1", "big2", "big3"]
     apps = [{"app_key": key, "local_name": key} for key in ["small", *bigs]]
-    max_wait = 2.0
+    max_wait = 4.0
     config = write_config(tmp_path, apps, watch={"settle": 0.3, "max_wait": max_wait})
     for key in bigs:  # watched from the start: files made in them while stopped are queued
         for d in range(80):
             (tmp_path / "r/softdir" / key / f"d{d:03}").mkdir(parents=True)
+
+    def rechecked_after_overflow(number: int) -> bool:
+        """Whether overflow `number` was reported and a re-check followed it."""
+        names = [e.get("event") for e in daemon.events]
+        seen = [i for i, name in enumerate(names) if name == "watch.queue_overflow"]
+        return len(seen) >= number and "service.rescanned" in names[seen[number - 1] :]
+
     with running(config) as daemon:
         daemon.wait_sync("small")
         for key in bigs:
@@ -126,17 +133,21 @@ def test_overflows_are_said_once_and_re_checked_at_most_once_per_max_wait(
                 many_files(tmp_path / "r/softdir" / key, folders=80, per_folder=100)
             finally:
                 daemon.signal(signal.SIGCONT)
-            daemon.wait_event("watch.queue_overflow", count=number, timeout=60)
+            # Past the re-check, watchdog's rebuild of its watches after the overflow is done
+            # too: the next files land in watched folders. (Where the rebuild was still going
+            # on, the files were never seen and the re-check syncs them.)
+            daemon.wait(
+                lambda n=number, k=key: rechecked_after_overflow(n) or len(daemon.syncs(k)) > 1,
+                timeout=60,
+                what=f"overflow {number} re-checked",
+            )
         for key in bigs:
             daemon.wait_sync(key, count=2, timeout=120)
-
-        # Every overflow asks for a re-check: one comes after the last of them.
-        def rechecked_after_the_last_overflow() -> bool:
-            names = [e.get("event") for e in daemon.events]
-            last = max(i for i, name in enumerate(names) if name == "watch.queue_overflow")
-            return "service.rescanned" in names[last:]
-
-        daemon.wait(rechecked_after_the_last_overflow, timeout=60, what="the last re-check")
+        daemon.wait(
+            lambda: rechecked_after_overflow(len(daemon.find("watch.queue_overflow"))),
+            timeout=60,
+            what="the last re-check",
+        )
         put(tmp_path / "r/softdir/small", {"a.txt": "2\n"})
         daemon.wait_sync("small", count=2, timeout=60)
         for key in bigs:
@@ -148,7 +159,7 @@ def test_overflows_are_said_once_and_re_checked_at_most_once_per_max_wait(
             assert by.count("rescan") <= 1, by
             assert len(by) <= 3, by
         overflows = daemon.find("watch.queue_overflow")
-        assert len(overflows) == 3
+        assert len(overflows) >= 2
         advice = [e for e in overflows if "error" in e]
         assert len(advice) == 1, "the sysctl to raise is said once"
         queued = Path("/proc/sys/fs/inotify/max_queued_events").read_text().strip()

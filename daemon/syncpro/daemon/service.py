@@ -166,6 +166,7 @@ class Service:
         self._rescan_stop = threading.Event()
         self._rescan_thread: threading.Thread | None = None
         self._last_trouble_rescan = -math.inf
+        self._trouble_since: float | None = None
         # Per (app, mode) being synced: the fingerprint its sync read at its start.
         self._inflight: dict[tuple[str, bool], str | None] = {}
         self._inflight_lock = threading.Lock()
@@ -741,6 +742,8 @@ class Service:
         self.metrics.rescan_requested(reason)
         with self._rescan_lock:
             self._rescan_reasons.append(reason)
+            if reason in _TROUBLE and self._trouble_since is None:
+                self._trouble_since = time.monotonic()
         self._rescan_wanted.set()
 
     def _state_reset(self, error: str) -> None:
@@ -756,17 +759,25 @@ class Service:
                 return
             with self._rescan_lock:
                 trouble_only = all(r in _TROUBLE for r in self._rescan_reasons)
+                since = self._trouble_since
             if trouble_only:
                 # Events lost in a storm (an overflow, a watcher rebuilding) are covered by
                 # one re-check after it: at most one per max_wait, however many there were.
-                # Whatever else asks meanwhile comes along with it.
-                max_wait = self.snapshot.config.watch.max_wait
-                delay = self._last_trouble_rescan + max_wait - time.monotonic()
+                # It starts `settle` after the first report at the earliest: watchdog
+                # rebuilds its watches right after reporting an overflow, and what lands
+                # while it does has no event; a walk that begins later sees it. Whatever
+                # else asks meanwhile comes along with it.
+                watch = self.snapshot.config.watch
+                start = self._last_trouble_rescan + watch.max_wait
+                if since is not None:
+                    start = max(start, since + watch.settle)
+                delay = start - time.monotonic()
                 if delay > 0 and self._rescan_stop.wait(delay):
                     return
             self._rescan_wanted.clear()
             with self._rescan_lock:
                 reasons, self._rescan_reasons = self._rescan_reasons, []
+                self._trouble_since = None
             if not reasons:
                 continue
             try:

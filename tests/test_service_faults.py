@@ -149,7 +149,7 @@ def test_a_sync_failed_on_a_read_only_target_is_retried_with_backoff_until_it_su
         daemon.wait_sync("web1")
         with read_only(base / "soft") as writable:
             put(base / "r/softdir/server1", {"bin/run.sh": "v2\n"})
-            first = daemon.wait_event("sync.retry_scheduled", app="server1")
+            first = daemon.wait_event("sync.retry_scheduled", app_key="server1")
             assert first["attempt"] == 1 and first["retry_in"] == 5.0
             assert "Read-only file system" in first["error"]
             retrying = ctl_status(config)["retrying"]
@@ -158,11 +158,11 @@ def test_a_sync_failed_on_a_read_only_target_is_retried_with_backoff_until_it_su
             ]
             assert 0 < retrying[0]["retry_in"] <= 5.0
             # The same sources failing again wait twice as long.
-            second = daemon.wait_event("sync.retry_scheduled", count=2, app="server1")
+            second = daemon.wait_event("sync.retry_scheduled", count=2, app_key="server1")
             assert second["attempt"] == 2 and second["retry_in"] == 10.0
             assert daemon.syncs("server1")[-1]["response"]["trigger"]["by"] == "retry"
             writable()
-            done = daemon.wait_event("sync.retry_succeeded", app="server1", timeout=30)
+            done = daemon.wait_event("sync.retry_succeeded", app_key="server1", timeout=30)
             assert done["attempts"] == 2
         assert tree(base / "soft/server") == {"bin/run.sh": "v2\n"}
         assert ctl_status(config)["retrying"] == []

@@ -907,7 +907,7 @@ class Service:
                 if previous is not None:
                     log.info(
                         "sync.retry_succeeded",
-                        app=app_key,
+                        app_key=app_key,
                         update=update,
                         attempts=previous.attempts,
                     )
@@ -920,7 +920,7 @@ class Service:
             self._retries[key] = _Retry(attempts, delay, time.monotonic() + delay, digest, error)
         log.warning(
             "sync.retry_scheduled",
-            app=app_key,
+            app_key=app_key,
             update=update,
             attempt=attempts,
             retry_in=delay,

@@ -138,7 +138,7 @@ def test_a_restart_syncs_only_what_changed_while_down(base: Path) -> None:
     put(base / "r/softdir/server1", {"bin/run.sh": "v3 while down\n"})
     with running(config) as daemon:
         rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
-        assert rescan["changed"] == [{"app_key": "server1", "update": False}]
+        assert rescan["changed"] == [{"app_key": "server1", "update": False, "parts": ["program"]}]
         daemon.wait_sync("server1")
         assert tree(base / "soft/server") == {"bin/run.sh": "v3 while down\n"}
         assert daemon.syncs("web1") == []
@@ -750,4 +750,32 @@ def test_the_periodic_rescan_catches_a_change_the_watcher_never_saw(
         triggers = [e["response"]["trigger"]["by"] for e in daemon.syncs("server1")]
         assert "watcher" not in triggers
         assert triggers[-1] == "rescan"
+        assert daemon.stop() == 0
+
+
+def test_a_config_edit_republishes_that_config_only_never_rolling_back_the_program(
+    base: Path,
+) -> None:
+    put(base / "u/softdir/server", {"bin/run.sh": "server 1.5.0\n"})
+    put(base / "u/configuredir/server/server1", {"a.conf": "1\n"})
+    put(base / "u/configuredir/server/server2", {"a.conf": "2\n"})
+    with running(write_config(base, APPS)) as daemon:
+        daemon.wait_sync("server1")
+        # The catch-up applies the oldest arrival first: the newer build (updatedir) last.
+        daemon.wait(
+            lambda: (
+                tree(base / "soft/server") == {"bin/run.sh": "server 1.5.0\n"}
+                and tree(base / "conf/server/server1") == {"a.conf": "1\n"}
+            ),
+            what="the updatedir build published over remotecomdir's",
+        )
+
+        with open(base / "r/configuredir/server1/app.properties", "a") as f:
+            f.write("tuned=1\n")
+        sync = daemon.wait_sync("server1", count=2)
+
+        app = sync["response"]["apps"][0]
+        assert app["program"] is None and app["config"]["status"] == "published"
+        assert tree(base / "conf/server/server1") == {"app.properties": "node=1\ntuned=1\n"}
+        assert tree(base / "soft/server") == {"bin/run.sh": "server 1.5.0\n"}
         assert daemon.stop() == 0

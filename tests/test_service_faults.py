@@ -244,7 +244,9 @@ def test_a_state_that_fails_in_use_is_rebuilt_and_the_daemon_goes_on(base: Path)
             # Nothing is recorded any more but what web1's sync recorded in the new one:
             # every other app counts as changed and is synced again.
             rescan = daemon.wait_event("service.rescanned", reasons=["state_rebuilt"])
-            assert rescan["changed"] == [{"app_key": "server1", "update": False}]
+            assert rescan["changed"] == [
+                {"app_key": "server1", "update": False, "parts": ["config", "program"]}
+            ]
             daemon.wait_sync("server1", count=2)
             assert ctl_status(config)["state"]["in_memory"] is True
             put(base / "r/softdir/server1", {"bin/run.sh": "still watched\n"})

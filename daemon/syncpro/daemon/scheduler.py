@@ -38,6 +38,8 @@ from typing import Self, TypedDict
 
 import structlog
 
+from syncpro.engine.request import BOTH_PARTS
+
 log = structlog.get_logger()
 
 Key = tuple[str, bool]
@@ -65,6 +67,9 @@ class Batch:
     """Clock time of the first event of the oldest burst in the batch."""
     events: int = 0
     """How many events the batch covers."""
+    parts: frozenset[str] = BOTH_PARTS
+    """Which targets the events concern: a watcher's event names the part its path lies in;
+    one that names none (a retry, a manual trigger) concerns both."""
 
 
 class PendingInfo(TypedDict):
@@ -102,6 +107,7 @@ class _Burst:
     paths: dict[str, None] = field(default_factory=dict)
     forced: float = math.inf
     """Clock time from which the key is due whatever its settle time (immediate submission)."""
+    parts: set[str] = field(default_factory=set)
 
     def due(self, settle: float, max_wait: float, held_until: float = -math.inf) -> float:
         quiet = max(self.last + settle, held_until)
@@ -180,11 +186,13 @@ class Scheduler:
         trigger: str = "watcher",
         *,
         immediate: bool = False,
+        part: str | None = None,
     ) -> None:
         """Given an event for (app_key, update), schedule a run after it.
 
         `immediate` makes the key due now (catch-up, a manual trigger) instead of after the
-        settle time. Ignored, with a warning, once the scheduler is stopping.
+        settle time. `part` names the target the event concerns ("program" or "config");
+        None means both. Ignored, with a warning, once the scheduler is stopping.
         """
         with self._lock:
             if self._stop_event.is_set():
@@ -201,6 +209,7 @@ class Scheduler:
                 self._pending[key] = burst
             burst.last = now
             burst.events += 1
+            burst.parts.update(BOTH_PARTS if part is None else (part,))
             if path is not None and len(burst.paths) < PATHS_LIMIT:
                 burst.paths.setdefault(path)
             if immediate:
@@ -486,6 +495,7 @@ class Scheduler:
             trigger=oldest.trigger,
             first_event=oldest.first,
             events=sum(b.events for b in chosen),
+            parts=frozenset().union(*(b.parts for b in chosen)) or BOTH_PARTS,
         )
         self._running[group] = _Running(batch, since=now)
         self._ready.append(group)
@@ -549,6 +559,7 @@ class Scheduler:
                     trigger=bursts[0].trigger,
                     first_event=bursts[0].first,
                     events=sum(b.events for b in bursts),
+                    parts=frozenset().union(*(b.parts for b in bursts)) or BOTH_PARTS,
                 )
             )
         return batches

@@ -40,12 +40,13 @@ from syncpro.daemon.status import completed_status, health_answer, reload_answer
 from syncpro.daemon.watch import DONE, WRITING, Watcher
 from syncpro.engine import layout
 from syncpro.engine.publish import next_expiry, sweep
-from syncpro.engine.request import SyncRequest, Trigger
+from syncpro.engine.request import BOTH_PARTS, CONFIG, SyncRequest, Trigger
 from syncpro.engine.response import response_document
 from syncpro.engine.result import FAILED, SyncResult
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for, run_sync
 from syncpro.engine.tree import Ignore
+from syncpro.engine.walk import plan_path
 from syncpro.errors import ConfigError, InventoryError, RequestError, StartupError, SyncproError
 from syncpro.inventory.apps import App, Inventory
 from syncpro.inventory.source import load_inventory
@@ -170,6 +171,8 @@ class Service:
         # Per (app, mode) being synced: the fingerprint its sync read at its start.
         self._inflight: dict[tuple[str, bool], str | None] = {}
         self._inflight_lock = threading.Lock()
+        # (app, mode) a rescan passed over while its sync ran: checked again when it ends.
+        self._recheck: set[tuple[str, bool]] = set()
         self._retries: dict[tuple[str, bool], _Retry] = {}
         self._retry_lock = threading.Lock()
         self._unmapped: set[str] = set()
@@ -720,8 +723,10 @@ class Service:
         if unknown is not None and unknown not in self._unmapped:
             self._unmapped.add(unknown)
             log.warning("watch.unknown_app", path=str(path), where=unknown)
+        owner = layout.owner_of(self.snapshot.config.dirs, path)
+        part = owner.part if owner is not None else None
         for key in keys:
-            scheduler.submit(key, update, str(path), "watcher")
+            scheduler.submit(key, update, str(path), "watcher", part=part)
 
     def _on_temporary(self, path: Path, state: str) -> None:
         scheduler = self.scheduler
@@ -793,7 +798,7 @@ class Service:
         state, scheduler = self.state, self.scheduler
         if state is None or scheduler is None:
             return
-        changed: list[tuple[float, str, bool]] = []
+        changed: list[tuple[float, str, bool, set[str]]] = []
         skipped = 0
         for app in snap.inventory.deployable:
             pending, running = scheduler.busy()
@@ -805,30 +810,35 @@ class Service:
                     # Its run is still to come and reads the sources as they are then.
                     skipped += 1
                     continue
+                if key in running:
+                    # The running sync walks these sources itself; what lands after its walk
+                    # is checked again when it ends.
+                    with self._inflight_lock:
+                        self._recheck.add(key)
+                    skipped += 1
+                    continue
                 fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
                 if fp is None:
                     continue
-                if key in running:
-                    with self._inflight_lock:
-                        read = self._inflight.get(key)
-                    if read is None or read == fp.digest:
-                        # The running sync reads (or read) these very sources.
-                        skipped += 1
-                        continue
                 record = state.get(app.app_key, update)
-                if record is None or record.fingerprint != fp.digest:
-                    changed.append((fp.newest, app.app_key, update))
+                parts = fp.changed_parts(record.fingerprint if record is not None else None)
+                if parts:
+                    changed.append((fp.newest, app.app_key, update, parts))
         # Oldest arrival first, so that where both modes changed the newest arrival wins.
-        changed.sort()
-        for _, app_key, update in changed:
+        changed.sort(key=lambda item: item[:3])
+        for _, app_key, update, parts in changed:
             # At start nothing is being uploaded that we know of: sync at once. Later, an
             # upload may be half way: settle like any event, and wait for its temporaries.
-            scheduler.submit(app_key, update, None, trigger, immediate=trigger == "catch-up")
+            # Only the parts that changed: a config edit never republishes a program.
+            for part in sorted(parts):
+                scheduler.submit(
+                    app_key, update, None, trigger, immediate=trigger == "catch-up", part=part
+                )
         log.info(
             "service.rescanned",
             trigger=trigger,
             reasons=sorted(set(reasons)),
-            changed=[{"app_key": k, "update": u} for _, k, u in changed],
+            changed=[{"app_key": k, "update": u, "parts": sorted(p)} for _, k, u, p in changed],
             busy=skipped,
         )
 
@@ -845,15 +855,19 @@ class Service:
             update=batch.update,
             origin="watcher",
             trigger=Trigger(batch.trigger, tuple(batch.paths)),
+            # With a ready marker, its arrival says the app's upload is whole: publish it all
+            # (a run held back for the marker dropped what its events had named).
+            parts=BOTH_PARTS if snap.config.watch.ready_marker else batch.parts,
         )
         self._sync_and_record(snap, request, apps)
 
     def _sync_and_record(
         self, snap: Snapshot, request: SyncRequest, apps: Iterable[App]
     ) -> SyncResult:
-        """Sync, then record per app the fingerprint its sources had before the sync started:
-        a change that lands during the sync differs from it and is synced again. The ready
-        marker is recorded as it was then too: one written during the sync is honoured next."""
+        """Sync, then record per app the fingerprint of the sources as the sync's own walk read
+        them (one walk: the sync hands its digests back), for the parts it synced: a change
+        that lands after that walk differs from the record and is synced again. The ready
+        marker is recorded as it was before the sync: one written during it is honoured next."""
         started = time.time()
         dirs, marker = snap.config.dirs, snap.config.watch.ready_marker
         apps = list(apps)
@@ -862,15 +876,19 @@ class Service:
             for key in keys:
                 self._inflight.setdefault(key, None)
         try:
-            prints = {}
+            signatures = {
+                app.app_key: marker_signature(dirs, app, request.update, marker) if marker else None
+                for app in apps
+            }
+            # A type-2 config is published from its list, not walked whole by the sync: its
+            # folder's digest is taken here, before the sync reads it.
+            before: dict[str, tuple[str, float]] = {}
             for app in apps:
-                fp = fingerprint(dirs, app, request.update, snap.ignore)
-                signature = marker_signature(dirs, app, request.update, marker) if marker else None
-                prints[app.app_key] = (fp, signature)
-                with self._inflight_lock:
-                    self._inflight[(app.app_key, request.update)] = (
-                        fp.digest if fp is not None else None
-                    )
+                if app.config_integrated and CONFIG in request.parts:
+                    source = layout.config_source(dirs, app, request.update)
+                    with contextlib.suppress(OSError):
+                        plan = plan_path(source, None, snap.ignore, owners=False)
+                        before[str(source)] = (plan.digest, plan.newest_ctime)
             with self.syncs_running.track(request, tuple(a.app_key for a in apps)) as progress:
                 result = run_sync(request, snap.config, snap.inventory, progress)
         finally:
@@ -879,18 +897,50 @@ class Service:
                     self._inflight.pop(key, None)
         now = time.time()
         self.metrics.sync_finished(result, result.seconds)
+        known = {**result.digests, **before}
         for outcome in result.apps:
-            fp, signature = prints.get(outcome.app_key, (None, None))
+            found = snap.app(outcome.app_key)
+            fp = (
+                fingerprint(dirs, found, request.update, snap.ignore, known=known)
+                if found is not None
+                else None
+            )
             failures = [
                 t for t in (outcome.program, outcome.config) if t is not None and t.status == FAILED
             ]
             if fp is not None and not failures and self.state is not None:
-                self.state.record(outcome.app_key, request.update, fp.digest, started, signature)
+                recorded = self.state.get(outcome.app_key, request.update)
+                self.state.record(
+                    outcome.app_key,
+                    request.update,
+                    fp.merged(recorded.fingerprint if recorded else None, request.parts),
+                    started,
+                    signatures.get(outcome.app_key),
+                )
             self._remember(outcome.app_key, request.update, outcome.ok, outcome.errors, now)
             digest = fp.digest if fp is not None else None
             error = "; ".join(str(t.error) for t in failures) if failures else None
             self._track_retry(snap, outcome.app_key, request.update, digest, error)
+        self._recheck_after(snap, keys)
         return result
+
+    def _recheck_after(self, snap: Snapshot, keys: list[tuple[str, bool]]) -> None:
+        """A rescan that passed over a running sync (after an inotify overflow, say) checks
+        that (app, mode) now: what landed after the sync's walk is submitted."""
+        with self._inflight_lock:
+            due = [key for key in keys if key in self._recheck]
+            self._recheck.difference_update(due)
+        scheduler, state = self.scheduler, self.state
+        if not due or scheduler is None or state is None:
+            return
+        for app_key, update in due:
+            app = snap.app(app_key)
+            fp = fingerprint(snap.config.dirs, app, update, snap.ignore) if app else None
+            record = state.get(app_key, update)
+            if fp is None:
+                continue
+            for part in sorted(fp.changed_parts(record.fingerprint if record else None)):
+                scheduler.submit(app_key, update, None, "rescan", part=part)
 
     # --- retries of failed syncs: 5 s, doubling, up to the rescan interval ---
 

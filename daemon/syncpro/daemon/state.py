@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import sqlite3
 import threading
@@ -19,6 +18,7 @@ import structlog
 from syncpro.config.settings import Dirs
 from syncpro.engine import layout
 from syncpro.engine.ignore import Ignore
+from syncpro.engine.request import CONFIG, PROGRAM
 from syncpro.engine.walk import plan_path
 from syncpro.errors import StartupError
 from syncpro.inventory.apps import App
@@ -42,13 +42,45 @@ LOCK_NAME = "serve.lock"
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """A digest of an app's sources in one mode, and when the newest of them arrived."""
+    """A digest of an app's sources in one mode, per part, and when the newest of them
+    arrived. `digest` is what the state records: "<program>|<config>", each part's digest or
+    "absent", so that a sync of one part can record that part alone."""
 
-    digest: str
+    parts: dict[str, str]
     newest: float
     """The largest ctime in the sources, their folders included: `rsync -a` keeps the
     uploader's mtimes, so only the inode change time says when a file landed here (or, for
     its folder's, when one was deleted)."""
+
+    @property
+    def digest(self) -> str:
+        return f"{self.parts[PROGRAM]}|{self.parts[CONFIG]}"
+
+    def changed_parts(self, recorded: str | None) -> set[str]:
+        """The parts whose digest differs from a recorded fingerprint (all for none, or one
+        of an older format)."""
+        halves = _halves(recorded)
+        return {part for part in (PROGRAM, CONFIG) if halves.get(part) != self.parts[part]}
+
+    def merged(self, recorded: str | None, synced: frozenset[str]) -> str:
+        """What to record after a sync of `synced` parts only: their digests now, and for the
+        other parts what was recorded before ("unknown" if nothing was), never a state of
+        theirs that was not published."""
+        halves = _halves(recorded)
+        return "|".join(
+            self.parts[part] if part in synced else halves.get(part, _UNKNOWN)
+            for part in (PROGRAM, CONFIG)
+        )
+
+
+def _halves(recorded: str | None) -> dict[str, str]:
+    if recorded is None or recorded.count("|") != 1:
+        return {}
+    program, config = recorded.split("|")
+    return {PROGRAM: program, CONFIG: config}
+
+
+_UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -284,12 +316,11 @@ def fingerprint(
     newest ctime (of the source folders too), or None when neither source exists. `known`
     holds the digests a sync just made of source folders (`SyncResult.digests`): those are
     not walked again."""
-    digest = hashlib.blake2b(digest_size=16)
+    parts: dict[str, str] = {}
     newest = 0.0
-    found = False
-    for kind, root in (
-        ("program", layout.program_source(dirs, app, update)),
-        ("config", layout.config_source(dirs, app, update)),
+    for part, root in (
+        (PROGRAM, layout.program_source(dirs, app, update)),
+        (CONFIG, layout.config_source(dirs, app, update)),
     ):
         walked = (known or {}).get(str(root))
         if walked is None:
@@ -297,15 +328,16 @@ def fingerprint(
                 plan = plan_path(root, None, ignore, owners=False)
             except OSError:
                 # Absent, not a folder, or changing under the walk: the sync reports it.
-                digest.update(f"{kind}:absent\0".encode())
+                parts[part] = "absent"
                 continue
             walked = (plan.digest, plan.newest_ctime)
-        found = True
         # A deletion leaves no entry behind whose ctime could say when: only the ctime of
         # the folder it was in does, and the walk counts every folder's, the root's too.
         newest = max(newest, walked[1])
-        digest.update(f"{kind}:{walked[0]}\0".encode())
-    return Fingerprint(digest.hexdigest(), newest) if found else None
+        parts[part] = walked[0]
+    if all(digest == "absent" for digest in parts.values()):
+        return None
+    return Fingerprint(parts, newest)
 
 
 def marker_signature(dirs: Dirs, app: App, update: bool, marker: str) -> str:

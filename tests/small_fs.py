@@ -38,3 +38,17 @@ def small_ext4(where: Path, size_mib: int = 16, inodes: int | None = None) -> It
 def remount(mnt: Path, mode: str) -> None:
     """Remount mnt read-only ("ro") or read-write ("rw")."""
     subprocess.run(["mount", "-o", f"remount,{mode}", str(mnt)], check=True)
+
+
+@contextlib.contextmanager
+def ramfs(where: Path) -> Iterator[Path]:
+    """Mount a ramfs (no extended attributes at all) at where/ram; unmount whatever happens."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount")
+    mnt = where / "ram"
+    mnt.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from small_fs import remount, small_ext4
+from small_fs import ramfs, remount, small_ext4
 from syncpro.config.settings import load_config
+from syncpro.engine.response import response_document
 
 from helpers import (
     app,
@@ -115,3 +116,24 @@ def test_a_read_only_target_filesystem_fails_the_sync_and_the_next_one_converges
 
         assert sync(config, "a1").ok
         assert (program_target(config, "a1") / "v").read_text() == "2"
+
+
+def test_attributes_a_target_filesystem_cannot_hold_are_named_and_the_rest_published(
+    tmp_path: Path,
+) -> None:
+    with ramfs(tmp_path) as mnt:
+        config = _config_on(mnt, tmp_path)
+        source = program_source(config, "a1")
+        write_tree(source, {"bin/run": "1", "plain": "2"})
+        os.setxattr(source / "bin/run", "user.origin", b"build-42")
+        config_source(config, "a1").mkdir(parents=True)
+
+        result = sync(config, "a1")
+
+        assert result.ok, result.errors
+        program = result.apps[0].program
+        assert program is not None and program.stats is not None
+        assert program.stats.not_kept == ["bin/run: user.origin (Operation not supported)"]
+        assert (program_target(config, "a1") / "bin/run").read_text() == "1"
+        message = response_document(result)["data"]["msg"]
+        assert message.startswith("成功: ") and "could not keep bin/run: user.origin" in message

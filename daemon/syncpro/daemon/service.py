@@ -14,6 +14,7 @@ failed (app, mode) is tried again after 5 s, doubling up to the rescan interval.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -129,6 +130,13 @@ def make_data_dirs(dirs: Dirs) -> None:
     for key in _DATA_DIRS:
         path: Path = getattr(dirs, key)
         if not path.is_dir():
+            if os.path.lexists(path):
+                # mkdir would say "File exists", which reads as if all were well.
+                raise NotADirectoryError(
+                    errno.ENOTDIR,
+                    f"dirs.{key} is not a directory (a file is in the way)",
+                    str(path),
+                )
             path.mkdir(parents=True, exist_ok=True)
             log.warning("service.dir_created", key=f"dirs.{key}", path=str(path))
 

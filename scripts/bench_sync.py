@@ -383,12 +383,13 @@ class Bench:
         return run, timed_subprocess(["sync", "-f", str(dst)])
 
     def syncpro_run(self, case: str, variant: str) -> Run:
+        # A CLI run's detached sweeper (idle priority, so it may take a while) must never
+        # overlap a timed run, full copies included.
+        self.wait_for_sweeper()
         if case == "full":
             self.reset_syncpro_targets()
-        else:
-            self.wait_for_sweeper()
-            if case == "incremental":
-                rewrite(self.src / self.changed)
+        elif case == "incremental":
+            rewrite(self.src / self.changed)
         fsync = "on" if variant.endswith("-fsync") else "off"
         sync_filesystem()
         if variant.startswith("cli"):

@@ -131,6 +131,7 @@ def test_metrics_count_the_catch_up_syncs_files_and_build_in_the_prometheus_form
 
         assert get(port, "/readyz")[0] == 200
         assert health(port) == (200, {"status": "ok", "ready": True, "problems": []})
+        assert value(samples(port), "syncpro_retrying") == 0
         assert get(port, "/nothing")[0] == 404
 
         # A second sync links what it copied the first time: linked files and bytes.
@@ -170,6 +171,7 @@ def test_healthz_turns_503_when_an_app_fails_for_real_and_200_once_fixed(
         assert value(found, "syncpro_syncs_total", **failed) == 1
         assert value(found, "syncpro_healthy") == 0
         assert value(found, "syncpro_app_last_sync_failed", app="server1") == 1
+        assert value(found, "syncpro_retrying") == 1  # the failed sync waits for its retry
         # Readiness is not health: the daemon still serves.
         assert get(port, "/readyz")[0] == 200
 
@@ -177,6 +179,7 @@ def test_healthz_turns_503_when_an_app_fails_for_real_and_200_once_fixed(
         (base / "soft").mkdir()
         assert ctl(config, "-k", "server1").returncode == 0
         assert health(port) == (200, {"status": "ok", "ready": True, "problems": []})
+        assert value(samples(port), "syncpro_retrying") == 0
         assert ctl(config, "health").returncode == 0
         assert daemon.stop() == 0
 

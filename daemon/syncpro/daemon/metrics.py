@@ -81,6 +81,9 @@ class Metrics:
         )
         self.pending = Gauge("syncpro_pending", "(app, mode) keys waiting to sync", registry=r)
         self.running = Gauge("syncpro_running", "Groups syncing now", registry=r)
+        self.retrying = Gauge(
+            "syncpro_retrying", "(app, mode) whose last sync failed, waiting to retry", registry=r
+        )
         self.overflows = Counter(
             "syncpro_watch_overflows",
             "Times the kernel's inotify event queue overflowed (events lost, rescan follows)",
@@ -127,6 +130,11 @@ class Metrics:
         """Given a function returning (pending, running), read them at every scrape."""
         self.pending.set_function(lambda: counts()[0])
         self.running.set_function(lambda: counts()[1])
+
+    def watch_retries(self, waiting: Callable[[], int]) -> None:
+        """Given a function counting the (app, mode) waiting to retry, read it at every
+        scrape."""
+        self.retrying.set_function(lambda: float(waiting()))
 
     def watch_health(self, ready: Callable[[], bool], healthy: Callable[[], bool]) -> None:
         """Given functions saying whether the daemon is ready and healthy, read them at

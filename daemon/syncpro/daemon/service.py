@@ -205,6 +205,7 @@ class Service:
         self.syncs_running = RunningSyncs(self.metrics.linked_bytes)
         self.reloads = Reloads(self.metrics.reloaded)
         self.metrics.watch_scheduler(self._queue_counts)
+        self.metrics.watch_retries(lambda: len(self._retry_status()))
         self.metrics.watch_health(lambda: self.ready, lambda: bool(self.status()["healthy"]))
 
     # --- snapshot of config and inventory ---

@@ -29,6 +29,7 @@ import structlog
 from syncpro import __version__
 from syncpro.config.settings import HttpSettings
 from syncpro.control.forms import FormError, body_pairs
+from syncpro.control.listener import Listener
 from syncpro.control.protocol import (
     QUIET_ACTIONS,
     ProtocolError,
@@ -56,7 +57,7 @@ _LINGER_BYTES = 16 << 20
 _REX_METHODS = "POST, OPTIONS"
 
 
-class HttpServer:
+class HttpServer(Listener["_Server"]):
     """Serves POST /rex and GET /healthz in its own thread, one thread per request."""
 
     def __init__(
@@ -68,60 +69,39 @@ class HttpServer:
         max_clients: int = 64,
         slot_wait: float = 1.0,
     ) -> None:
+        super().__init__(settings.host_port, "syncpro-http")
         self.settings = settings
         self.handler = handler
         self.timeout = timeout
         self.max_clients = max_clients
         self.slot_wait = slot_wait
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound host and port (the real port when the settings asked for port 0)."""
-        if self._server is None:
-            return self.settings.host_port
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
 
     def start(self) -> None:
         """Bind the listen address and start serving. Raise ControlError if it cannot be bound."""
-        host, port = self.settings.host_port
-        cls = _Server6 if ":" in host else _Server
         try:
-            server = cls((host, port), _Handler)
+            self._serve(_Server, _Server6, _Handler)
         except OSError as exc:
             raise ControlError(
                 f"cannot serve HTTP on {self.settings.listen}: {exc.strerror or exc}"
             ) from None
-        server.syncpro = self
-        server.slots = threading.BoundedSemaphore(self.max_clients)
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="syncpro-http",
-            daemon=False,
-        )
-        self._thread.start()
         host, port = self.address
         log.info("http.listening", host=host, port=port)
 
+    def prepare(self, server: _Server) -> None:
+        server.syncpro = self
+        server.slots = threading.BoundedSemaphore(self.max_clients)
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop accepting, wait for running requests to be answered, and close the socket."""
-        server, self._server = self._server, None
-        if server is None or self._thread is None:
-            return
         deadline = time.monotonic() + timeout
-        server.shutdown()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        server.server_close()
+        server = self._stop_serving(deadline)
+        if server is None:
+            return
         for thread in server.request_threads():
             thread.join(max(0.0, deadline - time.monotonic()))
         abandoned = [t.name for t in server.request_threads() if t.is_alive()]
         if abandoned:
             log.warning("http.stop_abandoned", requests=abandoned)
-        self._thread = None
         log.info("http.stopped", listen=self.settings.listen)
 
     def __enter__(self) -> HttpServer:

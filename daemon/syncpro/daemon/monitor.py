@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
@@ -12,6 +11,7 @@ from typing import Any, Protocol
 import structlog
 
 from syncpro.config.model import MonitorSettings
+from syncpro.control.listener import Listener
 from syncpro.daemon.metrics import CONTENT_TYPE, Metrics
 from syncpro.errors import ControlError
 
@@ -100,53 +100,30 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("monitor.request", request=self.requestline, client=self.client_address[0])
 
 
-class MonitorServer:
+class MonitorServer(Listener[_Server]):
     """Serves the monitor endpoints in a thread of its own; start() and stop()."""
 
     def __init__(self, settings: MonitorSettings, daemon: Monitored) -> None:
+        super().__init__(settings.host_port, "syncpro-monitor")
         self.settings = settings
         self.daemon = daemon
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        """The bound host and port (the real port when the settings asked for port 0)."""
-        if self._server is None:
-            return self.settings.host_port
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
 
     def start(self) -> None:
         """Bind monitor.listen and serve. Raise ControlError if it cannot be bound."""
-        host, port = self.settings.host_port
-        cls = _Server6 if ":" in host else _Server
         try:
-            server = cls((host, port), _Handler)
+            self._serve(_Server, _Server6, _Handler)
         except OSError as exc:
             raise ControlError(
                 f"monitor.listen: cannot serve {self.settings.listen}: {exc.strerror or exc}"
             ) from None
-        server.monitored = self.daemon
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name="syncpro-monitor",
-            daemon=False,
-        )
-        self._thread.start()
         host, port = self.address
         log.info("monitor.listening", host=host, port=port)
 
+    def prepare(self, server: _Server) -> None:
+        server.monitored = self.daemon
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop serving and close the socket; requests under way are cut (they are reads)."""
-        server, self._server = self._server, None
-        if server is None or self._thread is None:
+        if self._stop_serving(time.monotonic() + timeout) is None:
             return
-        deadline = time.monotonic() + timeout
-        server.shutdown()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        server.server_close()
-        self._thread = None
         log.info("monitor.stopped", listen=self.settings.listen)

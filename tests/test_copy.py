@@ -232,3 +232,16 @@ def test_a_manifest_of_another_tree_is_never_trusted(tmp_path: Path) -> None:
     # The tree's own manifest vouches for the source as it was compared: a change made
     # inside the published tree by hand is the one thing it does not see.
     assert _builder(reuse=published).plan(source, builder.manifest).unchanged
+
+
+@pytest.mark.skipif(not ROOT, reason="ACLs of other users need root")
+def test_a_default_acl_over_the_work_area_reaches_nothing_published(tmp_path: Path) -> None:
+    source = write_tree(tmp_path / "src", {"d/f": "x", "g": "y"})
+    area = tmp_path / "staging"
+    area.mkdir()
+    os.setxattr(area, "system.posix_acl_default", ACL)  # an admin's default on the target root
+
+    _builder().copy_tree(source, area / "new")
+
+    for rel in ("", "d", "d/f", "g"):
+        assert _xattrs(area / "new" / rel) == _xattrs(source / rel), rel

@@ -127,14 +127,20 @@ def finish_metadata(
     if owners:
         os.fchown(fd, st.st_uid, st.st_gid)
     os.fchmod(fd, stat.S_IMODE(st.st_mode))
-    if xattrs or _may_have_xattrs(fd):
+    # Nothing a build makes inherits attributes (see clear_inherited), so a file or folder
+    # the source gives none needs no call at all.
+    if xattrs:
         apply_xattrs(fd, xattrs, rel, not_kept)
     os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _may_have_xattrs(fd: int) -> bool:
-    """Whether a fresh file could have inherited attributes (a default ACL of its folder)."""
-    try:
-        return bool(os.listxattr(fd))
-    except OSError:
-        return False
+def clear_inherited(fd: int) -> None:
+    """Remove what a new tree's root inherited from the work area (a default ACL set on the
+    target root, say). Its own folders get their attributes only once filled, so nothing
+    below the root can inherit one: files never need checking for inherited attributes."""
+    for name, _ in read_xattrs(fd):
+        try:
+            os.removexattr(fd, name)
+        except OSError as exc:
+            if exc.errno not in _NOT_HELD and exc.errno != errno.ENODATA:
+                raise

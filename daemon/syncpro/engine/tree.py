@@ -19,7 +19,7 @@ from pathlib import Path
 
 import structlog
 
-from syncpro.engine.copy import copy_data, finish_metadata
+from syncpro.engine.copy import clear_inherited, copy_data, finish_metadata
 from syncpro.engine.ignore import Ignore
 from syncpro.engine.walk import (
     Entry,
@@ -167,6 +167,7 @@ class TreeBuilder:
                     self.progress("planned", entry.st.st_size)
         os.mkdir(dst, 0o700)
         dst_fd = open_dir(dst)
+        clear_inherited(dst_fd)
         made = os.fstat(dst_fd)
         pub_fd: int | None = None
         if reuse is not None:
@@ -339,6 +340,11 @@ class TreeBuilder:
     ) -> None:
         root_stat = os.fstat(root_fd)
         os.mkdir(dst, 0o700)
+        dst_fd = open_dir(dst)
+        try:
+            clear_inherited(dst_fd)
+        finally:
+            os.close(dst_fd)
         made: list[tuple[str, os.stat_result, Xattrs]] = []
         # Shallow entries first: a listed directory is copied whole before any file inside it
         # that is listed too (which then is already there).

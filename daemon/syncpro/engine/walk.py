@@ -157,12 +157,6 @@ def read_xattrs(target: int | str) -> Xattrs:
     return tuple(found)
 
 
-def xattrs_at(dir_fd: int, name: str) -> Xattrs:
-    """The extended attributes of `name` in an open folder. Through /proc's link to the open
-    folder itself, so no path above it is resolved again."""
-    return read_xattrs(f"/proc/self/fd/{dir_fd}/{name}")
-
-
 def same_entry(
     a: os.stat_result,
     a_link: str | None,
@@ -187,17 +181,6 @@ def same_entry(
     if stat.S_ISREG(a.st_mode) and a.st_size != b.st_size:
         return False
     return a_link == b_link and a_xattrs == b_xattrs
-
-
-def kind_of(mode: int) -> str | None:
-    """The kind of entry a publish keeps ("dir", "file", "link"), or None for one it skips."""
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISREG(mode):
-        return "file"
-    if stat.S_ISLNK(mode):
-        return "link"
-    return None
 
 
 def special_kind(mode: int) -> str:

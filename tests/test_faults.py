@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from small_fs import ramfs, remount, small_ext4
+from syncpro.config.model import Config
 from syncpro.config.settings import load_config
 from syncpro.engine.response import response_document
 
@@ -22,21 +23,23 @@ from helpers import (
 )
 
 
-def _config_on(mnt: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+def _app_on(mnt: Path, tmp_path: Path) -> tuple[Config, Path]:
+    """A config whose targets lie on mnt, app a1's sources made (empty) outside it; return the
+    config and a1's program source."""
     doc = config_dict([app("a1", "a")], grace=30)
     doc["dirs"]["softdir"] = str(mnt / "softdir")
     doc["dirs"]["configuredir"] = str(mnt / "configuredir")
-    return load_config(str(write_config(tmp_path / "config.yml", doc)))
+    config = load_config(str(write_config(tmp_path / "config.yml", doc)))
+    program_source(config, "a1").mkdir(parents=True)
+    config_source(config, "a1").mkdir(parents=True)
+    return config, program_source(config, "a1")
 
 
 def test_a_full_target_filesystem_fails_the_publish_keeps_the_old_tree_and_says_why(
     tmp_path: Path,
 ) -> None:
     with small_ext4(tmp_path) as mnt:
-        config = _config_on(mnt, tmp_path)
-        source = program_source(config, "a1")
-        source.mkdir(parents=True)
-        config_source(config, "a1").mkdir(parents=True)
+        config, source = _app_on(mnt, tmp_path)
         (source / "big.bin").write_bytes(os.urandom(7 << 20))
         assert sync(config, "a1").ok
         old = snapshot(program_target(config, "a1"))
@@ -57,10 +60,7 @@ def test_a_sparse_file_bigger_than_the_target_filesystem_publishes_sparse(
     tmp_path: Path,
 ) -> None:
     with small_ext4(tmp_path) as mnt:
-        config = _config_on(mnt, tmp_path)
-        source = program_source(config, "a1")
-        source.mkdir(parents=True)
-        config_source(config, "a1").mkdir(parents=True)
+        config, source = _app_on(mnt, tmp_path)
         with open(source / "disk.img", "wb") as f:
             f.seek(100 << 20)
             f.write(b"eighteen bytes :-)")
@@ -78,10 +78,8 @@ def test_a_sparse_file_bigger_than_the_target_filesystem_publishes_sparse(
 
 def test_running_out_of_inodes_fails_the_publish_and_keeps_the_old_tree(tmp_path: Path) -> None:
     with small_ext4(tmp_path, inodes=128) as mnt:
-        config = _config_on(mnt, tmp_path)
-        source = program_source(config, "a1")
+        config, source = _app_on(mnt, tmp_path)
         write_tree(source, {f"f{i}": "x" for i in range(40)})
-        config_source(config, "a1").mkdir(parents=True)
         assert sync(config, "a1").ok
         old = snapshot(program_target(config, "a1"))
 
@@ -98,10 +96,8 @@ def test_a_read_only_target_filesystem_fails_the_sync_and_the_next_one_converges
     tmp_path: Path,
 ) -> None:
     with small_ext4(tmp_path) as mnt:
-        config = _config_on(mnt, tmp_path)
-        source = program_source(config, "a1")
+        config, source = _app_on(mnt, tmp_path)
         write_tree(source, {"v": "1"})
-        config_source(config, "a1").mkdir(parents=True)
         assert sync(config, "a1").ok
         (source / "v").write_text("2")
 
@@ -122,11 +118,9 @@ def test_attributes_a_target_filesystem_cannot_hold_are_named_and_the_rest_publi
     tmp_path: Path,
 ) -> None:
     with ramfs(tmp_path) as mnt:
-        config = _config_on(mnt, tmp_path)
-        source = program_source(config, "a1")
+        config, source = _app_on(mnt, tmp_path)
         write_tree(source, {"bin/run": "1", "plain": "2"})
         os.setxattr(source / "bin/run", "user.origin", b"build-42")
-        config_source(config, "a1").mkdir(parents=True)
 
         result = sync(config, "a1")
 

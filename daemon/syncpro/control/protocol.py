@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from syncpro.engine.request import SYNC_ACTION, SyncRequest, split_k, validate_k
-from syncpro.engine.response import REDACTED, refusal_document
+from syncpro.engine.response import REDACTED, ResponseDocument, refusal_document
 from syncpro.errors import RequestError
 
 DIFF_ACTION = "Deploy:Core:diff"
@@ -53,7 +53,7 @@ class ProtocolError(RequestError):
         self.ignored = ignored
         super().__init__(reason)
 
-    def document(self, code: str = "1") -> dict[str, Any]:
+    def document(self, code: str = "1") -> ResponseDocument:
         """Return the refusal document answering the request: nothing ran."""
         doc = refusal_document(self.param, self.reason, code)
         doc["ignored"] = list(self.ignored)

@@ -22,7 +22,7 @@ from syncpro.config.model import Config
 from syncpro.engine.ignore import Ignore
 from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
 from syncpro.engine.request import SyncRequest
-from syncpro.engine.response import command_line, run_document, text_safe
+from syncpro.engine.response import RunDocument, command_line, run_document, text_safe
 from syncpro.engine.result import Status
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for
@@ -77,7 +77,7 @@ class TargetDiff:
 
 def diff(
     request: SyncRequest, config: Config, inventory: Inventory, *, limit: int = DEFAULT_LIMIT
-) -> dict[str, Any]:
+) -> RunDocument:
     """Given a sync request, the config and the inventory, return a response document whose
     `diff` key says, per selected app, what syncing it would change in its program and config
     targets. Nothing is written. `data.data["0"]` is "1" when every app could be compared in

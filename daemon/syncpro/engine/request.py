@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from syncpro.errors import RequestError
 
 SYNC_ACTION = "Deploy:Core:syncpro"
-PROGRAM, CONFIG = "program", "config"
+
+
+class Kind(StrEnum):
+    """Which target of an app: a str, so documents and logs carry the plain word."""
+
+    PROGRAM = "program"  # the group's program tree in softdir
+    CONFIG = "config"  # the app's own config tree in configuredir
+
+
+class Mode(StrEnum):
+    """Which source area a sync reads: the request's update=0 or update=1."""
+
+    REMOTE = "remote"  # remotecomdir: what was downloaded from servers
+    UPDATE = "update"  # updatedir: new builds
+
+    @classmethod
+    def of(cls, update: bool) -> Mode:
+        return cls.UPDATE if update else cls.REMOTE
+
+
+PROGRAM, CONFIG = Kind.PROGRAM, Kind.CONFIG
 BOTH_PARTS = frozenset({PROGRAM, CONFIG})
 _SEPARATORS = re.compile(r"[\s,]+")
 _QUOTES = "'\""

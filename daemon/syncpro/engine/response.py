@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, TypeVar
 
 from syncpro.engine.request import SyncRequest
-from syncpro.engine.result import SyncResult
+from syncpro.engine.result import AppDocument, DriftDocument, SyncResult
 
 OK_MSG = "成功"
 FAIL_MSG = "失败"
@@ -16,6 +16,71 @@ PARSE_OK_MSG = "校验和解析参数成功"
 RUN_DONE_MSG = "执行完成"
 NOT_RUN_MSG = "未执行"
 REDACTED = "******"
+
+# The original's document, key for key (SPEC section 5); what clients of the original read.
+# Its counters and flags are strings ("0", "1") as the original sent them.
+Outcome = TypedDict("Outcome", {"0": str, "1": str, "2": str})
+"""data.data: "0" is "1" when the run succeeded; "1" and "2" the missing program and config
+sources, comma-separated."""
+
+
+class Data(TypedDict):
+    code: str
+    data: Outcome
+    msg: str
+
+
+class ParseParameters(TypedDict):
+    code: str
+    msg: str
+    precmd: str
+    requestCmd: str
+
+
+class Respon(TypedDict):
+    chdir: str
+    cmd: str
+    code: str
+    msg: str
+    ret: str
+    stderr: str
+    stdout: str
+
+
+class TriggerDocument(TypedDict):
+    by: str
+    paths: list[str]
+
+
+class ResponseDocument(TypedDict):
+    """The original's response document: a refusal is this alone."""
+
+    code: str
+    data: Data
+    param: dict[str, str]
+    parseparameters: ParseParameters
+    print_stdout: str
+    respon: Respon
+    take: str
+    ignored: NotRequired[list[str]]  # the request's unknown fields, added by dispatch
+
+
+class RunDocument(ResponseDocument):
+    """The document of a sync or diff that ran: the original's keys, then our extras (clients
+    of the original ignore what they do not know)."""
+
+    seconds: float
+    started: float
+    origin: str
+    unknown: list[str]
+    trigger: NotRequired[TriggerDocument]
+    skipped: NotRequired[list[dict[str, str]]]
+    drift: NotRequired[list[DriftDocument]]
+    apps: NotRequired[list[AppDocument]]  # a sync's
+    diff: NotRequired[dict[str, dict[str, dict[str, Any]]]]  # a diff's, per app and kind
+
+
+D = TypeVar("D", ResponseDocument, RunDocument)
 
 
 def text_safe(value: Any) -> Any:
@@ -39,6 +104,11 @@ def text_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [text_safe(v) for v in value]
     return value
+
+
+def safe_document(doc: D) -> D:
+    """Given a document, return it through text_safe: a file name's odd byte as `\\xff`."""
+    return text_safe(doc)  # type: ignore[no-any-return]
 
 
 def param_of(request: SyncRequest) -> dict[str, str]:
@@ -101,12 +171,12 @@ def run_document(
     cmd: str,
     unknown: tuple[str, ...],
     notes: list[str] | None = None,
-) -> dict[str, Any]:
+) -> RunDocument:
     """Given what a run (a sync or a diff) found, return the original's response document
     with our extra keys; callers add their own details. `notes` are what a successful run
     still has to tell (entries left out): they follow the success message."""
     param = param_of(request)
-    doc: dict[str, Any] = {
+    doc: RunDocument = {
         "code": "0",
         "data": {
             "code": "0" if ok else "1",
@@ -146,7 +216,7 @@ def run_document(
     return doc
 
 
-def response_document(result: SyncResult) -> dict[str, Any]:
+def response_document(result: SyncResult) -> RunDocument:
     """Given a sync result, return the response document its clients expect, plus details."""
     doc = run_document(
         result.request,
@@ -163,12 +233,13 @@ def response_document(result: SyncResult) -> dict[str, Any]:
     doc["skipped"] = [s.as_dict() for s in result.skipped]
     doc["drift"] = [d.as_dict() for d in result.drift]
     doc["apps"] = [app.as_dict() for app in result.apps]
-    return text_safe(doc)  # type: ignore[no-any-return]
+    return safe_document(doc)
 
 
-def refusal_document(param: dict[str, str], reason: str, code: str = "1") -> dict[str, Any]:
+def refusal_document(param: dict[str, str], reason: str, code: str = "1") -> ResponseDocument:
     """Given the request's fields (token already redacted) and why it was refused, return the
     response document of a request that could not be parsed or validated; nothing ran."""
+    code = str(code)  # a plain str, never an enum's member, in the document and its logs
     param = dict(param)
     if "token" in param:
         param["token"] = REDACTED

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import NotRequired, TypedDict, cast
 
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.selection import Skipped
@@ -29,11 +30,48 @@ PUBLISHED, MISSING, FAILED, SUPERSEDED = (
 )
 
 
+class TargetDocument(TypedDict):
+    """A target in a response document's `apps`: what became of it, then its copy counts."""
+
+    status: str
+    source: str
+    target: str
+    error: NotRequired[str]
+    winner: NotRequired[str]
+    unchanged: NotRequired[bool]
+    # CopyStats.as_dict(), when the tree was built or compared:
+    files: NotRequired[int]
+    dirs: NotRequired[int]
+    symlinks: NotRequired[int]
+    copied: NotRequired[int]
+    linked: NotRequired[int]
+    bytes_copied: NotRequired[int]
+    skipped: NotRequired[list[str]]
+    hardlinks: NotRequired[int]
+    not_kept: NotRequired[list[str]]
+    seconds: NotRequired[float]
+
+
+class AppDocument(TypedDict):
+    app_key: str
+    local_name: str
+    ok: bool
+    program: TargetDocument | None
+    config: TargetDocument | None
+
+
+class DriftDocument(TypedDict):
+    group: str
+    apps: list[str]
+    count: int
+    paths: list[str]
+
+
 @dataclass
 class TargetOutcome:
     """One program or config target of one app."""
 
-    kind: str  # "program" or "config"
+    kind: str  # a Kind: "program" or "config"
     source: str
     target: str
     status: Status
@@ -49,8 +87,8 @@ class TargetOutcome:
     def ok(self) -> bool:
         return self.status in (PUBLISHED, SUPERSEDED)
 
-    def as_dict(self) -> dict[str, object]:
-        doc: dict[str, object] = {
+    def as_dict(self) -> TargetDocument:
+        doc: TargetDocument = {
             "status": str(self.status),
             "source": self.source,
             "target": self.target,
@@ -62,7 +100,8 @@ class TargetOutcome:
         if self.unchanged:
             doc["unchanged"] = True
         if self.stats is not None:
-            doc.update(self.stats.as_dict())
+            # The stats' own keys, in their order: CopyStats says which they are.
+            doc.update(cast(TargetDocument, self.stats.as_dict()))
             doc["seconds"] = round(self.seconds, 6)
         return doc
 
@@ -93,7 +132,7 @@ class AppOutcome:
                 found.append(f"{self.app_key}: {outcome.error}")
         return found
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> AppDocument:
         return {
             "app_key": self.app_key,
             "local_name": self.local_name,
@@ -112,7 +151,7 @@ class Drift:
     count: int
     paths: tuple[str, ...]
 
-    def as_dict(self) -> dict[str, object]:
+    def as_dict(self) -> DriftDocument:
         return {
             "group": self.group,
             "apps": list(self.apps),

@@ -205,23 +205,6 @@ def test_a_typo_in_the_config_on_disk_still_lets_ctl_reach_the_running_daemon(
     assert str(path) in err
 
 
-def test_a_canned_failure_document_maps_to_exit_1_not_2() -> None:
-    from syncpro.control.client import exit_code
-
-    assert exit_code("Deploy:Core:syncpro", document(False)) == 1
-    assert exit_code("Deploy:Core:syncpro", {"code": "403"}) == 2
-    assert exit_code("status", {"code": "0"}) == 0
-
-
-def test_status_health_and_reload_that_ran_and_say_1_exit_1_a_refusal_of_them_2() -> None:
-    from syncpro.control.client import exit_code
-    from syncpro.engine.response import refusal_document
-
-    for action in ("status", "health", "reload"):
-        assert exit_code(action, {"code": "1", "msg": "last sync failed: server1"}) == 1
-        assert exit_code(action, refusal_document({"action": action}, "bad")) == 2
-
-
 # --- a full listen queue: wait for room, never fail at once ---
 
 _CONNECT_SYSCALL = {"x86_64": 42, "aarch64": 203}

@@ -25,7 +25,7 @@ import control_fakes
 from control_fakes import FakeHandler, ask, client_threads, document, fd_count, read_line
 from reference_request import reading
 from syncpro.config.settings import Config, ControlSettings
-from syncpro.control.socket_server import ControlServer, Peer
+from syncpro.control.socket_server import ControlServer
 from syncpro.engine.diff import diff
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.response import REDACTED, response_document
@@ -690,14 +690,6 @@ def test_a_peer_whose_group_is_allowed_is_served(open_dir: Path, handler: FakeHa
     settings = ControlSettings(socket=open_dir / "c.sock", mode=0o666, allow_gids=(NOBODY,))
     with ControlServer(settings, handler):
         assert _ask_as_nobody(settings.socket)["code"] == "0"
-
-
-def test_supplementary_groups_count_for_allow_gids(sock_dir: Path, handler: FakeHandler) -> None:
-    server = ControlServer(ControlSettings(socket=sock_dir / "c.sock", allow_gids=(4242,)), handler)
-    assert server.allowed(Peer(pid=1, uid=5000, gid=5000, groups=(100, 4242)))
-    assert not server.allowed(Peer(pid=1, uid=5000, gid=5000, groups=(100,)))
-    assert server.allowed(Peer(pid=1, uid=0, gid=0, groups=()))
-    assert server.allowed(Peer(pid=1, uid=os.geteuid(), gid=1, groups=()))
 
 
 # --- with the real engine behind the socket ---

@@ -8,10 +8,12 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from syncpro.config.settings import ControlSettings, control_socket_of, find_config, load_config
+from syncpro.control.dispatch import exit_code, render
 from syncpro.control.protocol import (
     DIFF_ACTION,
     HEALTH_ACTION,
@@ -21,9 +23,8 @@ from syncpro.control.protocol import (
     STATUS_ACTION,
 )
 from syncpro.engine.request import SYNC_ACTION
-from syncpro.errors import ConfigError, ControlError
+from syncpro.errors import ConfigError, ControlError, ExitCode
 
-EXIT_OK, EXIT_UNSUCCESSFUL, EXIT_USAGE = 0, 1, 2
 ACTIONS = {
     "sync": SYNC_ACTION,
     "diff": DIFF_ACTION,
@@ -79,7 +80,7 @@ def add_ctl_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
 
 
-def run_ctl(args: argparse.Namespace) -> int:
+def run_ctl(args: argparse.Namespace) -> ExitCode:
     """Given the parsed `ctl` arguments, send the request, print the response document and
     return the exit code: 0 success, 1 sync unsuccessful, 2 refused or daemon unreachable."""
     action = ACTIONS[args.ctl_action]
@@ -99,8 +100,8 @@ def run_ctl(args: argparse.Namespace) -> int:
     except ControlError as exc:
         return _fail(str(exc))
     print_document(doc, args.pretty)
-    code = exit_code(action, doc)
-    if code != EXIT_OK and action in (RELOAD_ACTION, HEALTH_ACTION) and doc.get("msg"):
+    code = exit_code(doc, action)
+    if code is not ExitCode.OK and action in (RELOAD_ACTION, HEALTH_ACTION) and doc.get("msg"):
         print(f"syncpro ctl: {doc['msg']}", file=sys.stderr)
     return code
 
@@ -208,30 +209,11 @@ def _read_line(sock: socket.socket, deadline: float) -> bytes:
     return bytes(buffer.partition(b"\n")[0])
 
 
-def exit_code(action: str, doc: dict[str, Any]) -> int:
-    """Given the action and its response document, return the exit code as `syncpro sync`
-    does: 2 when the request was refused, else 0 when it fully succeeded, 1 when not."""
-    if str(doc.get("code")) != "0":
-        # A refusal carries parseparameters; a status, health or reload that ran and
-        # answers "1" says the daemon is unwell, which is not the caller's mistake.
-        ran = action not in NEEDS_K and "parseparameters" not in doc
-        return EXIT_UNSUCCESSFUL if ran else EXIT_USAGE
-    if action not in NEEDS_K:
-        return EXIT_OK
-    data = doc.get("data")
-    inner = data.get("data") if isinstance(data, dict) else None
-    ok = isinstance(inner, dict) and inner.get("0") == "1"
-    return EXIT_OK if ok else EXIT_UNSUCCESSFUL
+def print_document(doc: Mapping[str, Any], pretty: bool) -> None:
+    """Print an answer on stdout: indented when asked or on a terminal, else one line."""
+    print(render(doc, pretty=pretty or sys.stdout.isatty()), flush=True)
 
 
-def print_document(doc: dict[str, Any], pretty: bool) -> None:
-    if pretty or sys.stdout.isatty():
-        text = json.dumps(doc, ensure_ascii=False, indent=2)
-    else:
-        text = json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
-    print(text, flush=True)
-
-
-def _fail(message: str) -> int:
+def _fail(message: str) -> ExitCode:
     print(f"syncpro ctl: {message}", file=sys.stderr)
-    return EXIT_USAGE
+    return ExitCode.USAGE

@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hmac
 import io
-import json
 import re
 import socket
 import socketserver
@@ -28,6 +27,7 @@ import structlog
 
 from syncpro import __version__
 from syncpro.config.settings import HttpSettings
+from syncpro.control.dispatch import Answer, Code, ControlHandler, dispatch, encode, succeeded
 from syncpro.control.forms import FormError, body_pairs
 from syncpro.control.listener import Listener
 from syncpro.control.protocol import (
@@ -37,16 +37,7 @@ from syncpro.control.protocol import (
     request_pairs,
     unquote,
 )
-from syncpro.control.socket_server import (
-    BUSY_CODE,
-    FAILED_CODE,
-    REFUSED_CODE,
-    ControlHandler,
-    dispatch,
-    encode,
-    succeeded,
-)
-from syncpro.engine.response import REDACTED, refusal_document, text_safe
+from syncpro.engine.response import REDACTED, refusal_document
 from syncpro.errors import ControlError
 
 log = structlog.get_logger()
@@ -226,7 +217,7 @@ class _Server(ThreadingHTTPServer):
     def _refuse_busy(self, request: socket.socket) -> None:
         limit = self.syncpro.max_clients
         reason = f"busy: {limit} HTTP connections already open; retry later"
-        body = encode(refusal_document({}, reason, BUSY_CODE))
+        body = encode(refusal_document({}, reason, Code.BUSY))
         head = (
             f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8"
             f"\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
@@ -335,7 +326,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         refusal = self._app.check_tokens(tokens)
         if refusal is not None:
-            self._answer(403, refusal_document(param, refusal, REFUSED_CODE), param=param)
+            self._answer(403, refusal_document(param, refusal, Code.REFUSED), param=param)
             return
         if isinstance(error, FormError):
             self._answer(400, error.document("400"), param=param)
@@ -358,7 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         req = dataclasses.replace(req, token=tokens[0])
         doc = dispatch(self._app.handler, req, "http")
-        status = 500 if str(doc.get("code")) == FAILED_CODE else 200
+        status = 500 if str(doc.get("code")) == Code.FAILED else 200
         self._answer(status, doc, param=req.echo(), pretty=req.pretty, action=req.action)
 
     def _read_body(self) -> bytes | None:
@@ -411,7 +402,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(
         self,
         status: int,
-        doc: dict[str, Any],
+        doc: Answer | dict[str, str],
         *,
         param: dict[str, str] | None = None,
         pretty: bool = False,
@@ -419,13 +410,7 @@ class _Handler(BaseHTTPRequestHandler):
         extra: dict[str, str] | None = None,
     ) -> None:
         doc = self._app.scrub(doc)
-        try:
-            text = json.dumps(
-                text_safe(doc), ensure_ascii=False, indent=2 if pretty else None, default=str
-            )
-            body = text.encode("utf-8") + b"\n"
-        except (TypeError, ValueError):
-            body = encode(doc)  # says, as a refusal, that the answer could not be encoded
+        body = encode(doc, pretty=pretty)
         if status == 204:
             body = b""  # a preflight's answer: headers only
         headers = dict(extra or {})

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from syncpro.engine.result import FAILED, MISSING, SUPERSEDED, AppOutcome, SyncResult, TargetOutcome
+from syncpro.engine.result import (
+    FAILED,
+    MISSING,
+    PUBLISHED,
+    SUPERSEDED,
+    AppOutcome,
+    SyncResult,
+    TargetOutcome,
+)
 
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -19,14 +27,16 @@ def human_bytes(count: int) -> str:
     raise AssertionError("unreachable")
 
 
+UNCHANGED = "unchanged"
+"""A published target whose tree already equalled the source: its Status is PUBLISHED."""
+
+
 def target_state(outcome: TargetOutcome) -> str:
-    """Given a target's outcome, return its one word: published, unchanged, superseded, missing
-    or failed."""
-    if outcome.status == SUPERSEDED:
-        return "superseded"
-    if outcome.status in (FAILED, MISSING):
-        return outcome.status
-    return "unchanged" if outcome.unchanged else "published"
+    """Given a target's outcome, return its one word: its Status (published, superseded,
+    missing, failed), or unchanged for a published tree left as it was."""
+    if outcome.status == PUBLISHED and outcome.unchanged:
+        return UNCHANGED
+    return str(outcome.status)
 
 
 def _detail(outcome: TargetOutcome) -> str:

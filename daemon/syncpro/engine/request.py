@@ -64,6 +64,10 @@ class SyncRequest:
         return split_k(self.k)
 
     @property
+    def mode(self) -> Mode:
+        return Mode.of(self.update)
+
+    @property
     def normalised_k(self) -> str:
         return " ".join(self.tokens)
 

@@ -90,7 +90,7 @@ def test_a_diff_document_fits_the_run_document(tmp_path: Path) -> None:
 
 
 def test_a_refusal_fits_the_response_document_and_its_code_is_a_plain_str() -> None:
-    doc = refusal_document({"action": "status", "token": "x"}, "bad", Code.REFUSED)
+    doc = refusal_document({"action": "status", "token": "x"}, "bad", Code.FORBIDDEN)
     _fits(dict(doc), ResponseDocument)
     assert type(doc["code"]) is str and doc["code"] == "403"
 

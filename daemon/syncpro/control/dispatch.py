@@ -41,14 +41,14 @@ log = structlog.get_logger()
 
 
 class Code(StrEnum):
-    """An answer's `code`: a str, as the original wrote it. HTTP answers a refusal of its own
-    with the HTTP status as its code (400, 404, 413...)."""
+    """An answer's `code`, a str as the original wrote it. HTTP answers a refusal of its own
+    with its HTTP status as the code (404, 405, 413...)."""
 
     OK = "0"
-    FAILED_RUN = "1"  # a refusal of the request, or a status/health/reload that is not well
+    FAILURE = "1"  # a refused request, or a status, health or reload saying the daemon is unwell
     BAD_REQUEST = "400"
-    REFUSED = "403"  # a peer or token not allowed
-    FAILED = "500"  # the handler raised: an internal error
+    FORBIDDEN = "403"  # a peer or token not allowed
+    INTERNAL = "500"  # the handler raised, or its answer could not be encoded
     BUSY = "503"
 
 
@@ -151,11 +151,11 @@ def _run(handler: ControlHandler, req: ControlRequest, origin: str) -> Answer:
     except Exception as exc:
         log.exception("control.handler_failed", action=req.action, error=type(exc).__name__)
         reason = f"internal error while running {req.action}: {type(exc).__name__}: {exc}"
-        return refusal_document(req.echo(), reason, Code.FAILED)
+        return refusal_document(req.echo(), reason, Code.INTERNAL)
     if not isinstance(doc, dict):  # a handler that broke its protocol: said, never raised
         reason = f"internal error: {req.action} answered {type(doc).__name__}, not a document"
         log.error("control.handler_failed", action=req.action, error=reason)
-        return refusal_document(req.echo(), reason, Code.FAILED)
+        return refusal_document(req.echo(), reason, Code.INTERNAL)
     if "param" not in doc:
         doc = copy.copy(doc)
         doc["param"] = req.echo()
@@ -266,7 +266,7 @@ def encode(doc: Mapping[str, Any], *, pretty: bool = False) -> bytes:
     except (TypeError, ValueError) as exc:
         log.error("control.unencodable_document", error=str(exc))
         reason = f"internal error: the answer could not be encoded: {exc}"
-        text = json.dumps(refusal_document({}, reason, Code.FAILED), ensure_ascii=False)
+        text = json.dumps(refusal_document({}, reason, Code.INTERNAL), ensure_ascii=False)
     return text.encode("utf-8") + b"\n"
 
 

@@ -322,14 +322,14 @@ class _Handler(BaseHTTPRequestHandler):
         if error is not None and not tokens:
             # The token may be in the part that could not be read: say what is wrong instead.
             reason = f"{error.reason}; no token could be read from the request"
-            self._answer(400, refusal_document({}, reason, "400"))
+            self._answer(400, refusal_document({}, reason, Code.BAD_REQUEST))
             return
         refusal = self._app.check_tokens(tokens)
         if refusal is not None:
-            self._answer(403, refusal_document(param, refusal, Code.REFUSED), param=param)
+            self._answer(403, refusal_document(param, refusal, Code.FORBIDDEN), param=param)
             return
         if isinstance(error, FormError):
-            self._answer(400, error.document("400"), param=param)
+            self._answer(400, error.document(Code.BAD_REQUEST), param=param)
             return
         try:
             req = request_of(pairs) if error is None else None
@@ -345,11 +345,11 @@ class _Handler(BaseHTTPRequestHandler):
             # What runs is logged by the engine too, beyond this layer's redaction: the token
             # never gets that far.
             reason = "the token was sent in a field other than token; nothing ran"
-            self._answer(400, refusal_document(param, reason, "400"), param=param)
+            self._answer(400, refusal_document(param, reason, Code.BAD_REQUEST), param=param)
             return
         req = dataclasses.replace(req, token=tokens[0])
         doc = dispatch(self._app.handler, req, "http")
-        status = 500 if str(doc.get("code")) == Code.FAILED else 200
+        status = 500 if str(doc.get("code")) == Code.INTERNAL else 200
         self._answer(status, doc, param=req.echo(), pretty=req.pretty, action=req.action)
 
     def _read_body(self) -> bytes | None:

@@ -387,7 +387,7 @@ class ControlServer:
             self._waiting[conn.fileno()] = connection
             selector.register(conn, selectors.EVENT_READ, connection)
             if not peers.allowed(self.settings, peer):
-                self._refuse(selector, connection, peers.refusal(peer, self.path), Code.REFUSED)
+                self._refuse(selector, connection, peers.refusal(peer, self.path), Code.FORBIDDEN)
 
     def _drop_oldest(self, selector: selectors.BaseSelector) -> None:
         # Refused peers go first: they were answered already; then the longest-idle client.
@@ -444,7 +444,7 @@ class ControlServer:
         selector: selectors.BaseSelector,
         connection: Connection,
         reason: str,
-        code: str = Code.FAILED_RUN,
+        code: str = Code.FAILURE,
     ) -> None:
         """Answer a refusal from this thread without ever blocking on the client, then read
         what it still sends until it leaves: closing with its request unread could reset the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
@@ -26,10 +27,10 @@ class Monitored(Protocol):
     ready: bool
     metrics: Metrics
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> Mapping[str, Any]: ...
 
 
-def problems(status: dict[str, Any]) -> list[str]:
+def problems(status: Mapping[str, Any]) -> list[str]:
     """Given a status document, return why the daemon is unhealthy: an inventory it could
     not read, apps whose last sync failed (each with its errors). Empty when healthy."""
     found: list[str] = []

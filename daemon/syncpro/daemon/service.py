@@ -31,6 +31,7 @@ import structlog
 
 from syncpro import __version__
 from syncpro.config.settings import Config, Dirs, load_config
+from syncpro.control.dispatch import HealthAnswer, ReloadAnswer, StatusAnswer
 from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.progress import RunningSyncs
 from syncpro.daemon.reloads import Reloads
@@ -42,13 +43,20 @@ from syncpro.daemon.watch import DONE, WRITING, Watcher
 from syncpro.engine import layout
 from syncpro.engine.publish import next_expiry, sweep
 from syncpro.engine.request import BOTH_PARTS, CONFIG, SyncRequest, Trigger
-from syncpro.engine.response import response_document
+from syncpro.engine.response import RunDocument, response_document
 from syncpro.engine.result import FAILED, SyncResult
 from syncpro.engine.selection import select
 from syncpro.engine.sync import ignore_for, run_sync
 from syncpro.engine.tree import Ignore
 from syncpro.engine.walk import plan_path
-from syncpro.errors import ConfigError, InventoryError, RequestError, StartupError, SyncproError
+from syncpro.errors import (
+    ConfigError,
+    ExitCode,
+    InventoryError,
+    RequestError,
+    StartupError,
+    SyncproError,
+)
 from syncpro.inventory.apps import App, Inventory
 from syncpro.inventory.source import load_inventory
 
@@ -573,7 +581,7 @@ class Service:
     def _on_int(self, signum: int, frame: FrameType | None) -> None:
         self._interrupts += 1
         if self._interrupts > 1:
-            os._exit(130)  # a second Ctrl-C: the operator does not want to wait
+            os._exit(ExitCode.INTERRUPTED)  # a second Ctrl-C: the operator does not want to wait
         self._term = True
         self._wake.set()
 
@@ -1114,20 +1122,20 @@ class Service:
                 f"inventory unavailable, cannot look up {' '.join(unknown)}: {error}"
             )
 
-    def sync(self, request: SyncRequest) -> dict[str, Any]:
+    def sync(self, request: SyncRequest) -> RunDocument:
         snap = self.snapshot
         self._check_known(snap, request)
         apps = select(request.tokens, snap.inventory).apps
         return response_document(self._sync_and_record(snap, request, apps))
 
-    def diff(self, request: SyncRequest) -> dict[str, Any]:
+    def diff(self, request: SyncRequest) -> RunDocument:
         from syncpro.engine.diff import diff
 
         snap = self.snapshot
         self._check_known(snap, request)
         return diff(request, snap.config, snap.inventory)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> StatusAnswer:
         snap = self.snapshot
         with self._last_lock:
             last = {key: dict(value) for key, value in self._last.items()}
@@ -1162,7 +1170,7 @@ class Service:
             doc, ready=self.ready, running=self.syncs_running, reloads=self.reloads
         )
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> HealthAnswer:
         return health_answer(self.status())
 
     def _queue_counts(self) -> tuple[int, int]:
@@ -1183,7 +1191,7 @@ class Service:
                 for (app_key, update), retry in sorted(self._retries.items())
             ]
 
-    def reload(self) -> dict[str, Any]:
+    def reload(self) -> ReloadAnswer:
         ticket = self.reloads.ask()
         self.request_reload()
         return reload_answer(self.reloads.wait(ticket, RELOAD_WAIT), RELOAD_WAIT)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
+from syncpro.control.dispatch import HealthAnswer, ReloadAnswer, StatusAnswer
 from syncpro.daemon.monitor import problems
 from syncpro.daemon.progress import RunningSyncs, iso
 from syncpro.daemon.reloads import ReloadOutcome, Reloads
@@ -12,7 +13,7 @@ from syncpro.daemon.reloads import ReloadOutcome, Reloads
 
 def completed_status(
     doc: dict[str, Any], *, ready: bool, running: RunningSyncs, reloads: Reloads
-) -> dict[str, Any]:
+) -> StatusAnswer:
     """Given the daemon's raw status document, return it with wall-clock ISO 8601 times, the
     running syncs' progress, the last reload's outcome and its health; code "1" (msg naming
     them) when an app's last sync failed."""
@@ -35,7 +36,7 @@ def completed_status(
     if failed:
         doc["code"] = "1"
         doc["msg"] = f"last sync failed: {', '.join(failed)}"
-    return doc
+    return cast(StatusAnswer, doc)  # the raw document's keys and those added here
 
 
 def _running(scheduled: list[Any], running: RunningSyncs) -> list[dict[str, Any]]:
@@ -60,7 +61,7 @@ def _running(scheduled: list[Any], running: RunningSyncs) -> list[dict[str, Any]
     return syncs
 
 
-def reload_answer(outcome: ReloadOutcome | None, waited: float) -> dict[str, Any]:
+def reload_answer(outcome: ReloadOutcome | None, waited: float) -> ReloadAnswer:
     """Given the outcome of the reload a client asked for (None: not over after `waited` s),
     return its answer: code "0" when the new config is in use, "1" with the error when the
     old one was kept or the reload did not end in time."""
@@ -86,7 +87,7 @@ def reload_answer(outcome: ReloadOutcome | None, waited: float) -> dict[str, Any
     }
 
 
-def health_answer(status: dict[str, Any]) -> dict[str, Any]:
+def health_answer(status: StatusAnswer) -> HealthAnswer:
     """Given the completed status document, return the answer of the `health` action."""
     healthy = bool(status.get("healthy"))
     return {

@@ -17,6 +17,7 @@ import shutil
 import stat
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -151,7 +152,8 @@ def make_durable(path: Path, written: Sequence[str] | None = None) -> None:
     commits metadata in order (ext4, XFS), fsync exactly those files and then the tree's root:
     the root's metadata was set last, so its commit carries every folder and link made before
     it. Otherwise, or for many files, one syncfs: it flushes the filesystem's other writers
-    too (uploads in flight), a price worth paying only when most of the tree is new."""
+    too (uploads in flight), a price worth paying only when most of the tree is new. Builds
+    running at once share their syncfs calls (see FlushBarrier)."""
     if written is not None and len(written) <= FSYNC_FILES_MAX and _journal_in_order(path):
         for name in written:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -163,10 +165,63 @@ def make_durable(path: Path, written: Sequence[str] | None = None) -> None:
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _syncfs is None or _syncfs(fd) != 0:
-            os.sync()
+        barrier_of(os.fstat(fd).st_dev).flush(fd)
     finally:
         os.close(fd)
+
+
+class FlushBarrier:
+    """Group commit of one filesystem's syncfs: a caller is done once a syncfs that started
+    after its call has finished. While one runs, every caller arriving waits for the next,
+    which one of them runs for all: a catch-up of many apps on a few workers costs a flush
+    per round of builds, not one per target, each of which would also wait for every other
+    build's dirty data and force a journal commit of its own."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._started = 0  # syncfs calls begun
+        self._done = 0  # the last begun one that has finished
+        self._running = False
+        self.flushes = 0  # how many ran, and callers waiting now: for tests and benchmarks
+        self.waiting = 0
+
+    def flush(self, fd: int) -> None:
+        """Return once everything written on fd's filesystem before this call is on disk."""
+        with self._cv:
+            ticket = self._started + 1
+            while self._done < ticket:
+                if self._running:
+                    self.waiting += 1
+                    self._cv.wait()
+                    self.waiting -= 1
+                    continue
+                self._running = True
+                self._started += 1
+                mine = self._started
+                self._cv.release()
+                try:
+                    _syncfs_or_sync(fd)
+                finally:
+                    self._cv.acquire()
+                    self._running = False
+                    self._done = mine
+                    self.flushes += 1
+                    self._cv.notify_all()
+
+
+_barriers: dict[int, FlushBarrier] = {}
+_barriers_lock = threading.Lock()
+
+
+def barrier_of(device: int) -> FlushBarrier:
+    """The process's flush barrier of one filesystem (by st_dev)."""
+    with _barriers_lock:
+        return _barriers.setdefault(device, FlushBarrier())
+
+
+def _syncfs_or_sync(fd: int) -> None:
+    if _syncfs is None or _syncfs(fd) != 0:
+        os.sync()
 
 
 def _journal_in_order(path: Path) -> bool:

@@ -1,0 +1,156 @@
+"""A build big enough for the file pool, and builds sharing one flush of their filesystem."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from syncpro.config.settings import DEFAULT_IGNORE
+from syncpro.engine import publish
+from syncpro.engine.publish import FlushBarrier
+from syncpro.engine.tree import POOL_MIN_FILES, Ignore, TreeBuilder
+
+from helpers import BASE_NS, Dir, File, Symlink, snapshot, wait_until, write_tree
+
+
+def _builder(reuse: Path | None = None, progress: Any = None) -> TreeBuilder:
+    return TreeBuilder(
+        ignore=Ignore(DEFAULT_IGNORE),
+        reuse=reuse,
+        preserve_owner=os.geteuid() == 0,
+        progress=progress,
+    )
+
+
+def _big(tmp_path: Path, files: int = 3 * POOL_MIN_FILES) -> Path:
+    spec: dict[str, Any] = {}
+    for i in range(files):
+        spec[f"d{i % 12}/sub{i % 3}/f{i:04d}"] = File(
+            f"content {i}\n" * (i % 50), mode=0o600 + (i % 8) * 0o10, mtime_ns=BASE_NS + i
+        )
+    spec["d0/link"] = Symlink("sub0/f0000")
+    spec["d1/ro"] = Dir(mode=0o555, mtime_ns=BASE_NS + 7)
+    spec["d2"] = Dir(mode=0o750, mtime_ns=BASE_NS + 8)
+    source = write_tree(tmp_path / "src", spec)
+    # One file with names in three folders: the copy must link them, never copy twice.
+    os.link(source / "d3/sub0/f0003", source / "d4/twin")
+    os.link(source / "d3/sub0/f0003", source / "d11/sub2/twin")
+    return source
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_a_big_build_uses_the_file_pool_and_is_exact(tmp_path: Path) -> None:
+    source = _big(tmp_path)
+    threads: set[str] = set()
+    lock = threading.Lock()
+
+    def progress(event: str, size: int) -> None:
+        if event == "copied":
+            with lock:
+                threads.add(threading.current_thread().name)
+
+    builder = _builder(progress=progress)
+    before = _open_fds()
+    builder.copy_tree(source, tmp_path / "dst")
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    dst = tmp_path / "dst"
+    twins = {os.lstat(p).st_ino for p in (dst / "d3/sub0/f0003", dst / "d4/twin")}
+    assert twins == {os.lstat(dst / "d11/sub2/twin").st_ino}
+    assert builder.stats.files == 3 * POOL_MIN_FILES + 2
+    assert builder.stats.copied == 3 * POOL_MIN_FILES
+    assert builder.stats.hardlinks == 2
+    assert builder.stats.symlinks == 1
+    assert len(builder.written) == builder.stats.copied
+    assert any(name.startswith("syncpro-files") for name in threads), threads
+    assert _open_fds() == before
+
+
+def test_a_big_rebuild_links_what_is_unchanged_and_copies_the_rest(tmp_path: Path) -> None:
+    source = _big(tmp_path)
+    first = _builder()
+    first.copy_tree(source, tmp_path / "pub")
+    for i in range(0, 3 * POOL_MIN_FILES, 2):  # half the files change: the pool copies them
+        path = source / f"d{i % 12}/sub{i % 3}/f{i:04d}"
+        path.write_text(f"new {i}\n")
+        os.utime(path, ns=(BASE_NS, BASE_NS + 10**9 + i))
+
+    second = _builder(reuse=tmp_path / "pub")
+    second.copy_tree(source, tmp_path / "dst", second.plan(source, first.manifest))
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    assert second.stats.copied == 3 * POOL_MIN_FILES // 2
+    # The unchanged half and the twins' three names, of which the first is linked from the
+    # published tree and the others to it.
+    assert second.stats.linked + second.stats.hardlinks == 3 * POOL_MIN_FILES // 2 + 2
+    assert second.stats.hardlinks == 2
+    assert second.manifest is not None
+    assert len(second.manifest.entries) > 3 * POOL_MIN_FILES
+
+
+def test_a_file_failing_in_a_pool_job_fails_the_build_and_leaks_nothing(tmp_path: Path) -> None:
+    source = _big(tmp_path)
+    builder = _builder()
+    plan = builder.plan(source)
+    # Replaced after the walk: the copy must refuse a folder where the walk saw a file.
+    victim = source / "d5/sub2/f0005"
+    victim.unlink()
+    victim.mkdir()
+    before = _open_fds()
+
+    with pytest.raises(OSError, match="replaced"):
+        builder.copy_tree(source, tmp_path / "dst", plan)
+
+    assert _open_fds() == before
+    # The conftest's thread check proves the pool's threads ended with the build.
+
+
+def test_callers_arriving_during_a_flush_share_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = publish._syncfs_or_sync
+    release = threading.Event()
+    started: list[float] = []
+
+    def held_syncfs(fd: int) -> None:
+        started.append(time.monotonic())
+        if len(started) == 1:
+            assert release.wait(30), "the first flush was never released"
+        real(fd)  # the real syncfs, once let through
+
+    monkeypatch.setattr(publish, "_syncfs_or_sync", held_syncfs)
+    barrier = FlushBarrier()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    called: dict[int, float] = {}
+    try:
+        first = threading.Thread(target=barrier.flush, args=(fd,))
+        first.start()
+        wait_until(lambda: started)  # the first flush is running, held
+
+        def late(i: int) -> None:
+            called[i] = time.monotonic()
+            barrier.flush(fd)
+
+        others = [threading.Thread(target=late, args=(i,)) for i in range(5)]
+        for thread in others:
+            thread.start()
+        wait_until(lambda: barrier.waiting == 5)
+        release.set()
+        for thread in (first, *others):
+            thread.join(30)
+    finally:
+        os.close(fd)
+
+    # Five callers that came while the first flush ran are served by one more, which began
+    # after each of them called: two syncfs in all, not six.
+    assert barrier.flushes == 2
+    assert len(started) == 2
+    assert all(started[1] >= at for at in called.values())

@@ -113,9 +113,7 @@ def test_a_file_failing_in_a_pool_job_fails_the_build_and_leaks_nothing(tmp_path
     # The conftest's thread check proves the pool's threads ended with the build.
 
 
-def test_callers_arriving_during_a_flush_share_the_next_one(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_callers_arriving_during_a_flush_share_the_next_one(tmp_path: Path) -> None:
     real = publish._syncfs_or_sync
     release = threading.Event()
     started: list[float] = []
@@ -126,8 +124,7 @@ def test_callers_arriving_during_a_flush_share_the_next_one(
             assert release.wait(30), "the first flush was never released"
         real(fd)  # the real syncfs, once let through
 
-    monkeypatch.setattr(publish, "_syncfs_or_sync", held_syncfs)
-    barrier = FlushBarrier()
+    barrier = FlushBarrier(held_syncfs)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     called: dict[int, float] = {}
     try:
@@ -154,3 +151,13 @@ def test_callers_arriving_during_a_flush_share_the_next_one(
     assert barrier.flushes == 2
     assert len(started) == 2
     assert all(started[1] >= at for at in called.values())
+
+
+def test_publishes_into_one_folder_share_its_barrier(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    same = publish.barrier_of("fsync", os.stat(tmp_path))
+    assert publish.barrier_of("fsync", os.stat(tmp_path)) is same
+    assert publish.barrier_of("fsync", os.stat(tmp_path / "a")) is not same
+    assert publish.barrier_of("syncfs", os.stat(tmp_path)) is publish.barrier_of(
+        "syncfs", os.stat(tmp_path / "a")
+    )

@@ -165,28 +165,30 @@ def make_durable(path: Path, written: Sequence[str] | None = None) -> None:
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        barrier_of(os.fstat(fd).st_dev).flush(fd)
+        barrier_of("syncfs", os.fstat(fd)).flush(fd)
     finally:
         os.close(fd)
 
 
 class FlushBarrier:
-    """Group commit of one filesystem's syncfs: a caller is done once a syncfs that started
-    after its call has finished. While one runs, every caller arriving waits for the next,
-    which one of them runs for all: a catch-up of many apps on a few workers costs a flush
-    per round of builds, not one per target, each of which would also wait for every other
-    build's dirty data and force a journal commit of its own."""
+    """Group commit of one flush (a filesystem's syncfs, a folder's fsync): a caller is done
+    once a flush that started after its call has finished. While one runs, every caller
+    arriving waits for the next, which one of them runs for all: a catch-up of many apps on a
+    few workers costs a flush per round of publishes, not one per target (each of which
+    would also wait for every other build's dirty data and force a journal commit)."""
 
-    def __init__(self) -> None:
+    def __init__(self, flush: Callable[[int], None]) -> None:
+        self._flush = flush
         self._cv = threading.Condition()
-        self._started = 0  # syncfs calls begun
+        self._started = 0  # flushes begun
         self._done = 0  # the last begun one that has finished
         self._running = False
         self.flushes = 0  # how many ran, and callers waiting now: for tests and benchmarks
         self.waiting = 0
 
     def flush(self, fd: int) -> None:
-        """Return once everything written on fd's filesystem before this call is on disk."""
+        """Return once what was written before this call is flushed, by a flush of fd or of
+        another descriptor of the same file (or filesystem, for syncfs)."""
         with self._cv:
             ticket = self._started + 1
             while self._done < ticket:
@@ -200,7 +202,7 @@ class FlushBarrier:
                 mine = self._started
                 self._cv.release()
                 try:
-                    _syncfs_or_sync(fd)
+                    self._flush(fd)
                 finally:
                     self._cv.acquire()
                     self._running = False
@@ -209,14 +211,26 @@ class FlushBarrier:
                     self._cv.notify_all()
 
 
-_barriers: dict[int, FlushBarrier] = {}
+_barriers: dict[tuple[str, int, int], FlushBarrier] = {}
 _barriers_lock = threading.Lock()
 
 
-def barrier_of(device: int) -> FlushBarrier:
-    """The process's flush barrier of one filesystem (by st_dev)."""
+def barrier_of(kind: str, st: os.stat_result) -> FlushBarrier:
+    """The process's barrier of one flush: "syncfs" of st's filesystem, or "fsync" of the
+    file or folder st describes."""
+    key = (kind, st.st_dev, 0 if kind == "syncfs" else st.st_ino)
     with _barriers_lock:
-        return _barriers.setdefault(device, FlushBarrier())
+        barrier = _barriers.get(key)
+        if barrier is None:
+            # Looked up at each flush, not now: the function named is the one that runs.
+            def flush(fd: int) -> None:
+                if kind == "syncfs":
+                    _syncfs_or_sync(fd)
+                else:
+                    os.fsync(fd)
+
+            barrier = _barriers[key] = FlushBarrier(flush)
+        return barrier
 
 
 def _syncfs_or_sync(fd: int) -> None:
@@ -263,9 +277,10 @@ def make_public_dirs(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    # Publishes into one folder (every program target shares its root) share the fsync.
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        barrier_of("fsync", os.fstat(fd)).flush(fd)
     finally:
         os.close(fd)
 
@@ -338,8 +353,9 @@ def _build_and_swap(
             parked = trash_dir / f"{expires:.3f}.{_name(target)}.{os.urandom(4).hex()}"
             os.rename(replaced, parked)
             if durable:
+                # The trash needs no flush of its own: a replaced tree a crash leaves in the
+                # staging area is removed by the next start all the same.
                 _fsync_dir(final.parent)
-                _fsync_dir(trash_dir)
             return Published(final, parked, expires)
         os.rename(staging, final)
         if durable:

@@ -267,79 +267,97 @@ def plan_tree(
     src_to_pub: dict[tuple[int, int], int] = {}
     pub_to_src: dict[int, tuple[int, int]] = {}
     frames = [_Frame(src_fd, pub_fd, rel_prefix, 0, iter(_listing(src_fd)), _names(pub_fd))]
+    # Bound once: the loop below runs for every name of every sync.
+    stat_at, readlink_at = os.stat, os.readlink
+    add_material, add_entry = material.append, entries.append
     try:
         while frames:
             frame = frames[-1]
-            item = next(frame.names, None)
-            if item is None:
-                if frame.pub_names:
+            src, pub, pub_names, base, depth = (
+                frame.src,
+                frame.pub,
+                frame.pub_names,
+                frame.rel,
+                frame.depth,
+            )
+            for item in frame.names:  # resumed where it stopped after a subfolder
+                name = item.name
+                rel = f"{base}/{name}" if base else name
+                if ignore(name, rel):
+                    continue
+                st = item.stat(follow_symlinks=False)
+                fmt = _IFMT(st.st_mode)
+                if fmt == _LNK:
+                    link: str | None = readlink_at(name, dir_fd=src)
+                elif fmt in (_REG, _DIR):
+                    link = None
+                else:
+                    # FIFOs, sockets and devices are never opened nor published.
+                    skipped.append((rel, special_kind(st.st_mode)))
+                    continue
+                ctime_ns = st.st_ctime_ns
+                if st.st_ctime > newest:
+                    newest = st.st_ctime
+                # The ctime stands for the extended attributes: setting one moves it.
+                add_material(
+                    f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{ctime_ns}\0"
+                    f"{st.st_uid}:{st.st_gid}\0{link or ''}\0"
+                )
+                entry = Entry(rel, name, depth, st, link)
+                if every_xattr and fmt != _LNK:
+                    entry.xattrs = _xattrs_in(src, name)
+                add_entry(entry)
+
+                pub_st: os.stat_result | None = None
+                same = False
+                if pub is not None and name in pub_names:
+                    pub_names.discard(name)
+                    try:
+                        pub_st = stat_at(name, dir_fd=pub, follow_symlinks=False)
+                    except OSError:
+                        pub_st = None
+                    if (
+                        pub_st is not None
+                        and pub_st.st_mode == st.st_mode
+                        and pub_st.st_mtime_ns == st.st_mtime_ns
+                        and (fmt != _REG or pub_st.st_size == st.st_size)
+                        and (
+                            not owners
+                            or (pub_st.st_uid == st.st_uid and pub_st.st_gid == st.st_gid)
+                        )
+                    ):
+                        # Only now the calls the stat could not answer.
+                        if fmt == _LNK:
+                            same = readlink_at(name, dir_fd=pub) == link
+                        elif recorded.get(rel) == (st.st_ino, ctime_ns, pub_st.st_ino):
+                            same = True  # compared in full by the build that made this tree
+                        else:
+                            read_in_full += 1
+                            if not every_xattr:
+                                entry.xattrs = _xattrs_in(src, name)
+                            same = _xattrs_in(pub, name) == entry.xattrs
+                if same:
+                    assert pub_st is not None
+                    pub_ino = pub_st.st_ino
+                    if fmt == _REG:
+                        inode = (st.st_dev, st.st_ino)
+                        same = (
+                            src_to_pub.setdefault(inode, pub_ino) == pub_ino
+                            and pub_to_src.setdefault(pub_ino, inode) == inode
+                        )
+                        entry.reuse = same
+                    if same:
+                        entry.pub_ino = pub_ino
+                if not same:
+                    unchanged = False
+                if fmt == _DIR:
+                    frames.append(_descend(frame, entry, pub_st))
+                    break
+            else:
+                if pub_names:
                     unchanged = False  # the published tree holds names the source lost
                 frames.pop()
                 _close_frame(frame, src_fd, pub_fd)
-                continue
-            name = item.name
-            rel = f"{frame.rel}/{name}" if frame.rel else name
-            if ignore(name, rel):
-                continue
-            st = item.stat(follow_symlinks=False)
-            fmt = _IFMT(st.st_mode)
-            if fmt == _LNK:
-                link: str | None = os.readlink(name, dir_fd=frame.src)
-            elif fmt in (_REG, _DIR):
-                link = None
-            else:
-                # FIFOs, sockets and devices are never opened nor published.
-                skipped.append((rel, special_kind(st.st_mode)))
-                continue
-            if st.st_ctime > newest:
-                newest = st.st_ctime
-            # The ctime stands for the extended attributes: setting one moves it.
-            material.append(
-                f"{rel}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0"
-                f"{st.st_uid}:{st.st_gid}\0{link or ''}\0"
-            )
-            entry = Entry(rel, name, frame.depth, st, link)
-            if every_xattr and fmt != _LNK:
-                entry.xattrs = _xattrs_in(frame.src, name)
-            entries.append(entry)
-
-            pub_st: os.stat_result | None = None
-            same = False
-            if frame.pub is not None and name in frame.pub_names:
-                frame.pub_names.discard(name)
-                try:
-                    pub_st = os.stat(name, dir_fd=frame.pub, follow_symlinks=False)
-                except OSError:
-                    pub_st = None
-                if (
-                    pub_st is not None
-                    and pub_st.st_mode == st.st_mode
-                    and pub_st.st_mtime_ns == st.st_mtime_ns
-                    and (fmt != _REG or pub_st.st_size == st.st_size)
-                    and (not owners or (pub_st.st_uid, pub_st.st_gid) == (st.st_uid, st.st_gid))
-                ):
-                    # Only now the calls the stat could not answer.
-                    if fmt == _LNK:
-                        same = os.readlink(name, dir_fd=frame.pub) == link
-                    elif recorded.get(rel) == (st.st_ino, st.st_ctime_ns, pub_st.st_ino):
-                        same = True  # compared in full by the build that made this tree
-                    else:
-                        read_in_full += 1
-                        if not every_xattr:
-                            entry.xattrs = _xattrs_in(frame.src, name)
-                        same = _xattrs_in(frame.pub, name) == entry.xattrs
-            if same and fmt == _REG and pub_st is not None:
-                inode = (st.st_dev, st.st_ino)
-                mapped = src_to_pub.setdefault(inode, pub_st.st_ino)
-                back = pub_to_src.setdefault(pub_st.st_ino, inode)
-                same = mapped == pub_st.st_ino and back == inode
-                entry.reuse = same
-            if same and pub_st is not None:
-                entry.pub_ino = pub_st.st_ino
-            if not same:
-                unchanged = False
-            if fmt == _DIR:
-                frames.append(_descend(frame, entry, pub_st))
     finally:
         for frame in frames:
             _close_frame(frame, src_fd, pub_fd)

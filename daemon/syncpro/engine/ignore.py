@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from collections.abc import Iterable
 
@@ -23,5 +24,11 @@ class Ignore:
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
+    return _compiled(tuple(patterns))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    # Every sync builds its Ignore from the same few patterns: translate them once.
     joined = "|".join(fnmatch.translate(p) for p in patterns)
     return re.compile(joined) if joined else None

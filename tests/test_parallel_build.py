@@ -161,3 +161,51 @@ def test_publishes_into_one_folder_share_its_barrier(tmp_path: Path) -> None:
     assert publish.barrier_of("syncfs", os.stat(tmp_path)) is publish.barrier_of(
         "syncfs", os.stat(tmp_path / "a")
     )
+
+
+def test_a_failed_flush_fails_every_caller_it_was_to_serve(tmp_path: Path) -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def failing(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:
+            assert release.wait(30), "the first flush was never released"
+            return
+        raise OSError(5, "Input/output error", "the disk")
+
+    barrier = FlushBarrier(failing)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    outcomes: dict[int, str] = {}
+
+    def caller(i: int) -> None:
+        try:
+            barrier.flush(fd)
+        except OSError as exc:
+            outcomes[i] = f"failed: {exc.strerror}"
+        else:
+            outcomes[i] = "ok"
+
+    try:
+        first = threading.Thread(target=caller, args=(0,))
+        first.start()
+        wait_until(lambda: calls)
+        late = [threading.Thread(target=caller, args=(i,)) for i in (1, 2, 3)]
+        for thread in late:
+            thread.start()
+        wait_until(lambda: barrier.waiting == 3)
+        release.set()
+        for thread in (first, *late):
+            thread.join(30)
+    finally:
+        os.close(fd)
+
+    # The first flush succeeded for its caller; the one shared by the three late callers
+    # failed, and none of them may believe its data is on disk.
+    assert outcomes == {
+        0: "ok",
+        1: "failed: Input/output error",
+        2: "failed: Input/output error",
+        3: "failed: Input/output error",
+    }
+    assert barrier.flushes == 2

@@ -183,13 +183,17 @@ class FlushBarrier:
         self._started = 0  # flushes begun
         self._done = 0  # the last begun one that has finished
         self._running = False
+        self._failed: dict[int, OSError] = {}  # by number, the flushes that failed
         self.flushes = 0  # how many ran, and callers waiting now: for tests and benchmarks
         self.waiting = 0
 
     def flush(self, fd: int) -> None:
         """Return once what was written before this call is flushed, by a flush of fd or of
-        another descriptor of the same file (or filesystem, for syncfs)."""
+        another descriptor of the same file (or filesystem, for syncfs). Raise the flush's
+        OSError, to every caller it was to serve, if it failed."""
         with self._cv:
+            # Flushes run one at a time and are numbered: the one numbered `ticket`, the next
+            # to begin, is the one that serves this call.
             ticket = self._started + 1
             while self._done < ticket:
                 if self._running:
@@ -200,17 +204,31 @@ class FlushBarrier:
                 self._running = True
                 self._started += 1
                 mine = self._started
+                error: OSError | None = None
                 self._cv.release()
                 try:
                     self._flush(fd)
+                except OSError as exc:
+                    error = exc
                 finally:
                     self._cv.acquire()
                     self._running = False
                     self._done = mine
                     self.flushes += 1
+                    if error is not None:
+                        self._failed[mine] = error
+                    for old in [n for n in self._failed if n < mine - _FAILURES_KEPT]:
+                        del self._failed[old]
                     self._cv.notify_all()
+            failed = self._failed.get(ticket)
+        if failed is not None:
+            # Each caller its own exception: one object raised in several threads would
+            # share (and tangle) its traceback.
+            raise OSError(failed.errno, failed.strerror, failed.filename)
 
 
+# Failed flushes remembered for callers not yet awake; far more than could be waiting.
+_FAILURES_KEPT = 1000
 _barriers: dict[tuple[str, int, int], FlushBarrier] = {}
 _barriers_lock = threading.Lock()
 

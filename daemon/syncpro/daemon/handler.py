@@ -47,7 +47,12 @@ class Handler:
 
     @property
     def ready(self) -> bool:
+        """Whether the daemon serves: READY=1 sent, stopping not begun."""
         return self.runtime.ready
+
+    @ready.setter
+    def ready(self, value: bool) -> None:
+        self.runtime.ready = value
 
     def _check_known(self, snap: Snapshot, request: SyncRequest) -> None:
         """Raise RequestError when `k` names an app not in the inventory while the inventory

@@ -4,7 +4,7 @@ from a config, restarted where a reload changes them, and stopped by a deadline.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -12,15 +12,23 @@ from syncpro.config.settings import Config
 from syncpro.daemon.runtime import time_left
 from syncpro.errors import SyncproError
 
+if TYPE_CHECKING:
+    # The listeners' modules are loaded when a listener starts: a daemon without HTTP or a
+    # monitor never imports them.
+    from syncpro.control.dispatch import ControlHandler
+    from syncpro.daemon.monitor import Monitored
+
+    class Served(ControlHandler, Monitored, Protocol):
+        """What the listeners serve: the control plane's requests and the monitor's reads."""
+
+
 log = structlog.get_logger()
 
 
 class Servers:
     """The listeners of the running config, all serving one handler."""
 
-    def __init__(self, handler: Any) -> None:
-        """handler answers the control socket and the HTTP endpoint (control's
-        ControlHandler) and the monitor (monitor's Monitored)."""
+    def __init__(self, handler: Served) -> None:
         self.handler = handler
         self.control: Any = None
         self.http: Any = None

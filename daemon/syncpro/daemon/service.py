@@ -203,7 +203,7 @@ class Service:
     def _off_loop(self, work: Callable[[], T], name: str) -> T | None:
         """Run work in a thread of its own and return its result (or raise its exception),
         pinging the watchdog meanwhile. On SIGTERM, begin stopping and return None at once:
-        work must see `_stopping` and give up by itself."""
+        work must see `runtime.stopping` and give up by itself."""
         outcome: list[T] = []
         failure: list[BaseException] = []
         done = threading.Event()
@@ -218,7 +218,8 @@ class Service:
                 self._wake.set()
 
         # A daemon thread: a reload blocked on a database that never answers must not keep
-        # the process from exiting. It changes nothing once stopping began (_apply_lock).
+        # the process from exiting. It changes nothing once stopping began
+        # (runtime.apply_lock).
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         while not done.is_set():

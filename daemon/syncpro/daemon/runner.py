@@ -15,8 +15,9 @@ import structlog
 
 from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.progress import RunningSyncs
-from syncpro.daemon.runtime import Runtime, Snapshot
-from syncpro.daemon.scheduler import Batch
+from syncpro.daemon.routing import group_of
+from syncpro.daemon.runtime import Runtime, Snapshot, time_left
+from syncpro.daemon.scheduler import Batch, Scheduler
 from syncpro.daemon.state import fingerprint, marker_is_new, marker_signature
 from syncpro.engine import layout
 from syncpro.engine.request import BOTH_PARTS, CONFIG, SyncRequest, Trigger
@@ -50,7 +51,7 @@ class Retry:
 
 class Runner:
     """Runs syncs for the scheduler's workers and the control plane, and remembers how each
-    app's last one went. It owns no thread: the scheduler's workers call it."""
+    app's last one went. Its threads are the scheduler's, which it starts and stops."""
 
     def __init__(self, runtime: Runtime, metrics: Metrics, running: RunningSyncs) -> None:
         self.runtime = runtime
@@ -68,6 +69,33 @@ class Runner:
         self._last: dict[str, dict[str, Any]] = {}
         self._last_lock = threading.Lock()
         """Guards _last, the last result per app that status shows."""
+
+    def start(self) -> None:
+        """Start the scheduler of the running config, whose workers call run_batch."""
+        watch = self.runtime.snapshot.config.watch
+        scheduler = Scheduler(
+            self.run_batch,
+            settle=watch.settle,
+            max_wait=watch.max_wait,
+            workers=watch.workers,
+            group_of=lambda app_key: group_of(self.runtime.snapshot, app_key),
+        )
+        self.runtime.scheduler = scheduler
+        scheduler.start()
+
+    def stop(self, deadline: float) -> None:
+        """Stop taking work and let running batches finish until the deadline; log what was
+        left unrun."""
+        scheduler = self.runtime.scheduler
+        if scheduler is None:
+            return
+        abandoned = scheduler.stop(time_left(deadline))
+        if abandoned:
+            # Named for the shutdown it belongs to: names are stable (docs/log-events.md).
+            log.warning(
+                "service.abandoned",
+                batches=[{"app_keys": list(b.app_keys), "update": b.update} for b in abandoned],
+            )
 
     # --- running a batch (scheduler worker threads) ---
 

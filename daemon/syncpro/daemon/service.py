@@ -31,10 +31,9 @@ from syncpro.daemon.refresher import Refresher
 from syncpro.daemon.reloader import Reloader
 from syncpro.daemon.reloads import Reloads
 from syncpro.daemon.rescanner import Rescanner
-from syncpro.daemon.routing import Router, group_of, source_root_of
+from syncpro.daemon.routing import Router, source_root_of
 from syncpro.daemon.runner import Runner
-from syncpro.daemon.runtime import Runtime, Snapshot, time_left
-from syncpro.daemon.scheduler import Scheduler
+from syncpro.daemon.runtime import Piece, Runtime, Snapshot, time_left
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.servers import Servers
 from syncpro.daemon.state import StateLock, StateStore
@@ -131,8 +130,7 @@ class Service:
         make_data_dirs(config.dirs)
         for root in (config.dirs.softdir, config.dirs.configuredir):
             sweep(root)
-        runtime.scheduler = self._new_scheduler(config)
-        runtime.scheduler.start()
+        self.runner.start()
         runtime.watcher = watcher = self._new_watcher(config)
         watcher.start()
         self.servers.start(config)
@@ -152,15 +150,6 @@ class Service:
         )
         self.notifier.ready(self.handler.status_line())
         runtime.ready = True
-
-    def _new_scheduler(self, config: Config) -> Scheduler:
-        return Scheduler(
-            self.runner.run_batch,
-            settle=config.watch.settle,
-            max_wait=config.watch.max_wait,
-            workers=config.watch.workers,
-            group_of=lambda app_key: group_of(self.runtime.snapshot, app_key),
-        )
 
     def _new_watcher(self, config: Config) -> Watcher:
         dirs = config.dirs
@@ -314,21 +303,15 @@ class Service:
         self._restore_signals()
 
     def _release(self, deadline: float) -> None:
-        """Stop the pieces in order (listeners, watcher, rescans, syncs, inventory) and close
-        the state, all by one monotonic deadline."""
+        """Stop the listeners, the watcher and the pieces in order (rescans, syncs, inventory
+        refreshes) and close the state, all by one monotonic deadline."""
         runtime = self.runtime
         self.servers.stop(deadline)
         if runtime.watcher is not None:
             runtime.watcher.stop(time_left(deadline))
-        self.rescanner.stop(deadline)
-        if runtime.scheduler is not None:
-            abandoned = runtime.scheduler.stop(time_left(deadline))
-            if abandoned:
-                log.warning(
-                    "service.abandoned",
-                    batches=[{"app_keys": list(b.app_keys), "update": b.update} for b in abandoned],
-                )
-        self.refresher.stop(deadline)
+        pieces: tuple[Piece, ...] = (self.rescanner, self.runner, self.refresher)
+        for piece in pieces:  # rescans first: they would only queue work for the runner
+            piece.stop(deadline)
         for store in [*runtime.retired_states, runtime.state]:
             if store is not None:
                 store.close()

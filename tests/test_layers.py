@@ -150,7 +150,7 @@ def graph() -> Graph:
 def test_the_graph_sees_the_engine_and_its_imports(graph: Graph) -> None:
     # Guards the test itself: an empty or misread graph would let every rule pass.
     assert "syncpro.engine.sync" in graph
-    assert "syncpro.engine.layout" in graph["syncpro.daemon.service"]
+    assert "syncpro.engine.layout" in graph["syncpro.daemon.routing"]
     assert "syncpro.config.model" in reachable(graph, "syncpro.engine.sync")
 
 

@@ -341,7 +341,16 @@ class Watcher:
         """Watch again any root that was deleted (made again), that could not be watched
         (retried), whose observer died for another reason or that may have directories left
         unwatched because the inotify limit was reached (both polled from now on: new
-        directories keep coming). Never raises for what happened on disk."""
+        directories keep coming). Never raises."""
+        try:
+            self._check()
+        except Exception:
+            # Nothing on disk may stop the daemon: the next tick checks again, and the
+            # rescan asked for here catches up on what went unwatched meanwhile.
+            log.exception("watch.check_failed")
+            self.on_trouble("watcher_error")
+
+    def _check(self) -> None:
         inotify_roots = [r for r, b in self.backends.items() if b == "inotify"]
         full = inotify_problem(inotify_roots[0]) if inotify_roots else None
         for root in self.roots:

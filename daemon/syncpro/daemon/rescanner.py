@@ -1,0 +1,153 @@
+"""Rescans: the re-check that makes up for lost events (catch-up at start, periodic, after a
+reload, an inventory change or watcher trouble). It compares each app's sources with what the
+state recorded, never adds a run for an app already pending or running, and after watcher
+trouble comes at most once per max_wait: a re-check must never feed the trouble it answers."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import structlog
+
+from syncpro.daemon.metrics import Metrics
+from syncpro.daemon.runner import Runner
+from syncpro.daemon.runtime import Runtime, time_left
+from syncpro.daemon.state import fingerprint
+
+log = structlog.get_logger()
+
+TROUBLE = frozenset(
+    {
+        "overflow",
+        "watcher_error",
+        "watcher_died",
+        "inotify_failed",
+        "root_missing",
+        "root_unavailable",
+    }
+)
+"""Rescan reasons that say events may have been lost: re-checked at most once per max_wait."""
+
+
+class Rescanner:
+    """The rescan thread: many requests meanwhile make one rescan."""
+
+    def __init__(self, runtime: Runtime, runner: Runner, metrics: Metrics) -> None:
+        self.runtime = runtime
+        self.runner = runner
+        self.metrics = metrics
+        self._reasons: list[str] = []
+        self._lock = threading.Lock()
+        """Guards the pending reasons and when trouble was first reported: any thread asks."""
+        self._wanted = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_trouble_rescan = -math.inf
+        self._trouble_since: float | None = None
+
+    def request(self, reason: str) -> None:
+        """Ask for a rescan, saying why; from any thread."""
+        self.metrics.rescan_requested(reason)
+        with self._lock:
+            self._reasons.append(reason)
+            if reason in TROUBLE and self._trouble_since is None:
+                self._trouble_since = time.monotonic()
+        self._wanted.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="syncpro-rescan", daemon=False)
+        self._thread.start()
+
+    def stop(self, deadline: float) -> None:
+        self._stop.set()
+        self._wanted.set()
+        if self._thread is not None:
+            self._thread.join(time_left(deadline))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wanted.wait()
+            if self._stop.is_set():
+                return
+            with self._lock:
+                trouble_only = all(r in TROUBLE for r in self._reasons)
+                since = self._trouble_since
+            if trouble_only:
+                # Events lost in a storm (an overflow, a watcher rebuilding) are covered by
+                # one re-check after it: at most one per max_wait, however many there were.
+                # It starts `settle` after the first report at the earliest: watchdog
+                # rebuilds its watches right after reporting an overflow, and what lands
+                # while it does has no event; a walk that begins later sees it. Whatever
+                # else asks meanwhile comes along with it.
+                watch = self.runtime.snapshot.config.watch
+                start = self._last_trouble_rescan + watch.max_wait
+                if since is not None:
+                    start = max(start, since + watch.settle)
+                delay = start - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    return
+            self._wanted.clear()
+            with self._lock:
+                reasons, self._reasons = self._reasons, []
+                self._trouble_since = None
+            if not reasons:
+                continue
+            try:
+                self.rescan("catch-up" if "catch-up" in reasons else "rescan", reasons)
+            except Exception:
+                log.exception("service.rescan_failed", reasons=reasons)
+            if any(r in TROUBLE for r in reasons):
+                # From its end: a long walk must not be followed by another at once.
+                self._last_trouble_rescan = time.monotonic()
+
+    def rescan(self, trigger: str, reasons: list[str]) -> None:
+        """Given what triggers it and why, submit every (app, mode) whose sources differ from
+        the record, oldest change first."""
+        snap = self.runtime.snapshot
+        state, scheduler = self.runtime.state, self.runtime.scheduler
+        if state is None or scheduler is None:
+            return
+        changed: list[tuple[float, str, bool, set[str]]] = []
+        skipped = 0
+        for app in snap.inventory.deployable:
+            pending, running = scheduler.busy()
+            for update in (False, True):
+                if self._stop.is_set():
+                    return
+                key = (app.app_key, update)
+                if key in pending:
+                    # Its run is still to come and reads the sources as they are then.
+                    skipped += 1
+                    continue
+                if key in running:
+                    # The running sync walks these sources itself; what lands after its walk
+                    # is checked again when it ends.
+                    self.runner.recheck_later(key)
+                    skipped += 1
+                    continue
+                fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
+                if fp is None:
+                    continue
+                record = state.get(app.app_key, update)
+                parts = fp.changed_parts(record.fingerprint if record is not None else None)
+                if parts:
+                    changed.append((fp.newest, app.app_key, update, parts))
+        # Oldest arrival first, so that where both modes changed the newest arrival wins.
+        changed.sort(key=lambda item: item[:3])
+        for _, app_key, update, parts in changed:
+            # At start nothing is being uploaded that we know of: sync at once. Later, an
+            # upload may be half way: settle like any event, and wait for its temporaries.
+            # Only the parts that changed: a config edit never republishes a program.
+            for part in sorted(parts):
+                scheduler.submit(
+                    app_key, update, None, trigger, immediate=trigger == "catch-up", part=part
+                )
+        log.info(
+            "service.rescanned",
+            trigger=trigger,
+            reasons=sorted(set(reasons)),
+            changed=[{"app_key": k, "update": u, "parts": sorted(p)} for _, k, u, p in changed],
+            busy=skipped,
+        )

@@ -1,0 +1,116 @@
+"""Where a watched path goes: the app keys it concerns and their mode (pure functions of the
+snapshot), and the router that hands watcher events on to the scheduler."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from syncpro.config.settings import Dirs
+from syncpro.daemon.runtime import Runtime, Snapshot
+from syncpro.daemon.watch import DONE, WRITING
+from syncpro.engine import layout
+
+log = structlog.get_logger()
+
+AREAS = ("softdir", "configuredir")
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one source path concerns."""
+
+    app_keys: tuple[str, ...]
+    update: bool
+    unknown: str | None
+    """Where the path lies when it concerns no known app ("remotecomdir:ghost"), None when
+    nothing is amiss (the keys were found, or the path is a root or an area folder)."""
+    part: str | None
+    """"program" or "config": the part of the app the path belongs to; None outside them."""
+
+
+def route(snap: Snapshot, path: Path) -> Route:
+    """Given the snapshot and a path under remotecomdir or updatedir, return the app keys it
+    concerns (auto-deployed apps of the inventory only), their mode and part, and where it
+    lies when it concerns no known app."""
+    dirs = snap.config.dirs
+    owner = layout.owner_of(dirs, path)
+    if owner is None:
+        for root, name in ((dirs.remotecomdir, "remotecomdir"), (dirs.updatedir, "updatedir")):
+            with contextlib.suppress(ValueError):
+                parts = path.relative_to(root).parts
+                if parts and parts[0] not in AREAS:
+                    # A stray beside the areas.
+                    return Route((), False, f"{name}:{parts[0]}", None)
+        return Route((), False, None, None)  # the roots and their softdir/configuredir folders
+    keys: list[str] = []
+    if owner.app_key is not None:
+        app = snap.app(owner.app_key)
+        if app is not None and (owner.group is None or app.local_name == owner.group):
+            keys.append(app.app_key)
+    elif owner.group is not None:
+        keys = [a.app_key for a in snap.inventory.group(owner.group) if a.auto_deploy]
+    where = f"{'updatedir' if owner.update else 'remotecomdir'}:{owner.top}"
+    return Route(tuple(keys), owner.update, None if keys else where, owner.part)
+
+
+def group_of(snap: Snapshot, app_key: str) -> str | None:
+    """Given the snapshot and an app key, return the group it syncs in (its local_name), or
+    None when it is not an auto-deployed app."""
+    app = snap.app(app_key)
+    return app.local_name if app is not None else None
+
+
+def source_root_of(dirs: Dirs, path: Path) -> Path | None:
+    """Given a path under remotecomdir or updatedir, return the source root of the app (or
+    group program) it lies in, which path globs of watch.ignore are relative to; None for a
+    path outside every source."""
+    for root, update in ((dirs.remotecomdir, False), (dirs.updatedir, True)):
+        try:
+            parts = path.relative_to(root).parts
+        except ValueError:
+            continue
+        # <updatedir>/configuredir/L/A is one app's config; every other source is one level.
+        depth = 3 if update and parts[:1] == ("configuredir",) else 2
+        if len(parts) < depth or parts[0] not in AREAS:
+            return None
+        return root.joinpath(*parts[:depth])
+    return None
+
+
+class Router:
+    """Hands the watcher's events to the scheduler of the moment, for the apps they concern."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        # Called from the watcher's threads only, one root each: a set add is atomic enough,
+        # and a warning told twice is harmless.
+        self._unmapped: set[str] = set()
+
+    def on_change(self, path: Path) -> None:
+        scheduler = self.runtime.scheduler
+        if scheduler is None:
+            return
+        found = route(self.runtime.snapshot, path)
+        if found.unknown is not None and found.unknown not in self._unmapped:
+            self._unmapped.add(found.unknown)
+            # Named for what operators see: a watched change that goes nowhere.
+            log.warning("watch.unknown_app", path=str(path), where=found.unknown)
+        for key in found.app_keys:
+            scheduler.submit(key, found.update, str(path), "watcher", part=found.part)
+
+    def on_temporary(self, path: Path, state: str) -> None:
+        scheduler = self.runtime.scheduler
+        if scheduler is None:
+            return
+        found = route(self.runtime.snapshot, path)
+        for key in found.app_keys:
+            if state == WRITING:
+                scheduler.hold(key, found.update, str(path))
+            elif state == DONE:
+                scheduler.release(key, found.update, str(path))
+            else:
+                scheduler.touch(key, found.update)

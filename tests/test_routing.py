@@ -1,0 +1,112 @@
+"""Routing, in process: which app keys, mode and part a watched path concerns, given a
+snapshot of config and inventory built here (no daemon, no watcher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncpro.daemon.routing import Route, group_of, route, source_root_of
+from syncpro.daemon.runtime import Snapshot
+from syncpro.engine.sync import ignore_for
+
+from helpers import SERVER_GROUP, app, make_config
+
+
+@pytest.fixture
+def snap(tmp_path: Path) -> Snapshot:
+    config = make_config(
+        tmp_path,
+        [*SERVER_GROUP, app("web1", "web"), app("manual", "web", auto_deploy=False)],
+    )
+    return Snapshot(config, config.config_inventory, ignore_for(config))
+
+
+def _r(snap: Snapshot) -> Path:
+    return snap.config.dirs.remotecomdir
+
+
+def _u(snap: Snapshot) -> Path:
+    return snap.config.dirs.updatedir
+
+
+def test_a_file_of_one_apps_program_routes_to_that_app_in_install_mode(snap: Snapshot) -> None:
+    path = _r(snap) / "softdir" / "server1" / "bin" / "run"
+    assert route(snap, path) == Route(("server1",), False, None, "program")
+
+
+def test_a_file_of_one_apps_config_routes_to_its_config_part(snap: Snapshot) -> None:
+    path = _r(snap) / "configuredir" / "web1" / "app.conf"
+    assert route(snap, path) == Route(("web1",), False, None, "config")
+
+
+def test_an_update_program_routes_to_every_auto_deployed_app_of_its_group(
+    snap: Snapshot,
+) -> None:
+    found = route(snap, _u(snap) / "softdir" / "server" / "lib.so")
+    assert found == Route(("server1", "server2"), True, None, "program")
+    # `manual` shares the web group but is not auto-deployed: never routed to.
+    assert route(snap, _u(snap) / "softdir" / "web" / "x").app_keys == ("web1",)
+
+
+def test_an_update_config_routes_to_the_one_app_named_under_its_group(snap: Snapshot) -> None:
+    found = route(snap, _u(snap) / "configuredir" / "server" / "server2" / "c.ini")
+    assert found == Route(("server2",), True, None, "config")
+
+
+def test_an_update_config_group_folder_itself_routes_to_the_whole_group(snap: Snapshot) -> None:
+    found = route(snap, _u(snap) / "configuredir" / "server")
+    assert found.app_keys == ("server1", "server2")
+    assert found.update is True
+
+
+def test_an_update_config_under_the_wrong_group_is_unknown(snap: Snapshot) -> None:
+    found = route(snap, _u(snap) / "configuredir" / "web" / "server1" / "c.ini")
+    assert found.app_keys == ()
+    assert found.unknown == "updatedir:web/server1"
+
+
+def test_an_app_not_in_the_inventory_is_unknown_and_says_where(snap: Snapshot) -> None:
+    found = route(snap, _r(snap) / "softdir" / "ghost" / "file")
+    assert found == Route((), False, "remotecomdir:ghost", "program")
+
+
+def test_an_app_that_is_not_auto_deployed_is_unknown(snap: Snapshot) -> None:
+    assert route(snap, _r(snap) / "softdir" / "manual" / "f").unknown == "remotecomdir:manual"
+
+
+def test_a_stray_beside_the_areas_is_unknown(snap: Snapshot) -> None:
+    found = route(snap, _u(snap) / "stray.txt")
+    assert found == Route((), False, "updatedir:stray.txt", None)
+
+
+@pytest.mark.parametrize("rel", ["", "softdir", "configuredir"])
+def test_the_roots_and_their_area_folders_route_nowhere_and_are_not_unknown(
+    snap: Snapshot, rel: str
+) -> None:
+    for root in (_r(snap), _u(snap)):
+        assert route(snap, root / rel if rel else root) == Route((), False, None, None)
+
+
+def test_a_path_outside_both_roots_routes_nowhere(snap: Snapshot, tmp_path: Path) -> None:
+    assert route(snap, tmp_path / "elsewhere" / "softdir" / "x") == Route((), False, None, None)
+
+
+def test_group_of_names_the_group_of_an_auto_deployed_app_only(snap: Snapshot) -> None:
+    assert group_of(snap, "server2") == "server"
+    assert group_of(snap, "manual") is None
+    assert group_of(snap, "ghost") is None
+
+
+def test_source_root_of_is_one_level_below_an_area_and_two_for_update_configs(
+    snap: Snapshot,
+) -> None:
+    dirs = snap.config.dirs
+    r, u = _r(snap), _u(snap)
+    assert source_root_of(dirs, r / "softdir" / "server1" / "a" / "b") == r / "softdir" / "server1"
+    assert source_root_of(dirs, u / "softdir" / "server" / "x") == u / "softdir" / "server"
+    deep = u / "configuredir" / "server" / "server1" / "c" / "d"
+    assert source_root_of(dirs, deep) == u / "configuredir" / "server" / "server1"
+    assert source_root_of(dirs, u / "configuredir" / "server") is None
+    assert source_root_of(dirs, r / "stray") is None

@@ -12,7 +12,7 @@ import pytest
 import structlog
 
 from control_fakes import short_dir
-from syncpro.testing import put, write_config
+from syncpro.testing import driver, put, write_config
 
 from helpers import TWO_APPS
 
@@ -33,6 +33,21 @@ def _no_leaked_threads() -> Iterator[None]:
         thread.join(timeout=5)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"test leaked threads: {still}"
+
+
+@pytest.fixture(autouse=True)
+def _daemons_only_in_daemon_tests(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keep the fast tier honest: a test that starts the daemon through the harness must be
+    marked daemon, or `-m "not daemon"` would run it."""
+    if request.node.get_closest_marker("daemon") is not None:
+        return
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail(f"{request.node.name} starts the daemon: mark it @pytest.mark.daemon")
+
+    monkeypatch.setattr(driver.Daemon, "__init__", refuse)
 
 
 @pytest.fixture

@@ -34,17 +34,23 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import TracebackType
 from typing import Any
+
+from syncpro.testing import (
+    Daemon,
+    DaemonWaitError,
+    app,
+    trash_empty,
+    wait_until,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,112 +93,7 @@ class Upload:
         return self.seen - self.renamed - settle
 
 
-# --- the daemon as a subprocess ---
-
-
-class Daemon:
-    """A `syncpro serve` subprocess whose JSON log lines a reader thread collects."""
-
-    def __init__(self, argv: list[str], cwd: Path) -> None:
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)  # never talk to a systemd that may be running us
-        self.events: list[Event] = []
-        self.raw: list[str] = []
-        self._cond = threading.Condition()
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env
-        )
-        # The thread ends at EOF, which closing (or killing) the daemon guarantees.
-        self._reader = threading.Thread(target=self._read, name="bench-daemon-stdout")
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            text = line.decode("utf-8", "replace").rstrip("\n")
-            with self._cond:
-                self.raw.append(text)
-                with contextlib.suppress(ValueError):
-                    self.events.append(json.loads(text))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()  # waiters see the exit at once
-
-    def find(self, event: str, **match: Any) -> list[Event]:
-        with self._cond:
-            return [
-                e
-                for e in self.events
-                if e.get("event") == event and all(e.get(k) == v for k, v in match.items())
-            ]
-
-    def syncs(self) -> list[Event]:
-        return self.find("sync.finished", k=APP_KEY, update=False)
-
-    def wait(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
-        """Wait until predicate() holds; raise BenchError on timeout or if the daemon exits."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while not predicate():
-                if self.proc.poll() is not None:
-                    raise BenchError(f"daemon exited {self.proc.returncode} {self.tail()}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BenchError(f"timed out after {timeout}s waiting for {what} {self.tail()}")
-                self._cond.wait(min(remaining, 0.5))
-
-    def tail(self) -> str:
-        return "; daemon said:\n" + "\n".join(self.raw[-20:])
-
-    def terminate(self, timeout: float) -> int:
-        """Send SIGTERM and return the exit status; raise BenchError if it does not exit."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"daemon still running {timeout}s after SIGTERM") from exc
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._reader.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
 # --- /proc ---
-
-
-def cpu_seconds(pid: int) -> float:
-    """Given a pid, return the user + system CPU seconds of all its threads."""
-    text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii")
-    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-def status_kib(pid: int, key: str) -> int:
-    """Given a pid and a /proc/<pid>/status key such as VmRSS, return its value in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise BenchError(f"no {key} in /proc/{pid}/status")
 
 
 def context_switches(pid: int) -> tuple[int, int]:
@@ -212,28 +113,23 @@ def context_switches(pid: int) -> tuple[int, int]:
 # --- the bench directory ---
 
 
-def write_config(base: Path, settle: float, grace: float, fsync: bool) -> Path:
-    """Given the bench dir, write its config and return its path. JSON is YAML too."""
-    doc = {
-        "dirs": {
-            name: str(base / sub)
-            for name, sub in (
-                ("remotecomdir", "r"),
-                ("updatedir", "u"),
-                ("softdir", "soft"),
-                ("configuredir", "conf"),
-                ("state", "state"),
-            )
-        },
-        "publish": {"grace": grace, "fsync": fsync},
+def write_bench_config(base: Path, settle: float, grace: float, fsync: bool) -> Path:
+    """Given the bench dir, write its config and return its path."""
+    return write_config(
+        base,
+        [app(APP_KEY, LOCAL_NAME)],
+        under=base,
+        defaults={},
+        publish={"grace": grace, "fsync": fsync},
         # max_wait well above settle, so only the quiet period decides when a sync starts.
-        "watch": {"settle": settle, "max_wait": max(10.0, 4 * settle), "rescan_interval": 3600},
-        "control": {"socket": str(base / "run" / "control.sock")},
-        "apps": [{"app_key": APP_KEY, "local_name": LOCAL_NAME}],
-    }
-    path = base / "config.yml"
-    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return path
+        watch={"settle": settle, "max_wait": max(10.0, 4 * settle), "rescan_interval": 3600},
+        control={"socket": str(base / "run" / "control.sock")},
+    )
+
+
+def ours(daemon: Daemon) -> list[Event]:
+    """The finished syncs of the bench app from remotecomdir."""
+    return daemon.syncs(APP_KEY, update=False)
 
 
 def make_tree(root: Path, files: int) -> None:
@@ -286,23 +182,6 @@ def wait_published(target: Path, content: bytes, poll: float, timeout: float) ->
         time.sleep(poll)
 
 
-def trash_empty(base: Path) -> bool:
-    """Whether the replaced trees awaiting their grace period have all been swept."""
-    for root in ("soft", "conf"):
-        trash = base / root / ".syncpro" / "trash"
-        if trash.is_dir() and any(trash.iterdir()):
-            return False
-    return True
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 # --- the benchmark ---
 
 
@@ -343,51 +222,58 @@ def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], No
         subprocess.run(["rsync", "-a", f"{staging}/", f"{source}/"], check=True)
     else:
         shutil.copytree(staging, source)
-    config = write_config(base, args.settle, args.grace, args.fsync)
+    config = write_bench_config(base, args.settle, args.grace, args.fsync)
 
     progress(f"starting the daemon on {base}")
-    argv = [args.python, "-m", "syncpro", "serve", "--config", str(config)]
-    with Daemon(argv, base) as daemon:
+    with Daemon(config, python=args.python) as daemon:
         daemon.wait(
             lambda: bool(daemon.find("service.rescanned", trigger="catch-up")), 30, "catch-up"
         )
         catch_up = len(daemon.find("service.rescanned", trigger="catch-up")[0]["changed"])
-        daemon.wait(lambda: len(daemon.syncs()) >= catch_up, 60, "the catch-up sync")
+        daemon.wait(lambda: len(ours(daemon)) >= catch_up, 60, "the catch-up sync")
         wait_published(target, b"version 0\n", args.poll, 10)
-        if not all(e.get("ok") for e in daemon.syncs()):
-            raise BenchError(f"catch-up sync failed {daemon.tail()}")
+        if not all(e.get("ok") for e in ours(daemon)):
+            raise BenchError(f"catch-up sync failed; the daemon said:\n{daemon.tail()}")
 
         progress(f"{args.uploads} uploads, settle {args.settle}s")
         uploads: list[Upload] = []
-        cpu_before_uploads = cpu_seconds(daemon.pid)
+        cpu_before_uploads = daemon.cpu_seconds()
         for n in range(1, args.uploads + 1):
-            count = len(daemon.syncs())
+            count = len(ours(daemon))
             up, content = upload(staging, source, n, use_rsync)
             seen = wait_published(target, content, args.poll, args.settle + 30)
-            daemon.wait(lambda c=count: len(daemon.syncs()) > c, 30, f"the sync of upload {n}")
-            sync = daemon.syncs()[count]
+            daemon.wait(
+                lambda c=count: len(ours(daemon)) > c,
+                30,
+                f"the sync of upload {n}",
+            )
+            sync = ours(daemon)[count]
             if not sync.get("ok"):
                 raise BenchError(f"the sync of upload {n} failed: {sync}")
             program = sync.get("response", {}).get("apps", [{}])[0].get("program", {})
             uploads.append(replace(up, seen=seen, program_seconds=program.get("seconds")))
-        syncs_after_uploads = len(daemon.syncs())
-        cpu_uploads = cpu_seconds(daemon.pid) - cpu_before_uploads
+        syncs_after_uploads = len(ours(daemon))
+        cpu_uploads = daemon.cpu_seconds() - cpu_before_uploads
 
         # Idle: every sync logged (above) and every replaced tree swept after its grace.
-        wait_until(lambda: trash_empty(base), args.grace + 30, "the replaced trees to be swept")
+        wait_until(
+            lambda: trash_empty(base / "soft", base / "conf"),
+            args.grace + 30,
+            what="the replaced trees to be swept",
+        )
         progress(f"idle for {args.idle}s")
-        cpu0, (switches0, threads) = cpu_seconds(daemon.pid), context_switches(daemon.pid)
+        cpu0, (switches0, threads) = daemon.cpu_seconds(), context_switches(daemon.pid)
         wall0 = time.monotonic()
         time.sleep(args.idle)  # the measurement window itself, not a wait for anything
-        cpu1, (switches1, _) = cpu_seconds(daemon.pid), context_switches(daemon.pid)
+        cpu1, (switches1, _) = daemon.cpu_seconds(), context_switches(daemon.pid)
         wall1 = time.monotonic()
-        rss, peak = status_kib(daemon.pid, "VmRSS"), status_kib(daemon.pid, "VmHWM")
-        idle_syncs = len(daemon.syncs()) - syncs_after_uploads
+        rss, peak = daemon.status_kib("VmRSS"), daemon.status_kib("VmHWM")
+        idle_syncs = len(ours(daemon)) - syncs_after_uploads
 
         progress("stopping the daemon with SIGTERM")
-        status = daemon.terminate(30)
+        status = daemon.stop(30)
         if status != 0:
-            raise BenchError(f"daemon exited {status} on SIGTERM {daemon.tail()}")
+            raise BenchError(f"daemon exited {status} on SIGTERM; it said:\n{daemon.tail()}")
 
     latencies = [u.latency(args.settle) for u in uploads]
     program_seconds = [u.program_seconds for u in uploads if u.program_seconds is not None]
@@ -579,7 +465,13 @@ def main(argv: list[str] | None = None) -> int:
         doc = run_bench(base, args, progress)
         print(json.dumps(doc, indent=2) if args.json else render(doc))
         return 0
-    except (BenchError, OSError, subprocess.CalledProcessError) as exc:
+    except (
+        BenchError,
+        DaemonWaitError,
+        OSError,
+        subprocess.CalledProcessError,
+        subprocess.TimeoutExpired,
+    ) as exc:
         print(f"bench_daemon: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -42,6 +42,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from syncpro.testing import app, trash_empty, write_config
+
 ROOT = Path(__file__).resolve().parent.parent
 
 APP_KEY = "bench1"
@@ -300,12 +302,12 @@ class Bench:
         for name in ("u", "soft", "conf", "state"):
             (self.base / name).mkdir()
         for fsync, path in self.configs.items():
-            path.write_text(
-                "dirs: {remotecomdir: r, updatedir: u, softdir: soft, configuredir: conf,"
-                " state: state}\n"
-                f"publish: {{grace: 0, fsync: {'true' if fsync == 'on' else 'false'}}}\n"
-                f"apps:\n  - {{app_key: {APP_KEY}, local_name: {LOCAL_NAME}}}\n",
-                encoding="utf-8",
+            write_config(
+                self.base,
+                [app(APP_KEY, LOCAL_NAME)],
+                name=path.name,
+                defaults={},
+                publish={"grace": 0, "fsync": fsync == "on"},
             )
         return info
 
@@ -334,7 +336,7 @@ class Bench:
         return [self.base / root / ".syncpro" / "trash" for root in ("soft", "conf")]
 
     def trash_empty(self) -> bool:
-        return not any(d.is_dir() and any(d.iterdir()) for d in self.trash_dirs())
+        return trash_empty(self.base / "soft", self.base / "conf")
 
     def wait_for_sweeper(self, timeout: float = 300.0) -> None:
         """The CLI leaves a detached sweeper that removes the replaced tree once its grace

@@ -1,26 +1,30 @@
-"""Builders shared by the engine, publish, tree, CLI and property tests."""
+"""Builders shared by the in-process tests (engine, publish, tree, CLI, property): trees of
+every kind of entry, snapshots of them, and configs loaded as the CLI loads them. The config
+builder and `wait_until` are the harness's (syncpro.testing), re-exported here."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import stat
-import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+from urllib.parse import quote
 
 import pytest
-import yaml
 
 from syncpro.config.settings import Config, load_config
 from syncpro.engine import layout
+from syncpro.engine.publish import target_lock, work_area
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.result import SyncResult
 from syncpro.engine.sync import run_sync
-
-T = TypeVar("T")
+from syncpro.testing import app as app
+from syncpro.testing import config_doc, group, write_doc
+from syncpro.testing import wait_until as wait_until
 
 # A fixed past time, so copied mtimes can never be confused with "now".
 BASE_NS = 1_600_000_000_000_000_000
@@ -58,25 +62,18 @@ class Fifo:
 Entry = str | bytes | File | Dir | Symlink | Fifo
 
 
-def app(
-    app_key: str,
-    local_name: str,
-    *,
-    auto_deploy: bool = True,
-    status: int = 0,
-    files: list[str] | str | None = None,
-) -> dict[str, Any]:
-    """Return one `apps:` row of config.yml."""
-    return {
-        "app_key": app_key,
-        "local_name": local_name,
-        "auto_deploy": auto_deploy,
-        "configure_file_status": status,
-        "configure_file_list": [] if files is None else files,
-    }
+SERVER_GROUP = tuple(group("server", "server1", "server2"))
+# Two apps in two groups: the daemon tests' `base` fixture holds their sources.
+TWO_APPS = [app("server1", "server"), app("web1", "web")]
 
-
-SERVER_GROUP = (app("server1", "server"), app("server2", "server"))
+# The five dirs under var/ next to config.yml, as the shipped config has them.
+VAR_DIRS = {
+    "remotecomdir": "var/remotecomdir",
+    "updatedir": "var/updatedir",
+    "softdir": "var/softdir",
+    "configuredir": "var/configuredir",
+    "state": "var/state",
+}
 
 
 def config_dict(
@@ -86,26 +83,13 @@ def config_dict(
     fsync: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Return a config.yml document with every dir under `var/` next to the file."""
-    doc: dict[str, Any] = {
-        "dirs": {
-            "remotecomdir": "var/remotecomdir",
-            "updatedir": "var/updatedir",
-            "softdir": "var/softdir",
-            "configuredir": "var/configuredir",
-            "state": "var/state",
-        },
-        "publish": {"grace": grace, "fsync": fsync},
-        "apps": [dict(a) for a in apps],
-    }
-    doc.update(extra or {})
-    return doc
+    """Return a config.yml document with every dir under `var/` next to the file, for the
+    in-process engine and the one-shot CLI (no daemon timings)."""
+    defaults = {"publish": {"grace": grace, "fsync": fsync}}
+    return config_doc(apps, layout=VAR_DIRS, defaults=defaults, **(extra or {}))
 
 
-def write_config(path: Path, doc: Mapping[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(dict(doc), allow_unicode=True, sort_keys=False))
-    return path
+write_config = write_doc
 
 
 def make_config(
@@ -245,20 +229,18 @@ def inodes(root: Path) -> dict[str, int]:
     return found
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.01) -> T:
-    """Poll predicate until it returns something truthy; return that. Fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
-        time.sleep(interval)
-
-
 def without_dac_override(*args: str) -> list[str]:
     """A command line that runs as root yet obeys file modes, as a deploy user would."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE")
     return ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *args]
+
+
+@contextlib.contextmanager
+def holding(root: Path, rel: str) -> Iterator[Path]:
+    """Hold the publish lock of the target `rel` under root (softdir or configuredir) as
+    another syncpro process would: a sync of it waits, in the middle, until the block ends.
+    Yield the lock file, for `Daemon.waits_for_lock`."""
+    target = layout.Target(root, rel)
+    with target_lock(target):
+        yield work_area(root) / "locks" / f"{quote(rel, safe='')}.lock"

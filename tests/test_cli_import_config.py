@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from syncpro.config.load import parse_config
+
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 ORIGINAL = """\
 env:

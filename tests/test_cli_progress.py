@@ -12,7 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-from daemon_harness import put, write_config
+import pytest
+
+from syncpro.testing import put, write_config
+
+pytestmark = pytest.mark.daemon  # nearly every test here runs the syncpro command
 
 SYNCPRO = str(Path(sys.executable).parent / "syncpro")
 ERASE = "\r\x1b[K"

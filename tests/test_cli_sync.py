@@ -35,6 +35,8 @@ from helpers import (
 )
 from mysql_support import app_row, reachable_server, throwaway_database
 
+pytestmark = pytest.mark.daemon  # nearly every test here runs the syncpro command
+
 SYNCPRO = str(Path(sys.executable).parent / "syncpro")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
+
+pytestmark = pytest.mark.daemon  # it starts the daemon as a subprocess
 
 
 def test_a_data_dir_that_is_a_file_stops_the_start_naming_the_key(tmp_path: Path) -> None:

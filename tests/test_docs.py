@@ -17,8 +17,8 @@ import pytest
 
 from syncpro.config.settings import describe_keys
 from syncpro.control.protocol import ACTIONS, FIELDS
+from syncpro.testing import running
 
-from daemon_harness import running
 from helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,6 +140,7 @@ def _text(path: Path) -> str | None:
         return None  # not published yet
 
 
+@pytest.mark.daemon
 def test_the_readme_try_it_step_works_as_written(tmp_path: Path) -> None:
     # The demo exactly as the README's first command sets it up, in a scratch folder.
     shutil.copy(REPO / "config.yml", tmp_path / "config.yml")

@@ -21,9 +21,11 @@ import pytest
 import yaml
 
 from control_fakes import ask, short_dir
+from syncpro.testing import Daemon, put, running, tree, write_config
 
-from daemon_harness import Daemon, put, running, tree, write_config
 from mysql_support import Database, TcpProxy, app_row, reachable_server, throwaway_database
+
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 APPS = [
     {"app_key": "server1", "local_name": "server"},

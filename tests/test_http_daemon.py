@@ -15,8 +15,9 @@ import pytest
 import requests
 
 from control_fakes import short_dir
+from syncpro.testing import put, running, tree, write_config
 
-from daemon_harness import put, running, tree, write_config
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 SYNC_ACTION = "Deploy:Core:syncpro"
 APPS = [

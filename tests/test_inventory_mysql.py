@@ -25,8 +25,8 @@ from syncpro.inventory.mysql import (
     parse_mysql_url,
 )
 from syncpro.inventory.settings import InventorySettings
+from syncpro.testing import write_config
 
-from daemon_harness import write_config
 from mysql_support import Database, Server, app_row, reachable_server, throwaway_database
 
 
@@ -481,6 +481,7 @@ def _check_config_with_url(tmp_path: Path, url: str) -> subprocess.CompletedProc
     )
 
 
+@pytest.mark.daemon
 @pytest.mark.parametrize(
     ("url", "problem"),
     [
@@ -501,6 +502,7 @@ def test_check_config_refuses_a_malformed_inventory_url_naming_the_key_not_the_p
     assert "hunter2" not in done.stderr + done.stdout
 
 
+@pytest.mark.daemon
 def test_a_well_formed_inventory_url_passes_check_config(tmp_path: Path) -> None:
     done = _check_config_with_url(tmp_path, "mysql://root:hunter2@127.0.0.1:3306/autotask")
 

@@ -180,6 +180,21 @@ def test_nothing_imports_the_cli_but_the_main_module(graph: Graph) -> None:
     assert importers == ["syncpro.__main__"]
 
 
+def test_the_testing_harness_stays_outside_the_daemon(graph: Graph) -> None:
+    # syncpro.testing drives the daemon from outside, as an operator does: the daemon never
+    # loads it, and it sees nothing of the daemon but its command line, log and sockets.
+    assert "syncpro.testing.driver" in graph
+    importers = [
+        m
+        for m, names in sorted(graph.items())
+        if not _within(m, "syncpro.testing") and any(_within(n, "syncpro.testing") for n in names)
+    ]
+    assert importers == []
+    # The package's own __init__ runs first whatever is imported: it is no way in.
+    others = tuple(m for m in graph if m != "syncpro" and not _within(m, "syncpro.testing"))
+    assert violations(graph, "syncpro.testing", others) == []
+
+
 def test_there_are_no_import_cycles_among_syncpro_modules(graph: Graph) -> None:
     assert cycles(graph) == []
 

@@ -6,52 +6,29 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from control_fakes import short_dir
+from syncpro.testing import ctl, free_port, put, running, wait_until
 
-from daemon_harness import free_port, put, running, write_config
-from helpers import wait_until
-
-APPS = [
-    {"app_key": "server1", "local_name": "server"},
-    {"app_key": "web1", "local_name": "web"},
-]
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
-    put(tmp_path / "r/softdir/server1", {"bin/run.sh": "v1\n", "lib/a.jar": "a" * 1000})
-    put(tmp_path / "r/configuredir/server1", {"app.properties": "node=1\n"})
-    put(tmp_path / "r/softdir/web1", {"index.html": "web\n"})
-    put(tmp_path / "r/configuredir/web1", {"web.conf": "w\n"})
-    return tmp_path
+def base(base: Path) -> Path:
+    """The shared sources, with a program file big enough to tell copied bytes apart."""
+    put(base / "r/softdir/server1", {"lib/a.jar": "a" * 5000})
+    return base
 
 
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    with short_dir() as path:
-        yield path
-
-
-def config_for(base: Path, run_dir: Path, port: int) -> Path:
-    return write_config(
-        base,
-        APPS,
-        control={"socket": str(run_dir / "control.sock")},
-        monitor={"listen": f"127.0.0.1:{port}"},
-        # Nothing syncs by itself but the catch-up: what the test sees, its requests did.
-        watch={"settle": 60, "max_wait": 120},
-    )
+def config_for(quiet_config: Callable[..., Path], port: int) -> Path:
+    return quiet_config(monitor={"listen": f"127.0.0.1:{port}"})
 
 
 def get(port: int, path: str) -> tuple[int, bytes, str]:
@@ -82,16 +59,6 @@ def value(
     return found.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "syncpro", "ctl", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def health(port: int) -> tuple[int, dict[str, Any]]:
     status, body, content_type = get(port, "/healthz")
     assert content_type == "application/json"
@@ -101,14 +68,11 @@ def health(port: int) -> tuple[int, dict[str, Any]]:
 
 
 def test_metrics_count_the_catch_up_syncs_files_and_build_in_the_prometheus_format(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
     port = free_port()
-    with running(config_for(base, run_dir, port)) as daemon:
-        daemon.wait(
-            lambda: {"server1", "web1"} <= {k for e in daemon.syncs() for k in e["k"].split()},
-            what="the catch-up",
-        )
+    with running(config_for(quiet_config, port)) as daemon:
+        daemon.wait_synced("server1", "web1")
         found = samples(port)
 
         ok = dict(app="server1", mode="remote", origin="watcher", outcome="ok")
@@ -117,7 +81,7 @@ def test_metrics_count_the_catch_up_syncs_files_and_build_in_the_prometheus_form
         assert value(found, "syncpro_sync_duration_seconds_count", origin="watcher") >= 1
         # server1: 2 program files and 1 config file; web1: 1 and 1.
         assert value(found, "syncpro_files_total", how="copied") == 5
-        assert value(found, "syncpro_bytes_total", how="copied") == 3 + 1000 + 7 + 4 + 2
+        assert value(found, "syncpro_bytes_total", how="copied") == 3 + 5000 + 7 + 4 + 2
         assert value(found, "syncpro_last_success_timestamp_seconds", app="server1") > 0
         assert value(found, "syncpro_inventory_apps") == 2
         assert value(found, "syncpro_inventory_last_refresh_timestamp_seconds") > 0
@@ -140,15 +104,15 @@ def test_metrics_count_the_catch_up_syncs_files_and_build_in_the_prometheus_form
         found = samples(port)
         assert value(found, "syncpro_syncs_total", **{**ok, "origin": "control"}) == 1
         assert value(found, "syncpro_files_total", how="linked") >= 1
-        assert value(found, "syncpro_bytes_total", how="linked") >= 1000
+        assert value(found, "syncpro_bytes_total", how="linked") >= 5000
         assert daemon.stop() == 0
 
 
 def test_healthz_turns_503_when_an_app_fails_for_real_and_200_once_fixed(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
     port = free_port()
-    config = config_for(base, run_dir, port)
+    config = config_for(quiet_config, port)
     with running(config) as daemon:
         daemon.wait(lambda: bool(daemon.syncs()), what="the catch-up")
         wait_until(lambda: health(port)[0] == 200, timeout=30)
@@ -184,23 +148,20 @@ def test_healthz_turns_503_when_an_app_fails_for_real_and_200_once_fixed(
         assert daemon.stop() == 0
 
 
-def test_an_empty_monitor_listen_serves_nothing(base: Path, run_dir: Path) -> None:
-    config = write_config(
-        base, APPS, control={"socket": str(run_dir / "control.sock")}, monitor={"listen": ""}
-    )
-    with running(config) as daemon:
+def test_an_empty_monitor_listen_serves_nothing(quiet_config: Callable[..., Path]) -> None:
+    with running(quiet_config(monitor={"listen": ""})) as daemon:
         assert daemon.find("monitor.listening") == []
         assert daemon.stop() == 0
 
 
 def test_a_busy_monitor_port_is_logged_and_the_daemon_syncs_without_it(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with running(config_for(base, run_dir, port)) as daemon:
+        with running(config_for(quiet_config, port)) as daemon:
             [event] = daemon.find("monitor.unavailable")
             assert event["error"].startswith(f"monitor.listen: cannot serve 127.0.0.1:{port}")
             daemon.wait(lambda: bool(daemon.syncs()), what="the catch-up")

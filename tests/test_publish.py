@@ -499,6 +499,7 @@ def test_a_publish_waits_while_another_process_holds_the_target_lock(
     assert (tmp_path / "var/softdir/server/by").read_text() == "publisher"
 
 
+@pytest.mark.daemon
 def test_a_syncpro_sync_waits_for_the_lock_then_publishes(tmp_path: Path, holder: Any) -> None:
     proc, _ = holder
     config_path = write_config(tmp_path / "config.yml", config_dict(SERVER_GROUP, grace=0))
@@ -541,6 +542,7 @@ def test_the_target_lock_excludes_threads_of_one_process_too(tmp_path: Path) -> 
     assert order == ["first", "second"]
 
 
+@pytest.mark.daemon
 def test_two_processes_syncing_one_group_at_once_both_succeed_and_leave_an_exact_copy(
     tmp_path: Path,
 ) -> None:

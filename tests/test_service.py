@@ -14,23 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon_harness import Daemon, holding, put, running, tree, write_config
-from helpers import wait_until
+from syncpro.testing import Daemon, app, group, put, running, tree, wait_until, write_config
 
-APPS = [
-    {"app_key": "server1", "local_name": "server"},
-    {"app_key": "server2", "local_name": "server"},
-    {"app_key": "web1", "local_name": "web"},
-]
+from helpers import holding
 
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    put(tmp_path / "r/softdir/server1", {"bin/run.sh": "v1\n"})
-    put(tmp_path / "r/configuredir/server1", {"app.properties": "node=1\n"})
-    put(tmp_path / "r/softdir/web1", {"index.html": "web\n"})
-    put(tmp_path / "r/configuredir/web1", {"web.conf": "w\n"})
-    return tmp_path
+# The conftest's `base` holds the sources of server1 and web1; server2 has none.
+APPS = [*group("server", "server1", "server2"), app("web1", "web")]
 
 
 def tick_past(probe: Path, ctime_ns: int) -> None:
@@ -174,9 +165,9 @@ def test_a_catch_up_in_one_group_leaves_each_apps_newest_arrival_published(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     apps = [
-        {"app_key": "C", "local_name": "other"},
-        {"app_key": "A", "local_name": "g"},
-        {"app_key": "B", "local_name": "g"},
+        app("C", "other"),
+        app("A", "g"),
+        app("B", "g"),
     ]
     probe = tmp_path_factory.mktemp("clock") / "probe"
     # Arrival order, oldest first: B's update=1 comes before A's two changes, A's update=0
@@ -236,7 +227,7 @@ def test_sighup_adds_an_app_and_syncs_it(base: Path) -> None:
     with running(config) as daemon:
         daemon.wait_sync("web1")
         assert daemon.syncs("api1") == []  # api1's files were there before it was known
-        write_config(base, [*APPS, {"app_key": "api1", "local_name": "api"}])
+        write_config(base, [*APPS, app("api1", "api")])
         daemon.signal(signal.SIGHUP)
         daemon.wait_note("RELOADING=1")
         daemon.wait_sync("api1")
@@ -358,8 +349,8 @@ def test_running_out_of_inotify_watches_names_the_sysctl_and_falls_back_to_polli
     wrapper.write_text(
         'echo 8 > /proc/sys/user/max_inotify_watches && exec "$@"\n', encoding="utf-8"
     )
-    env = {"SYNCPRO_TEST_WRAP": f"unshare -U -r sh {wrapper}"}
-    with running(config, env=env) as daemon:
+    wrap = ["unshare", "-U", "-r", "sh", str(wrapper)]
+    with running(config, wrap=wrap) as daemon:
         limit = daemon.wait_event("watch.inotify_limit")
         assert "fs.inotify.max_user_watches" in limit["error"]
         started = daemon.wait_event("service.started")
@@ -389,8 +380,8 @@ def test_running_out_of_inotify_instances_names_their_sysctl_and_falls_back_to_p
     wrapper.write_text(
         'echo 2 > /proc/sys/user/max_inotify_instances && exec "$@"\n', encoding="utf-8"
     )
-    env = {"SYNCPRO_TEST_WRAP": f"unshare -U -r sh {wrapper}"}
-    with running(config, env=env) as daemon:
+    wrap = ["unshare", "-U", "-r", "sh", str(wrapper)]
+    with running(config, wrap=wrap) as daemon:
         limit = daemon.wait_event("watch.inotify_limit")
         assert "fs.inotify.max_user_instances" in limit["error"]
         assert "max_user_watches" not in limit["error"]
@@ -407,8 +398,8 @@ def test_running_out_of_inotify_instances_names_their_sysctl_and_falls_back_to_p
 def test_the_inotify_instance_limit_reached_while_running_is_named_and_polled_around(
     base: Path,
 ) -> None:
-    env = {"SYNCPRO_TEST_WRAP": "unshare -U -r"}  # a user namespace with limits of its own
-    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), env=env) as daemon:
+    wrap = ["unshare", "-U", "-r"]  # a user namespace with limits of its own
+    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), wrap=wrap) as daemon:
         daemon.wait_sync("server1")
         # Its two roots hold the two instances allowed now: the check of the watch limit
         # cannot make one of its own.

@@ -14,21 +14,11 @@ from typing import Any
 
 import pytest
 
-from daemon_harness import put, running, tree, write_config
+from syncpro.testing import put, running, tree, write_config
 
-APPS = [
-    {"app_key": "server1", "local_name": "server"},
-    {"app_key": "web1", "local_name": "web"},
-]
+from helpers import TWO_APPS as APPS
 
-
-@pytest.fixture
-def base(tmp_path: Path) -> Path:
-    put(tmp_path / "r/softdir/server1", {"bin/run.sh": "v1\n"})
-    put(tmp_path / "r/configuredir/server1", {"app.properties": "node=1\n"})
-    put(tmp_path / "r/softdir/web1", {"index.html": "web\n"})
-    put(tmp_path / "r/configuredir/web1", {"web.conf": "w\n"})
-    return tmp_path
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 
 def _truncate(path: Path) -> None:
@@ -89,9 +79,9 @@ def test_with_no_inotify_instance_left_at_start_every_root_is_polled(base: Path)
     wrapper.write_text(
         'echo 0 > /proc/sys/user/max_inotify_instances && exec "$@"\n', encoding="utf-8"
     )
-    env = {"SYNCPRO_TEST_WRAP": f"unshare -U -r sh {wrapper}"}
+    wrap = ["unshare", "-U", "-r", "sh", str(wrapper)]
     config = write_config(base, APPS, watch={"poll_interval": 0.2})
-    with running(config, env=env) as daemon:
+    with running(config, wrap=wrap) as daemon:
         started = daemon.wait_event("service.started")
         assert set(started["backends"].values()) == {"polling"}
         limits = daemon.find("watch.inotify_limit")
@@ -170,8 +160,8 @@ def test_a_sync_failed_on_a_read_only_target_is_retried_with_backoff_until_it_su
 
 
 def test_a_root_made_again_with_no_inotify_instance_left_is_polled(base: Path) -> None:
-    env = {"SYNCPRO_TEST_WRAP": "unshare -U -r"}  # a user namespace with limits of its own
-    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), env=env) as daemon:
+    wrap = ["unshare", "-U", "-r"]  # a user namespace with limits of its own
+    with running(write_config(base, APPS, watch={"poll_interval": 0.2}), wrap=wrap) as daemon:
         daemon.wait_sync("server1")
         # Both roots hold an instance each; none is left for a third.
         subprocess.run(

@@ -20,8 +20,11 @@ import pytest
 import yaml
 
 from control_fakes import ask, short_dir
+from syncpro.testing import Daemon, free_port, put, running, tree, write_config
 
-from daemon_harness import Daemon, free_port, holding, put, running, tree, write_config
+from helpers import holding
+
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 APPS = [
     {"app_key": "server1", "local_name": "server"},

@@ -10,7 +10,13 @@ import signal
 from datetime import datetime
 from pathlib import Path
 
-from daemon_harness import Daemon, holding, put, running, tree, write_config
+import pytest
+
+from syncpro.testing import Daemon, app, put, running, tree, write_config
+
+from helpers import holding
+
+pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
 
 def many_files(root: Path, folders: int, per_folder: int, content: str = "x") -> None:
@@ -71,8 +77,8 @@ def test_syncing_and_rescanning_a_20000_file_app_overflows_nothing(tmp_path: Pat
     many_files(tmp_path / "r/softdir/big", folders=200, per_folder=100)
     put(tmp_path / "r/softdir/small", {"a.txt": "1\n"})
     apps = [
-        {"app_key": "big", "local_name": "big"},
-        {"app_key": "small", "local_name": "small"},
+        app("big", "big"),
+        app("small", "small"),
     ]
     with running(write_config(tmp_path, apps)) as daemon:
         # The first sync reads all 20,000 files: two events each if reads were watched,
@@ -108,7 +114,7 @@ def test_overflows_are_said_once_and_re_checked_at_most_once_per_max_wait(
 ) -> None:
     put(tmp_path / "r/softdir/small", {"a.txt": "1\n"})
     bigs = ["big1", "big2", "big3"]
-    apps = [{"app_key": key, "local_name": key} for key in ["small", *bigs]]
+    apps = [app(key, key) for key in ["small", *bigs]]
     max_wait = 4.0
     config = write_config(tmp_path, apps, watch={"settle": 0.3, "max_wait": max_wait})
     for key in bigs:  # watched from the start: files made in them while stopped are queued
@@ -182,7 +188,7 @@ def test_one_change_of_an_app_is_one_sync_during_a_catch_up_and_at_200_apps(
     keys = [f"a{i:03}" for i in range(200)]
     for key in keys:
         many_files(tmp_path / "r/softdir" / key, folders=2, per_folder=20, content=key)
-    apps = [{"app_key": key, "local_name": key} for key in keys]
+    apps = [app(key, key) for key in keys]
     config = write_config(tmp_path, apps, watch={"workers": 1})
     first, changed = keys[0], keys[150]
     held = contextlib.ExitStack()
@@ -227,7 +233,7 @@ def test_one_change_of_an_app_is_one_sync_during_a_catch_up_and_at_200_apps(
 def test_a_re_check_never_syncs_again_an_app_whose_sync_is_running(tmp_path: Path) -> None:
     put(tmp_path / "r/softdir/slow", {"a.txt": "1\n"})
     put(tmp_path / "r/softdir/other", {"b.txt": "1\n"})
-    apps = [{"app_key": "slow", "local_name": "slow"}, {"app_key": "other", "local_name": "o"}]
+    apps = [app("slow", "slow"), app("other", "o")]
     held = contextlib.ExitStack()
     lock = held.enter_context(holding(tmp_path / "soft", "slow"))
     try:

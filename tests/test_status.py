@@ -8,7 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,49 +16,16 @@ from typing import Any
 import pytest
 import yaml
 
-from control_fakes import short_dir
+from syncpro.testing import Daemon, ctl, put, running, wait_until
 
-from daemon_harness import holding, put, running, write_config
-from helpers import wait_until
-
-APPS = [
-    {"app_key": "server1", "local_name": "server"},
-    {"app_key": "web1", "local_name": "web"},
-]
+from helpers import holding
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
-    put(tmp_path / "r/softdir/server1", {"bin/run.sh": "v1\n", "lib/a.jar": "a" * 5000})
-    put(tmp_path / "r/configuredir/server1", {"app.properties": "node=1\n"})
-    put(tmp_path / "r/softdir/web1", {"index.html": "web\n"})
-    put(tmp_path / "r/configuredir/web1", {"web.conf": "w\n"})
-    return tmp_path
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    with short_dir() as path:
-        yield path
-
-
-def config_for(base: Path, run_dir: Path, **watch: Any) -> Path:
-    return write_config(
-        base,
-        APPS,
-        control={"socket": str(run_dir / "control.sock")},
-        watch={"settle": 60, "max_wait": 120, **watch},
-    )
-
-
-def ctl(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "syncpro", "ctl", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+def base(base: Path) -> Path:
+    """The shared sources, with a program file big enough for progress to show bytes."""
+    put(base / "r/softdir/server1", {"lib/a.jar": "a" * 5000})
+    return base
 
 
 def document(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -71,17 +38,15 @@ def is_iso(text: Any) -> bool:
     return isinstance(text, str) and datetime.fromisoformat(text).tzinfo is not None
 
 
-def caught_up(daemon: Any) -> None:
-    daemon.wait(
-        lambda: {"server1", "web1"} <= {k for e in daemon.syncs() for k in e["k"].split()},
-        what="the catch-up",
-    )
+def caught_up(daemon: Daemon) -> None:
+    daemon.wait_synced("server1", "web1")
 
 
+@pytest.mark.daemon
 def test_ctl_reload_of_a_broken_config_exits_1_with_the_error_and_status_keeps_it(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
-    config = config_for(base, run_dir)
+    config = quiet_config()
     with running(config) as daemon:
         good = config.read_text()
         doc = yaml.safe_load(good)
@@ -112,10 +77,11 @@ def test_ctl_reload_of_a_broken_config_exits_1_with_the_error_and_status_keeps_i
         assert daemon.stop() == 0
 
 
+@pytest.mark.daemon
 def test_status_gives_iso_times_and_code_1_while_an_app_last_failed(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
-    config = config_for(base, run_dir)
+    config = quiet_config()
     with running(config) as daemon:
         caught_up(daemon)
         proc = ctl(config, "status")
@@ -154,10 +120,11 @@ def progress_done(config: Path) -> dict[str, Any] | None:
     return None
 
 
+@pytest.mark.daemon
 def test_a_running_sync_shows_its_files_and_bytes_done_of_the_total(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
-    config = config_for(base, run_dir)
+    config = quiet_config()
     with running(config) as daemon:
         caught_up(daemon)
         put(base / "r/softdir/server1", {"lib/b.jar": "b" * 3000})
@@ -221,10 +188,11 @@ def test_a_batch_not_yet_syncing_gets_a_wall_clock_start_and_no_monotonic_time()
     assert (doc["code"], doc["healthy"], doc["reload"]) == ("0", True, None)
 
 
+@pytest.mark.daemon
 def test_a_reload_that_restarts_the_control_socket_answers_its_asker_at_once(
-    base: Path, run_dir: Path
+    base: Path, quiet_config: Callable[..., Path]
 ) -> None:
-    config = config_for(base, run_dir)
+    config = quiet_config()
     with running(config) as daemon:
         doc = yaml.safe_load(config.read_text())
         doc["control"]["mode"] = "0600"  # the socket is made again, under this very request

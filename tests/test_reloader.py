@@ -28,8 +28,7 @@ from syncpro.daemon.watch import Watcher
 from syncpro.engine.sync import ignore_for
 from syncpro.errors import InventoryError
 from syncpro.inventory.apps import Inventory
-
-from daemon_harness import write_config
+from syncpro.testing import write_config
 
 APPS = [{"app_key": "server1", "local_name": "server"}]
 

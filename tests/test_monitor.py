@@ -73,9 +73,17 @@ def test_metrics_count_the_catch_up_syncs_files_and_build_in_the_prometheus_form
     port = free_port()
     with running(config_for(quiet_config, port)) as daemon:
         daemon.wait_synced("server1", "web1")
-        found = samples(port)
-
         ok = dict(app="server1", mode="remote", origin="watcher", outcome="ok")
+        # The sync's log line comes from the engine, its metrics from the daemon just after.
+        found = wait_until(
+            lambda: (
+                (f := samples(port))
+                and value(f, "syncpro_syncs_total", **ok)
+                and value(f, "syncpro_syncs_total", **{**ok, "app": "web1"})
+                and f
+            )
+        )
+
         assert value(found, "syncpro_syncs_total", **ok) == 1
         assert value(found, "syncpro_syncs_total", **{**ok, "outcome": "failed"}) == 0
         assert value(found, "syncpro_sync_duration_seconds_count", origin="watcher") >= 1

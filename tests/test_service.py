@@ -652,6 +652,9 @@ def test_a_ready_marker_written_while_a_sync_runs_is_honoured_by_the_next(base: 
             timeout=15,
             what="the second upload, behind a marker written during the first sync",
         )
+        # Swapped in before its log line: wait for the second sync's line, then check it is
+        # the last.
+        daemon.wait(lambda: len(daemon.syncs("server1")) >= 2, what="the second sync logged")
         assert len(daemon.syncs("server1")) == 2
         assert daemon.stop() == 0
 
@@ -737,6 +740,11 @@ def test_the_periodic_rescan_catches_a_change_the_watcher_never_saw(
         daemon.wait(
             lambda: tree(base / "soft/server") == {"bin/run.sh": "v1\nappended unseen\n"},
             what="the unseen change published",
+        )
+        # The tree is swapped in before the sync's log line is written: wait for that too.
+        daemon.wait(
+            lambda: daemon.syncs("server1")[-1]["response"]["trigger"]["by"] == "rescan",
+            what="the rescan's sync logged",
         )
         triggers = [e["response"]["trigger"]["by"] for e in daemon.syncs("server1")]
         assert "watcher" not in triggers

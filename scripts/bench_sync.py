@@ -316,7 +316,7 @@ class Bench:
         not on a terminal (JSON lines), here to /dev/null."""
         try:
             from syncpro import log
-            from syncpro.config.settings import load_config
+            from syncpro.config.load import load_config
             from syncpro.engine.request import SyncRequest
             from syncpro.engine.sync import run_sync
         except ImportError as exc:

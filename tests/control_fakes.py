@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from syncpro.config.settings import ControlSettings
+from syncpro.config.model import ControlSettings
 from syncpro.control.socket_server import ControlServer
 from syncpro.engine.request import SyncRequest
 

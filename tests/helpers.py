@@ -16,7 +16,8 @@ from urllib.parse import quote
 
 import pytest
 
-from syncpro.config.settings import Config, load_config
+from syncpro.config.load import load_config
+from syncpro.config.model import Config
 from syncpro.engine import layout
 from syncpro.engine.publish import target_lock, work_area
 from syncpro.engine.request import SyncRequest

@@ -17,7 +17,7 @@ import structlog
 
 import control_fakes
 from control_fakes import FakeHandler, document, read_line
-from syncpro.config.settings import ControlSettings
+from syncpro.config.model import ControlSettings
 from syncpro.control.client import add_ctl_parser, run_ctl, send_request
 from syncpro.control.socket_server import ControlServer
 from syncpro.engine.request import SyncRequest

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import control_fakes
 from control_fakes import FakeHandler, ask, client_threads, document, fd_count, read_line
 from reference_request import reading
-from syncpro.config.settings import Config, ControlSettings
+from syncpro.config.model import Config, ControlSettings
 from syncpro.control.socket_server import ControlServer
 from syncpro.engine.diff import diff
 from syncpro.engine.request import SyncRequest

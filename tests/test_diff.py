@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.control.protocol import DIFF_ACTION
 from syncpro.engine.diff import diff
 from syncpro.engine.request import SyncRequest

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from syncpro.config.settings import describe_keys
+from syncpro.config.schema import describe_keys
 from syncpro.control.protocol import ACTIONS, FIELDS
 from syncpro.testing import running
 

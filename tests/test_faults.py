@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from small_fs import ramfs, remount, small_ext4
+from syncpro.config.load import load_config
 from syncpro.config.model import Config
-from syncpro.config.settings import load_config
 from syncpro.engine.response import response_document
 
 from helpers import (

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from syncpro.config.settings import load_config
+from syncpro.config.load import load_config
 from syncpro.testing import (
     DaemonWaitError,
     app,

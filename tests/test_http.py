@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from control_fakes import FakeHandler, document
-from syncpro.config.settings import HttpSettings
+from syncpro.config.model import HttpSettings
 from syncpro.control.http import HttpServer
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.response import REDACTED, param_of

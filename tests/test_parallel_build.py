@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from syncpro.config.settings import DEFAULT_IGNORE
+from syncpro.config.model import DEFAULT_IGNORE
 from syncpro.engine import publish
 from syncpro.engine.publish import FlushBarrier
 from syncpro.engine.tree import POOL_MIN_FILES, Ignore, TreeBuilder

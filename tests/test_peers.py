@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from syncpro.config.settings import ControlSettings
+from syncpro.config.model import ControlSettings
 from syncpro.control.peers import Peer, allowed, peer_of, refusal, user_groups
 
 UNUSED_UID = 2**31 - 7  # no user database names it

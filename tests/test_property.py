@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 
 from helpers import (
     BASE_NS,

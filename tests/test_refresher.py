@@ -11,7 +11,7 @@ from pathlib import Path
 
 import structlog
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.refresher import Refresher
 from syncpro.daemon.runtime import Runtime, Snapshot

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro.config.settings import Config, load_config
+from syncpro.config.load import load_config
+from syncpro.config.model import Config
 from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.refresher import Refresher
 from syncpro.daemon.reloader import Reloader

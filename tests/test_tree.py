@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from syncpro.config.settings import DEFAULT_IGNORE
+from syncpro.config.model import DEFAULT_IGNORE
 from syncpro.engine.tree import Ignore, ListedFileError, TreeBuilder
 
 from helpers import BASE_NS, Dir, Fifo, File, Symlink, inodes, snapshot, write_tree

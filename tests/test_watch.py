@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from syncpro.config.settings import DEFAULT_IGNORE
+from syncpro.config.model import DEFAULT_IGNORE
 from syncpro.daemon.service import source_root_of
 from syncpro.daemon.watch import DONE, TOUCHED, WRITING, Watcher
 from syncpro.engine.tree import Ignore

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from syncpro.config.settings import ControlSettings, control_socket_of, find_config, load_config
+from syncpro.config.load import control_socket_of, find_config, load_config
+from syncpro.config.model import ControlSettings
 from syncpro.control.dispatch import exit_code, render
 from syncpro.control.protocol import (
     DIFF_ACTION,

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 
 from syncpro import __version__
-from syncpro.config.settings import HttpSettings
+from syncpro.config.model import HttpSettings
 from syncpro.control.dispatch import Answer, Code, ControlHandler, dispatch, encode, succeeded
 from syncpro.control.forms import FormError, body_pairs
 from syncpro.control.listener import Listener

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from syncpro.config.settings import ControlSettings
+from syncpro.config.model import ControlSettings
 from syncpro.control import peers
 from syncpro.control.dispatch import Code, ControlHandler, answer_line, encode
 from syncpro.control.peers import Peer

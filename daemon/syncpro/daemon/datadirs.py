@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from syncpro.config.settings import Dirs
+from syncpro.config.model import Dirs
 
 log = structlog.get_logger()
 

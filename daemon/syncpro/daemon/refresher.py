@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import structlog
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.runtime import Runtime, Snapshot, time_left
 from syncpro.errors import InventoryError

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from syncpro.config.settings import Config, load_config
+from syncpro.config.load import load_config
+from syncpro.config.model import Config
 from syncpro.daemon.datadirs import make_data_dirs, os_error, same_dir
 from syncpro.daemon.refresher import Refresher
 from syncpro.daemon.reloads import Reloads

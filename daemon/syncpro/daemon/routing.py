@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from syncpro.config.settings import Dirs
+from syncpro.config.model import Dirs
 from syncpro.daemon.runtime import Runtime, Snapshot
 from syncpro.daemon.watch import DONE, WRITING
 from syncpro.engine import layout

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.daemon.scheduler import Scheduler
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.state import StateLock, StateStore

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
-from syncpro.config.settings import Config
+from syncpro.config.model import Config
 from syncpro.daemon.runtime import time_left
 from syncpro.errors import SyncproError
 

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import structlog
 
 from syncpro import __version__
-from syncpro.config.settings import Config, load_config
+from syncpro.config.load import load_config
+from syncpro.config.model import Config
 from syncpro.daemon.datadirs import make_data_dirs, os_error
 from syncpro.daemon.handler import Handler
 from syncpro.daemon.metrics import Metrics

@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import structlog
 
-from syncpro.config.settings import Dirs
+from syncpro.config.model import Dirs
 from syncpro.engine import layout
 from syncpro.engine.ignore import Ignore
 from syncpro.engine.request import CONFIG, PROGRAM

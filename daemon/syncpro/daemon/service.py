@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import structlog
 
 from syncpro import __version__
+from syncpro.config import environment
 from syncpro.config.load import load_config
 from syncpro.config.model import Config
 from syncpro.daemon.datadirs import make_data_dirs, os_error
@@ -162,7 +163,7 @@ class Service:
             on_trouble=self.rescanner.request,
             source_root_of=lambda path: source_root_of(dirs, path),
             poll_interval=config.watch.poll_interval,
-            force_polling=os.environ.get("SYNCPRO_WATCH_POLLING") == "1",
+            force_polling=os.environ.get(environment.WATCH_POLLING.name) == "1",
         )
 
     def _state_reset(self, error: str) -> None:
@@ -374,7 +375,7 @@ def serve(config_path: str | None) -> int:
     try:
         code = service.run()
     finally:
-        service.shutdown(float(os.environ.get("SYNCPRO_STOP_TIMEOUT", STOP_TIMEOUT)))
+        service.shutdown(float(os.environ.get(environment.STOP_TIMEOUT.name, STOP_TIMEOUT)))
     stuck = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
     stuck = [name for name in stuck if name != threading.current_thread().name]
     if stuck:

@@ -72,8 +72,8 @@ def build(base: Path, args: argparse.Namespace) -> Path:
         [app(key(i), key(i)) for i in range(args.apps)],
         under=base,
         defaults={},
-        publish={"grace": args.grace, "fsync": args.fsync},
-        watch={"settle": args.settle},
+        publish={"grace": args.grace, "fsync": args.fsync, "parallel": args.parallel},
+        watch={"settle": args.settle, "workers": args.workers},
         control={"socket": str(base / "run/control.sock")},
     )
 
@@ -149,6 +149,8 @@ def run(base: Path, args: argparse.Namespace, say: Callable[[str], None]) -> dic
         "files_per_app": args.files,
         "settle": args.settle,
         "fsync": args.fsync,
+        "workers": args.workers,
+        "parallel": args.parallel,
         "rounds": args.rounds,
     }
     # Each round: the baseline, then a first start from nothing. The last round's daemon
@@ -313,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folders", type=int, default=5, help="folders per app")
     parser.add_argument("--size", type=int, default=2000, help="bytes per file")
     parser.add_argument("--settle", type=float, default=1.0, help="watch.settle, seconds")
+    parser.add_argument("--workers", type=int, default=4, help="watch.workers (default 4)")
+    parser.add_argument("--parallel", type=int, default=2, help="publish.parallel (default 2)")
     parser.add_argument("--grace", type=float, default=2.0, help="publish.grace, seconds")
     parser.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--idle", type=float, default=20.0, help="idle window, seconds")

@@ -15,6 +15,7 @@ from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.runner import Runner
 from syncpro.daemon.runtime import Runtime, time_left
 from syncpro.daemon.state import fingerprint
+from syncpro.inventory.apps import App
 
 log = structlog.get_logger()
 
@@ -104,46 +105,54 @@ class Rescanner:
 
     def rescan(self, trigger: str, reasons: list[str]) -> None:
         """Given what triggers it and why, submit every (app, mode) whose sources differ from
-        the record, oldest change first."""
+        the record, a group as soon as its apps are checked (a first start's syncs begin
+        while the walk goes on), its oldest change first."""
         snap = self.runtime.snapshot
         state, scheduler = self.runtime.state, self.runtime.scheduler
         if state is None or scheduler is None:
             return
         changed: list[tuple[float, str, bool, set[str]]] = []
         skipped = 0
+        groups: dict[str, list[App]] = {}
         for app in snap.inventory.deployable:
-            pending, running = scheduler.busy()
-            for update in (False, True):
-                if self._stop.is_set():
-                    return
-                key = (app.app_key, update)
-                if key in pending:
-                    # Its run is still to come and reads the sources as they are then.
-                    skipped += 1
-                    continue
-                if key in running:
-                    # The running sync walks these sources itself; what lands after its walk
-                    # is checked again when it ends.
-                    self.runner.recheck_later(key)
-                    skipped += 1
-                    continue
-                fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
-                if fp is None:
-                    continue
-                record = state.get(app.app_key, update)
-                parts = fp.changed_parts(record.fingerprint if record is not None else None)
-                if parts:
-                    changed.append((fp.newest, app.app_key, update, parts))
-        # Oldest arrival first, so that where both modes changed the newest arrival wins.
-        changed.sort(key=lambda item: item[:3])
-        for _, app_key, update, parts in changed:
-            # At start nothing is being uploaded that we know of: sync at once. Later, an
-            # upload may be half way: settle like any event, and wait for its temporaries.
-            # Only the parts that changed: a config edit never republishes a program.
-            for part in sorted(parts):
-                scheduler.submit(
-                    app_key, update, None, trigger, immediate=trigger == "catch-up", part=part
-                )
+            groups.setdefault(app.local_name, []).append(app)
+        for members in groups.values():
+            found: list[tuple[float, str, bool, set[str]]] = []
+            for app in members:
+                pending, running = scheduler.busy()
+                for update in (False, True):
+                    if self._stop.is_set():
+                        return
+                    key = (app.app_key, update)
+                    if key in pending:
+                        # Its run is still to come and reads the sources as they are then.
+                        skipped += 1
+                        continue
+                    if key in running:
+                        # The running sync walks these sources itself; what lands after its
+                        # walk is checked again when it ends.
+                        self.runner.recheck_later(key)
+                        skipped += 1
+                        continue
+                    fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
+                    if fp is None:
+                        continue
+                    record = state.get(app.app_key, update)
+                    parts = fp.changed_parts(record.fingerprint if record is not None else None)
+                    if parts:
+                        found.append((fp.newest, app.app_key, update, parts))
+            # Oldest arrival first, so that where a group's apps or an app's two modes changed
+            # the newest arrival wins (they share targets; other groups need no order).
+            found.sort(key=lambda item: item[:3])
+            for _, app_key, update, parts in found:
+                # At start nothing is being uploaded that we know of: sync at once. Later, an
+                # upload may be half way: settle like any event, and wait for its temporaries.
+                # Only the parts that changed: a config edit never republishes a program.
+                for part in sorted(parts):
+                    scheduler.submit(
+                        app_key, update, None, trigger, immediate=trigger == "catch-up", part=part
+                    )
+            changed.extend(found)
         log.info(
             "service.rescanned",
             trigger=trigger,

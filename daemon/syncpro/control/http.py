@@ -19,7 +19,6 @@ import socketserver
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,6 +38,7 @@ from syncpro.control.protocol import (
 )
 from syncpro.engine.response import REDACTED, refusal_document
 from syncpro.errors import ControlError
+from syncpro.lifecycle import Lifecycle
 
 log = structlog.get_logger()
 
@@ -48,7 +48,7 @@ _LINGER_BYTES = 16 << 20
 _REX_METHODS = "POST, OPTIONS"
 
 
-class HttpServer(Listener["_Server"]):
+class HttpServer(Listener["_Server"], Lifecycle):
     """Serves POST /rex and GET /healthz in its own thread, one thread per request."""
 
     def __init__(
@@ -94,18 +94,6 @@ class HttpServer(Listener["_Server"]):
         if abandoned:
             log.warning("http.stop_abandoned", requests=abandoned)
         log.info("http.stopped", listen=self.settings.listen)
-
-    def __enter__(self) -> HttpServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def token_ok(self, given: str | None) -> bool:
         """Given the token a client sent, return whether it is the configured one, compared

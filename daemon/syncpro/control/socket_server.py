@@ -13,7 +13,6 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import structlog
@@ -25,6 +24,7 @@ from syncpro.control.peers import Peer
 from syncpro.control.protocol import MAX_REQUEST, QUIET_ACTIONS
 from syncpro.engine.response import refusal_document
 from syncpro.errors import ControlError
+from syncpro.lifecycle import Lifecycle
 
 log = structlog.get_logger()
 
@@ -137,7 +137,7 @@ class Connection:
             log.info("control.request", **event, delivered=delivered, seconds=seconds)
 
 
-class ControlServer:
+class ControlServer(Lifecycle):
     """Serves the control socket: one thread accepts and reads request lines, and a whole
     line goes to a thread of its own (at most `max_clients` at once).
 
@@ -259,18 +259,6 @@ class ControlServer:
         self._wake_r = self._wake_w = None
         self._thread = None
         log.info("control.stopped", socket=str(self.path))
-
-    def __enter__(self) -> ControlServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _group_id(self) -> int | None:
         group = self.settings.group

@@ -33,12 +33,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self, TypedDict
+from typing import TypedDict
 
 import structlog
 
 from syncpro.engine.request import BOTH_PARTS
+from syncpro.lifecycle import Lifecycle
 
 log = structlog.get_logger()
 
@@ -124,7 +124,7 @@ class _Running:
     started: bool = False
 
 
-class Scheduler:
+class Scheduler(Lifecycle):
     """Debounce keys and run them as batches on a pool of worker threads.
 
     `run` is called with one `Batch` at a time per group; an exception it raises is logged and
@@ -354,14 +354,15 @@ class Scheduler:
         self._threads.append(thread)
         thread.start()
 
-    def stop(self, timeout: float) -> list[Batch]:
-        """Stop taking work, let running batches finish for up to `timeout` seconds.
+    def stop(self, timeout: float | None = None) -> list[Batch]:
+        """Stop taking work, let running batches finish for up to `timeout` seconds (the
+        `stop_timeout` it was made with when None).
 
         Return what was abandoned: batches still running when the time was up, then the
         pending keys that never started, grouped into the batches they would have made.
         Calling it again waits again and returns what is still abandoned.
         """
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (self._stop_timeout if timeout is None else timeout)
         with self._lock:
             self._stop_event.set()
             self._dispatcher_cv.notify_all()
@@ -377,18 +378,6 @@ class Scheduler:
         alive = [t.name for t in threads if t.is_alive()]
         log.info("scheduler.stopped", abandoned=len(abandoned), threads_still_running=alive)
         return abandoned
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop(self._stop_timeout)
 
     # -- threads --------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from syncpro.engine.tree import Ignore
+from syncpro.lifecycle import Lifecycle
 
 log = structlog.get_logger()
 
@@ -257,7 +258,7 @@ class _TroubleLog(logging.Handler):
         self.on_trouble("overflow")
 
 
-class Watcher:
+class Watcher(Lifecycle):
     """Observes each root recursively; calls on_change(path) per change of a real file,
     on_temporary(path, state) per event of an upload temporary (WRITING, DONE or TOUCHED),
     and on_trouble(reason)
@@ -413,10 +414,3 @@ class Watcher:
                 observer.join(timeout=max(0.0, deadline - time.monotonic()))
         self._observers.clear()
         self._handlers.clear()
-
-    def __enter__(self) -> Watcher:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -239,7 +239,9 @@ class ProgressLine(io.TextIOBase):
         super().__init__()
         self.stream = stream
         self.interval = interval
-        self.files_total = self.files_done = self.bytes_total = self.bytes_done = 0
+        from syncpro.engine.tree import Tally  # the engine is imported when a sync runs
+
+        self.tally = Tally()
         self._started = time.monotonic()
         self._next = 0.0
         self._shown = False
@@ -248,14 +250,8 @@ class ProgressLine(io.TextIOBase):
     def __call__(self, event: str, size: int) -> None:
         """The engine's Progress: ("planned" | "copied" | "linked", size) per file."""
         with self._lock:
-            if event == "planned":
-                # A tree's files are planned all at once before the first is made: drawn
-                # with the files made, the total is whole.
-                self.files_total += 1
-                self.bytes_total += size
+            if not self.tally.count(event, size):
                 return
-            self.files_done += 1
-            self.bytes_done += size
             now = time.monotonic()
             if now >= self._next:
                 self._next = now + self.interval
@@ -264,10 +260,11 @@ class ProgressLine(io.TextIOBase):
     def text(self, now: float) -> str:
         from syncpro.summary import human_bytes
 
-        rate = self.bytes_done / max(now - self._started, 1e-3)
+        done = self.tally
+        rate = done.bytes_done / max(now - self._started, 1e-3)
         return (
-            f"syncing: {self.files_done}/{self.files_total} files,"
-            f" {human_bytes(self.bytes_done)} of {human_bytes(self.bytes_total)},"
+            f"syncing: {done.files_done}/{done.files_total} files,"
+            f" {human_bytes(done.bytes_done)} of {human_bytes(done.bytes_total)},"
             f" {human_bytes(int(rate))}/s"
         )
 

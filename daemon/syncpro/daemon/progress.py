@@ -7,13 +7,14 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
 from syncpro.engine.request import SyncRequest
+from syncpro.engine.tree import Tally
 
 log = structlog.get_logger()
 
@@ -33,26 +34,18 @@ class SyncProgress:
     started: float
     """Unix time it started."""
     on_linked: Callable[[int], None] | None = None
-    files_total: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    bytes_done: int = 0
+    tally: Tally = field(default_factory=Tally)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __call__(self, event: str, size: int) -> None:
         with self._lock:
-            if event == "planned":
-                self.files_total += 1
-                self.bytes_total += size
-                return
-            self.files_done += 1
-            self.bytes_done += size
-        if event == "linked" and self.on_linked is not None:
+            made = self.tally.count(event, size)
+        if made and event == "linked" and self.on_linked is not None:
             self.on_linked(size)
 
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
-            done = (self.files_done, self.files_total, self.bytes_done, self.bytes_total)
+            done = replace(self.tally)
         trigger = self.request.trigger
         return {
             "k": self.request.normalised_k,
@@ -63,10 +56,10 @@ class SyncProgress:
             "started": iso(self.started),
             "syncing": True,
             "seconds": round(time.time() - self.started, 3),
-            "files_done": done[0],
-            "files_total": done[1],
-            "bytes_done": done[2],
-            "bytes_total": done[3],
+            "files_done": done.files_done,
+            "files_total": done.files_total,
+            "bytes_done": done.bytes_done,
+            "bytes_total": done.bytes_total,
         }
 
 

@@ -60,6 +60,29 @@ Progress = Callable[[str, int], None]
 ("copied", size) or ("linked", size) as each is made. Called on the building thread."""
 
 
+@dataclass
+class Tally:
+    """What a Progress is told, counted: files and bytes planned and made so far. Not
+    locked: its owner counts under its own lock (builds call from several threads)."""
+
+    files_total: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    bytes_done: int = 0
+
+    def count(self, event: str, size: int) -> bool:
+        """Count one Progress event; return whether it said a file was made."""
+        if event == "planned":
+            # A tree's files are all planned before the first is made: the total is whole
+            # by the time anything is shown with it.
+            self.files_total += 1
+            self.bytes_total += size
+            return False
+        self.files_done += 1
+        self.bytes_done += size
+        return True
+
+
 class ListedFileError(Exception):
     """A type-2 config list names files that are missing or outside the source."""
 

@@ -30,6 +30,7 @@ from syncpro.engine.walk import (
     Xattrs,
     open_beneath,
     open_dir,
+    open_listed_dir,
     plan_tree,
     read_xattrs,
     special_kind,
@@ -286,11 +287,8 @@ class TreeBuilder:
 
     def _enter(self, here: _Dir, entry: Entry, dst: str, prefix: str) -> _Dir:
         os.mkdir(entry.name, 0o700, dir_fd=here.dst)
-        src = open_dir(entry.name, here.src)
+        src = open_listed_dir(entry, here.src)
         try:
-            opened = os.fstat(src)
-            if (opened.st_dev, opened.st_ino) != (entry.st.st_dev, entry.st.st_ino):
-                raise OSError(errno.ESTALE, "replaced during the sync", entry.rel)
             # Read here, from the folder opened: the walk reads attributes only to compare.
             xattrs = read_xattrs(src)
             made = open_dir(entry.name, here.dst)

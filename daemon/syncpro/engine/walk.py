@@ -395,13 +395,24 @@ def _xattrs_in(dir_fd: int, name: str) -> Xattrs:
     return read_xattrs(path)
 
 
-def _descend(frame: _Frame, entry: Entry, pub_st: os.stat_result | None) -> _Frame:
-    """Open a folder the walk found, checking it is the one it listed, and its published twin."""
-    child = open_dir(entry.name, frame.src)
+def open_listed_dir(entry: Entry, parent: int) -> int:
+    """Open the folder `entry` names in the open folder `parent`; raise OSError (ESTALE) if
+    what is there now is not the folder the walk listed (swapped meanwhile)."""
+    child = open_dir(entry.name, parent)
     try:
         opened = os.fstat(child)
         if (opened.st_dev, opened.st_ino) != (entry.st.st_dev, entry.st.st_ino):
             raise OSError(errno.ESTALE, "replaced during the sync", entry.rel)
+    except BaseException:
+        os.close(child)
+        raise
+    return child
+
+
+def _descend(frame: _Frame, entry: Entry, pub_st: os.stat_result | None) -> _Frame:
+    """Open a folder the walk found, checking it is the one it listed, and its published twin."""
+    child = open_listed_dir(entry, frame.src)
+    try:
         listing = _listing(child)
     except BaseException:
         os.close(child)

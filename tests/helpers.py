@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import stat
+import subprocess
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,3 +248,37 @@ def holding(root: Path, rel: str) -> Iterator[Path]:
     target = layout.Target(root, rel)
     with target_lock(target):
         yield work_area(root) / "locks" / f"{quote(rel, safe='')}.lock"
+
+
+def read_terminal(main: int, timeout: float = 60.0) -> bytes:
+    """Given the main side of a pseudo-terminal, read all a program writes to its side until
+    the last writer has gone; fail if it is still writing after timeout seconds."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        ready, _, _ = select.select([main], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"syncpro did not finish writing to the terminal within {timeout:.0f} s"
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # EIO: the last writer of the terminal has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def limit_inotify_instances(pid: int, instances: int) -> None:
+    """Set max_inotify_instances in the user namespace of process pid (made by unshare -U)."""
+    subprocess.run(
+        [
+            "nsenter",
+            "-U",
+            "-t",
+            str(pid),
+            "sh",
+            "-c",
+            f"echo {instances} > /proc/sys/user/max_inotify_instances",
+        ],
+        check=True,
+    )

@@ -6,15 +6,15 @@ from __future__ import annotations
 import io
 import os
 import pty
-import select
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from syncpro.testing import put, write_config
+
+from helpers import read_terminal
 
 pytestmark = pytest.mark.daemon  # nearly every test here runs the syncpro command
 
@@ -36,7 +36,6 @@ def sync_with_stderr_on_a_terminal(config: Path) -> tuple[int, str, str]:
     """Run `syncpro sync` with stderr on a pseudo-terminal and stdout piped; return the exit
     code, what the terminal got and stdout."""
     main, side = pty.openpty()
-    chunks: list[bytes] = []
     with subprocess.Popen(
         [SYNCPRO, "sync", "-k", "server1", "--config", str(config)],
         env=environ(),
@@ -45,22 +44,12 @@ def sync_with_stderr_on_a_terminal(config: Path) -> tuple[int, str, str]:
         stderr=side,
     ) as proc:
         os.close(side)
-        deadline = time.monotonic() + 60
-        while True:
-            ready, _, _ = select.select([main], [], [], max(0.0, deadline - time.monotonic()))
-            assert ready, "syncpro did not finish writing to the terminal within 60 s"
-            try:
-                chunk = os.read(main, 4096)
-            except OSError:  # EIO: the last writer of the terminal has gone
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        written = read_terminal(main)
         assert proc.stdout is not None
         stdout = proc.stdout.read().decode()
         code = proc.wait(timeout=60)
     os.close(main)
-    return code, b"".join(chunks).decode(), stdout
+    return code, written.decode(), stdout
 
 
 def test_a_terminal_sees_files_bytes_and_rate_and_the_line_is_erased_at_the_end(

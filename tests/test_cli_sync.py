@@ -7,13 +7,11 @@ import json
 import os
 import pty
 import re
-import select
 import shutil
 import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from helpers import (
     SERVER_GROUP,
     app,
     config_dict,
+    read_terminal,
     snapshot,
     without_dac_override,
     write_config,
@@ -79,7 +78,6 @@ def run_on_terminal(*args: str, cwd: Path) -> tuple[int, str, str]:
     """Run syncpro with stdout on a pseudo-terminal and stderr on a pipe; return the exit code,
     what the terminal showed (colours aside) and stderr."""
     main, side = pty.openpty()
-    chunks: list[bytes] = []
     with subprocess.Popen(
         [SYNCPRO, *args],
         cwd=cwd,
@@ -89,22 +87,12 @@ def run_on_terminal(*args: str, cwd: Path) -> tuple[int, str, str]:
         stderr=subprocess.PIPE,
     ) as proc:
         os.close(side)
-        deadline = time.monotonic() + 60
-        while True:
-            ready, _, _ = select.select([main], [], [], max(0.0, deadline - time.monotonic()))
-            assert ready, "syncpro did not finish writing to the terminal within 60 s"
-            try:
-                chunk = os.read(main, 4096)
-            except OSError:  # EIO: the last writer of the terminal has gone
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
+        written = read_terminal(main)
         assert proc.stderr is not None
         stderr = proc.stderr.read().decode()
         code = proc.wait(timeout=60)
     os.close(main)
-    shown = ANSI.sub("", b"".join(chunks).decode()).replace("\r\n", "\n")
+    shown = ANSI.sub("", written.decode()).replace("\r\n", "\n")
     return code, shown, stderr
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from syncpro.testing import Daemon, app, group, put, running, tree, wait_until, write_config
 
-from helpers import holding
+from helpers import holding, limit_inotify_instances
 
 pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
@@ -403,18 +403,7 @@ def test_the_inotify_instance_limit_reached_while_running_is_named_and_polled_ar
         daemon.wait_sync("server1")
         # Its two roots hold the two instances allowed now: the check of the watch limit
         # cannot make one of its own.
-        subprocess.run(
-            [
-                "nsenter",
-                "-U",
-                "-t",
-                str(daemon.proc.pid),
-                "sh",
-                "-c",
-                "echo 2 > /proc/sys/user/max_inotify_instances",
-            ],
-            check=True,
-        )
+        limit_inotify_instances(daemon.proc.pid, 2)
         limit = daemon.wait_event("watch.inotify_limit")
         assert "fs.inotify.max_user_instances" in limit["error"]
         assert "max_user_watches" not in limit["error"]

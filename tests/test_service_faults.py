@@ -17,6 +17,7 @@ import pytest
 from syncpro.testing import put, running, tree, write_config
 
 from helpers import TWO_APPS as APPS
+from helpers import limit_inotify_instances
 
 pytestmark = pytest.mark.daemon  # every test here starts syncpro as a subprocess
 
@@ -164,18 +165,7 @@ def test_a_root_made_again_with_no_inotify_instance_left_is_polled(base: Path) -
     with running(write_config(base, APPS, watch={"poll_interval": 0.2}), wrap=wrap) as daemon:
         daemon.wait_sync("server1")
         # Both roots hold an instance each; none is left for a third.
-        subprocess.run(
-            [
-                "nsenter",
-                "-U",
-                "-t",
-                str(daemon.proc.pid),
-                "sh",
-                "-c",
-                "echo 2 > /proc/sys/user/max_inotify_instances",
-            ],
-            check=True,
-        )
+        limit_inotify_instances(daemon.proc.pid, 2)
         shutil.rmtree(base / "r")
         daemon.wait_event("watch.root_missing", root=str(base / "r"))
         limit = daemon.wait_event("watch.inotify_limit", root=str(base / "r"))

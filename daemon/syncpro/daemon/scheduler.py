@@ -429,6 +429,12 @@ class Scheduler(Lifecycle):
 
     def _dispatch(self, now: float) -> float | None:
         """Hand every runnable group to a free worker; return how long to wait before next."""
+        if len(self._running) >= self._workers:
+            # A catch-up queues a thousand keys and every submission wakes the dispatcher:
+            # scanning them all while no worker can take one made dispatching quadratic, and
+            # the scanning thread starved the workers of the interpreter lock.
+            self._wake_at = math.inf  # nothing can start before a worker frees up
+            return None
         by_group: dict[str, list[_Burst]] = {}
         for key, burst in list(self._pending.items()):
             group = self._resolve(burst)

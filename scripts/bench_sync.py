@@ -11,6 +11,11 @@ Cases:
                copy vs a syncpro sync into the already published target
   no change    the same with nothing changed
 
+Between syncpro runs the replaced tree is retired as it is once its grace period is over (the
+daemon's sweep, the CLI's sweeper): it becomes the target's spare, which the next incremental
+run brings up to date in place. That is the steady state of a deploy host, where one app's
+syncs are further apart than `publish.grace`.
+
 syncpro runs as the CLI in a subprocess (start-up included) and in-process (run_sync), each
 with publish.fsync off and on. fsync costs one syncfs, so the table also shows the baselines
 followed by `sync -f` (the same syncfs), the fair comparison for fsync=on.
@@ -100,7 +105,7 @@ class Run:
     maxrss_kib: int | None = None
     copied: int | None = None
     linked: int | None = None
-    cleanup: float | None = None  # in-process: removing the replaced tree afterwards, untimed
+    cleanup: float | None = None  # in-process: retiring the replaced tree afterwards, untimed
 
 
 @dataclass
@@ -317,6 +322,7 @@ class Bench:
         try:
             from syncpro import log
             from syncpro.config.load import load_config
+            from syncpro.engine.publish import sweep
             from syncpro.engine.request import SyncRequest
             from syncpro.engine.sync import run_sync
         except ImportError as exc:
@@ -325,7 +331,11 @@ class Bench:
             ) from exc
         sink = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as we do
         log.configure(sink)
-        self._engine = {"run_sync": run_sync, "request": SyncRequest(k=APP_KEY, update=False)}
+        self._engine = {
+            "run_sync": run_sync,
+            "request": SyncRequest(k=APP_KEY, update=False),
+            "sweep": sweep,
+        }
         for fsync, path in self.configs.items():
             config = load_config(path)
             self._engine[fsync] = (config, config.config_inventory)
@@ -347,17 +357,20 @@ class Bench:
                 raise BenchError(f"replaced trees still in {self.trash_dirs()} after {timeout}s")
             time.sleep(0.02)
 
-    def clear_trash(self) -> float:
+    def retire_replaced(self) -> float:
+        """Sweep both roots as the daemon (or the CLI's sweeper) does once the grace period is
+        over: the replaced tree becomes the target's spare, used by the next run. Return the
+        seconds it took."""
         started = time.perf_counter()
-        for trash in self.trash_dirs():
-            if trash.is_dir():
-                for entry in trash.iterdir():
-                    shutil.rmtree(entry)
+        for root in ("soft", "conf"):
+            self._engine["sweep"](self.base / root)
         return time.perf_counter() - started
 
     def reset_syncpro_targets(self) -> None:
+        """Remove the targets and their spares: the next run is a first publish."""
         self.wait_for_sweeper()
-        for path in (self.target, self.conf_target.parent):
+        spares = [self.base / root / ".syncpro" / "spare" for root in ("soft", "conf")]
+        for path in (self.target, self.conf_target.parent, *spares):
             if path.exists():
                 shutil.rmtree(path)
 
@@ -414,7 +427,7 @@ class Bench:
             cpu=cpu[0],
             copied=stats.copied if stats else None,
             linked=stats.linked if stats else None,
-            cleanup=self.clear_trash(),  # sweep_once runs once per process: clean up here
+            cleanup=self.retire_replaced(),  # sweep_once runs once per process: sweep here
         )
 
     def verify(self) -> list[str]:
@@ -428,12 +441,12 @@ class Bench:
             rewrite(self.src / self.changed)
         elif case == "full":
             self.reset_syncpro_targets()
-        self.clear_trash()
+        self.retire_replaced()
         sync_filesystem()
         config, inventory = self._engine["off"]
         profiler = cProfile.Profile()
         profiler.runcall(self._engine["run_sync"], self._engine["request"], config, inventory)
-        self.clear_trash()
+        self.retire_replaced()
         text = io.StringIO()
         stats = pstats.Stats(profiler, stream=text)
         stats.sort_stats("cumulative").print_stats(top)
@@ -582,7 +595,7 @@ def render(
             continue
         notes.append(
             f"{CASE_TITLES[case]}: in-process build copied {row['copied_median']:.0f} and "
-            f"hard-linked {row['linked_median']:.0f} files; removing the replaced tree "
+            f"linked or kept {row['linked_median']:.0f} files; retiring the replaced tree "
             f"afterwards (deferred, untimed) took {row['cleanup_median']:.3f} s"
         )
     lines += ["notes:", *(f"  {n}" for n in notes)]

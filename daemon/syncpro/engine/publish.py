@@ -2,7 +2,17 @@
 
 Every target root (softdir, configuredir) gets a hidden work area `.syncpro/` on the same
 filesystem: `staging/` for trees being built, `trash/` for replaced trees waiting out their
-grace period, `locks/` for the per-target locks shared by every syncpro process.
+grace period, `spare/` for one retired tree per target, `locks/` for the per-target locks
+shared by every syncpro process.
+
+A replaced tree whose grace period is over is seen by no reader any more. Rather than removed
+it becomes its target's spare: stripped of the files only it held (the old versions, whose
+space goes back as the grace period promised), it keeps its folders and its links to the
+files the published tree still has. The next publish of the target takes the spare as its
+staging tree and brings it up to date in place (tree.TreeBuilder), which for a change of one
+file in thousands is one copy instead of a whole tree of folders and links made and removed.
+Whoever takes a tree from `trash/` or `spare/` (a publish, a sweep) claims it first by renaming
+it, so a tree is never removed under a build.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ _ASIDE = "+old"
 _HASHED = "+h"
 # Room left in NAME_MAX (255 bytes) for "<pid>-<start>.<random>." before and "+old" after.
 _MAX_NAME = 150
+SPARE = "spare"
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -310,10 +321,13 @@ def publish(
     grace: float,
     durable: bool = True,
     unchanged: Callable[[Path], bool] | None = None,
+    spare: bool = False,
 ) -> Published:
     """Given a target and a function that builds the new tree at a staging path (with the
     currently published tree to reuse from, or None), build it and swap it in atomically.
     When `unchanged(current)` says the published tree already is the new one, leave it.
+    With `spare`, the staging path may hold the target's spare tree for the build to bring
+    up to date; should that fail, the build runs again on a fresh staging path.
     Raise PublishError (old target intact) if building or swapping fails."""
     area = work_area(target.root)
     staging_dir, trash_dir = area / "staging", area / "trash"
@@ -327,18 +341,55 @@ def publish(
             # below turn theirs into a result or a PublishError.
             name = _name(target)
             _record_name(target, name)
-            staging = staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{name}"
+            staging = _staging_path(staging_dir, name)
             if unchanged is not None and final.is_dir() and not final.is_symlink():
                 try:
                     if unchanged(final):
                         return Published(final, None, None, unchanged=True)
                 except OSError:
                     pass  # a source vanishing under the check: the build reports it
-            return _build_and_swap(target, build, staging, trash_dir, grace, durable)
+            claimed = spare and _claim_spare(area, name, staging)
+            return _build_and_swap(target, build, staging, trash_dir, grace, durable, claimed)
     except OSError as exc:
         raise PublishError(
             f"cannot publish {final}: its work area {area} is unusable: {_describe(exc)}"
         ) from exc
+
+
+def _staging_path(staging_dir: Path, name: str) -> Path:
+    return staging_dir / f"{_owner_tag()}.{os.urandom(4).hex()}.{name}"
+
+
+def _claim_spare(area: Path, name: str, staging: Path) -> bool:
+    """Move a spare tree of the target named `name` to staging: the one a sweep retired,
+    else a replaced tree of it whose grace period is over. Return whether one was moved."""
+    if _claim(area / SPARE / name, staging):
+        return True
+    now = time.time()
+    for entry in _entries(area / "trash"):
+        expires = _expiry(entry.name)
+        expired = expires is not None and expires <= now
+        if expired and _trashed_name(entry.name) == name and _claim(entry, staging):
+            return True
+    return False
+
+
+def _claim(tree: Path, to: Path) -> bool:
+    """Take a tree by renaming it: of all who try at once, one succeeds."""
+    try:
+        os.rename(tree, to)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("publish.spare_unusable", path=str(tree), error=_describe(exc))
+        return False
+    return True
+
+
+def _trashed_name(entry: str) -> str | None:
+    """The target name in a trash entry's name, <expiry seconds>.<ms>.<name>.<random>."""
+    parts = entry.split(".", 2)
+    return parts[2].rpartition(".")[0] or None if len(parts) == 3 else None
 
 
 def _build_and_swap(
@@ -348,22 +399,28 @@ def _build_and_swap(
     trash_dir: Path,
     grace: float,
     durable: bool,
+    spare: bool = False,
 ) -> Published:
     final = target.path
     try:
         current = final if final.is_dir() and not final.is_symlink() else None
         try:
-            written = build(staging, current)
-            if durable:
+            written = _build_at(build, staging, current)
+        except OSError as exc:
+            if not spare:
+                raise
+            # Something in the spare stood in the way (a file we may not remove, say): it was
+            # only ever a shortcut, so build the tree anew.
+            log.warning("publish.spare_failed", target=str(final), error=_describe(exc))
+            staging = _staging_path(staging.parent, staging.name.split(".", 2)[2])
+            written = _build_at(build, staging, current)
+        if durable:
+            try:
                 # A build that returns the list of files it wrote lets us flush just those.
                 make_durable(staging, written if isinstance(written, list) else None)
-        except BaseException:
-            try:
-                _remove(staging)
-            except OSError as cleanup:
-                # The build's own error is the one to report; the next sweep retries this.
-                log.warning("publish.cleanup_failed", path=str(staging), error=_describe(cleanup))
-            raise
+            except BaseException:
+                _remove_failed(staging)
+                raise
         make_public_dirs(final.parent)
         if os.path.lexists(final):
             replaced = _swap(staging, final)
@@ -383,6 +440,25 @@ def _build_and_swap(
         raise PublishError(
             f"cannot publish {final}: {_describe(exc)}{_space_hint(exc, target)}"
         ) from exc
+
+
+def _build_at(
+    build: Callable[[Path, Path | None], object], staging: Path, current: Path | None
+) -> object:
+    """Run a build; remove what it leaves if it fails."""
+    try:
+        return build(staging, current)
+    except BaseException:
+        _remove_failed(staging)
+        raise
+
+
+def _remove_failed(staging: Path) -> None:
+    try:
+        _remove(staging)
+    except OSError as cleanup:
+        # The build's own error is the one to report; the next sweep retries this.
+        log.warning("publish.cleanup_failed", path=str(staging), error=_describe(cleanup))
 
 
 def _space_hint(exc: OSError, target: Target) -> str:
@@ -467,18 +543,26 @@ def _owner_alive(tag: str) -> bool:
 
 
 def sweep(root: Path, now: float | None = None) -> list[Path]:
-    """Given a target root, remove replaced trees whose grace period is over and staging
-    trees left by processes that no longer run (a crash, kill -9); a tree the two-rename
-    fallback had set aside when its process died is put back where its target is missing.
-    Return what was removed or restored. Never raises: what cannot be removed is logged
-    and retried by the next sweep."""
+    """Given a target root, retire replaced trees whose grace period is over (each becomes
+    its target's spare, or is removed where the target has one), remove spares of targets
+    that are gone and staging trees left by processes that no longer run (a crash, kill -9);
+    a tree the two-rename fallback had set aside when its process died is put back where its
+    target is missing. Return what was retired, removed or restored. Never raises: what
+    cannot be removed is logged and retried by the next sweep."""
     now = time.time() if now is None else now
     area = work_area(root)
     removed: list[Path] = []
     for entry in _entries(area / "trash"):
         expires = _expiry(entry.name)
-        if (expires is None or expires <= now) and _try_remove(entry):
+        if (expires is None or expires <= now) and _retire(area, entry):
             removed.append(entry)
+    for entry in _entries(area / SPARE):
+        final = _target_of(root, entry.name)
+        if final is None or not os.path.lexists(final):
+            claimed = _staging_path(area / "staging", entry.name)
+            # The spare folder exists, so its work area's staging folder does too.
+            if _claim(entry, claimed) and _try_remove(claimed):
+                removed.append(entry)
     for entry in _entries(area / "staging"):
         if _owner_alive(entry.name.split(".", 1)[0]):
             continue
@@ -488,6 +572,49 @@ def sweep(root: Path, now: float | None = None) -> list[Path]:
     if removed:
         log.info("publish.swept", root=str(root), removed=[str(p) for p in removed])
     return removed
+
+
+def _retire(area: Path, tree: Path) -> bool:
+    """Make a replaced tree past its grace period its target's spare, stripped of the files
+    no other tree shares; remove it instead where the target has a spare already. Return
+    whether the tree left the trash."""
+    name = _trashed_name(tree.name)
+    claimed = _staging_path(area / "staging", name or "tree")
+    try:
+        claimed.parent.mkdir(exist_ok=True)
+    except OSError as exc:
+        log.warning("publish.sweep_failed", path=str(claimed.parent), error=_describe(exc))
+        return False
+    if not _claim(tree, claimed):
+        return False  # a publish took it as its spare, or another sweep has it
+    spare = area / SPARE / name if name else None
+    if spare is not None and not os.path.lexists(spare) and _prune(claimed):
+        try:
+            spare.parent.mkdir(exist_ok=True)
+            os.rename(claimed, spare)
+            return True
+        except OSError:
+            pass  # another sweep retired one first: ours goes
+    return _try_remove(claimed)
+
+
+def _prune(tree: Path) -> bool:
+    """Remove the files of a tree that no other tree links to (its link count is one): the
+    old versions, what the grace period was for. Return whether all went; if not, the
+    caller removes the whole tree."""
+
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    try:
+        for _, _, files, dir_fd in os.fwalk(tree, onerror=fail, follow_symlinks=False):
+            for name in files:
+                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_nlink == 1:
+                    os.unlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        log.warning("publish.prune_failed", path=str(tree), error=_describe(exc))
+        return False
+    return True
 
 
 def _entries(folder: Path) -> list[Path]:

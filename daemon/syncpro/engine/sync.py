@@ -265,6 +265,7 @@ def _publish(
             durable=config.publish.fsync,
             # A type-2 list is small and its checks must run: always build it.
             unchanged=unchanged if listed is None else None,
+            spare=listed is None,
         )
         outcome.unchanged = published.unchanged
         _keep_manifest(manifest_file, builder, published.unchanged)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -149,6 +150,10 @@ class _Dir:
     staged: str  # its staging path, for the list of files written
     files: list[Entry] = field(default_factory=list)  # its files and symlinks, made by a job
     job: Future[_Made] | None = None
+    # In a spare tree brought up to date: what the folder held, name -> (inode, is a folder),
+    # and the names of the subfolders the source has. None for a folder made new.
+    held: dict[str, tuple[int, bool]] | None = None
+    subdirs: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -204,9 +209,11 @@ class TreeBuilder:
             os.close(fd)
 
     def copy_tree(self, src: Path, dst: Path, plan: TreePlan | None = None) -> None:
-        """Given a source directory, a staging path that does not exist and the plan of the
-        source against `reuse` (walked here when None), make dst an exact copy of src (names
-        matching the ignore patterns left out)."""
+        """Given a source directory, a staging path and the plan of the source against
+        `reuse` (walked here when None), make dst an exact copy of src (names matching the
+        ignore patterns left out). dst either does not exist or is a spare: a tree this
+        target published earlier, past its grace period and seen by no reader, which is
+        brought up to date in place (see _fill_tree)."""
         fd = _open_root(src)
         try:
             if plan is None:
@@ -214,15 +221,30 @@ class TreeBuilder:
                     fd, _real_dir_path(self.reuse), self.ignore, owners=self.preserve_owner
                 )
             self.last_plan = plan
-            self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src))
+            spare = _real_dir(dst) is not None
+            self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src), spare=spare)
         finally:
             os.close(fd)
 
-    def _build(self, src_fd: int, plan: TreePlan, dst: str, reuse: Path | None, src: str) -> None:
-        """Create dst and fill it from the plan, walking the source by descriptors again.
-        This thread makes the folders in pre-order; each folder's files and symlinks are one
-        job (on the file pool for a big tree), and a folder gets its own metadata once its
-        job is done."""
+    def _build(
+        self,
+        src_fd: int,
+        plan: TreePlan,
+        dst: str,
+        reuse: Path | None,
+        src: str,
+        *,
+        spare: bool = False,
+    ) -> None:
+        """Create dst (or take the spare tree there) and fill it from the plan, walking the
+        source by descriptors again. This thread makes the folders in pre-order; each
+        folder's files and symlinks are one job (on the file pool for a big tree), and a
+        folder gets its own metadata once its job is done."""
+        if not plan.prefix:
+            # A whole tree starts afresh: a publish that gave up on a spare builds again.
+            self.stats, self.written = CopyStats(), []
+            self._inodes.clear()
+            self._manifest = {}
         for rel, kind in plan.skipped:
             self.stats.skipped.append(rel)
             log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
@@ -232,12 +254,12 @@ class TreeBuilder:
                 copies += not entry.reuse
                 self._told("planned", entry.st.st_size)
         if copies < POOL_MIN_FILES:
-            self._fill_tree(src_fd, plan, dst, reuse, None)
+            self._fill_tree(src_fd, plan, dst, reuse, None, spare)
             return
         # A pool per build: its threads end with it, and a build is long enough that
         # starting two costs nothing measurable.
         with ThreadPoolExecutor(FILE_WORKERS, thread_name_prefix="syncpro-files") as pool:
-            self._fill_tree(src_fd, plan, dst, reuse, pool)
+            self._fill_tree(src_fd, plan, dst, reuse, pool, spare)
 
     def _fill_tree(
         self,
@@ -246,10 +268,21 @@ class TreeBuilder:
         dst: str,
         reuse: Path | None,
         pool: ThreadPoolExecutor | None,
+        spare: bool,
     ) -> None:
-        os.mkdir(dst, 0o700)
-        dst_fd = open_dir(dst)
-        clear_inherited(dst_fd)
+        """Fill dst from the plan. A spare tree at dst is brought up to date in place rather
+        than built anew: a file it holds that is the very inode the plan found unchanged in
+        the published tree stays as it is, anything else in it is replaced or removed, and
+        its folders are reused. A sync where one file of thousands changed then costs the
+        walk, one copy and the swap: no folder made, no file linked, no old tree removed."""
+        if spare:
+            dst_fd = open_dir(dst)
+            held: dict[str, tuple[int, bool]] | None = _prepare_spare(dst_fd)
+        else:
+            os.mkdir(dst, 0o700)
+            dst_fd = open_dir(dst)
+            clear_inherited(dst_fd)
+            held = None
         made = os.fstat(dst_fd)
         pub_fd: int | None = None
         if reuse is not None:
@@ -258,6 +291,7 @@ class TreeBuilder:
             except OSError:
                 pub_fd = None
         root = _Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, read_xattrs(src_fd), "", dst)
+        root.held = held
         stack = [root]
         waiting: deque[_Dir] = deque()  # folders walked, in post-order, their jobs submitted
         try:
@@ -286,7 +320,12 @@ class TreeBuilder:
             self.manifest = Manifest((made.st_dev, made.st_ino), self._manifest)
 
     def _enter(self, here: _Dir, entry: Entry, dst: str, prefix: str) -> _Dir:
-        os.mkdir(entry.name, 0o700, dir_fd=here.dst)
+        old = here.held.get(entry.name) if here.held is not None else None
+        if old is not None and not old[1]:
+            os.unlink(entry.name, dir_fd=here.dst)  # a file where the source has a folder
+        if old is None or not old[1]:
+            os.mkdir(entry.name, 0o700, dir_fd=here.dst)
+        here.subdirs.append(entry.name)
         src = open_listed_dir(entry, here.src)
         try:
             # Read here, from the folder opened: the walk reads attributes only to compare.
@@ -296,6 +335,7 @@ class TreeBuilder:
             os.close(src)
             raise
         try:
+            held = _prepare_spare(made) if old is not None and old[1] else None
             inode = os.fstat(made).st_ino
         except BaseException:
             os.close(src)
@@ -309,7 +349,7 @@ class TreeBuilder:
             except OSError:
                 pub = None  # not a folder there (or a symlink): nothing to reuse below
         inner = entry.rel[len(prefix) + 1 :] if prefix else entry.rel
-        return _Dir(src, made, pub, entry.st, xattrs, entry.rel, f"{dst}/{inner}")
+        return _Dir(src, made, pub, entry.st, xattrs, entry.rel, f"{dst}/{inner}", held=held)
 
     def _walked(
         self, folder: _Dir, waiting: deque[_Dir], pool: ThreadPoolExecutor | None, prefix: str
@@ -364,6 +404,11 @@ class TreeBuilder:
     def _fill(self, folder: _Dir) -> _Made:
         """Make a folder's files and symlinks; runs on any thread, touching only its own."""
         made = _Made()
+        if folder.held is not None:
+            wanted = {e.name for e in folder.files}.union(folder.subdirs)
+            for name, (_, is_dir) in folder.held.items():
+                if name not in wanted:
+                    _remove_held(folder.dst, name, is_dir)
         for entry in folder.files:
             if stat.S_ISREG(entry.st.st_mode):
                 self._file(folder, entry, made)
@@ -373,6 +418,9 @@ class TreeBuilder:
 
     def _symlink(self, here: _Dir, entry: Entry, made: _Made) -> None:
         assert entry.link is not None
+        old = here.held.get(entry.name) if here.held is not None else None
+        if old is not None:
+            _remove_held(here.dst, entry.name, old[1])
         os.symlink(entry.link, entry.name, dir_fd=here.dst)
         if self.preserve_owner:
             os.chown(
@@ -390,6 +438,18 @@ class TreeBuilder:
         made.stats.files += 1
         staged = f"{here.staged}/{entry.name}"
         key = (entry.st.st_dev, entry.st.st_ino)
+        old = here.held.get(entry.name) if here.held is not None else None
+        if old is not None:
+            if entry.reuse and not old[1] and old[0] == entry.pub_ino:
+                # The spare holds the published file itself (one inode, two names), which
+                # the walk found unchanged: nothing to do.
+                made.stats.linked += 1
+                if entry.st.st_nlink > 1:
+                    self._inodes.setdefault(key, (staged, entry.pub_ino))
+                made.manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, entry.pub_ino)
+                self._told("linked", entry.st.st_size)
+                return
+            _remove_held(here.dst, entry.name, old[1])
         if entry.st.st_nlink > 1:
             first = self._inodes.get(key)
             if first is not None and _try_link(first[0], None, entry.name, here.dst):
@@ -595,6 +655,24 @@ def _try_link(src: str, src_fd: int | None, dst: str, dst_fd: int | None) -> boo
     except OSError:
         return False  # too many links, or hardlinks protected: copying still works
     return True
+
+
+def _prepare_spare(fd: int) -> dict[str, tuple[int, bool]]:
+    """Ready a spare tree's folder to be filled as a new one is: writable by us, carrying no
+    attribute its new entries could inherit (a default ACL); return what it holds, name ->
+    (inode, is a folder), from its listing alone (no stat per entry)."""
+    os.fchmod(fd, 0o700)
+    clear_inherited(fd)
+    with os.scandir(fd) as entries:
+        return {e.name: (e.inode(), e.is_dir(follow_symlinks=False)) for e in entries}
+
+
+def _remove_held(dir_fd: int, name: str, is_dir: bool) -> None:
+    """Remove what a spare tree holds at name, in the folder open as dir_fd."""
+    if is_dir:
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _job_done(folder: _Dir) -> bool:

@@ -1,0 +1,181 @@
+"""A replaced tree past its grace period becomes its target's spare, and the next publish
+brings the spare up to date in place instead of building a whole new tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import structlog
+
+from syncpro.config.model import Config
+from syncpro.engine.publish import SPARE, sweep, work_area
+
+from helpers import (
+    BASE_NS,
+    SERVER_GROUP,
+    Dir,
+    File,
+    Symlink,
+    config_source,
+    inodes,
+    make_config,
+    program_source,
+    program_target,
+    snapshot,
+    sync,
+    write_tree,
+)
+
+FILES = 60
+
+
+def _published(tmp_path: Path, *, grace: float = 0) -> tuple[Config, Path, Path]:
+    """A config whose replaced trees expire at once, server1's program source of FILES files
+    in six folders plus a symlink, and its target, published once."""
+    config = make_config(tmp_path, SERVER_GROUP, grace=grace)
+    source = program_source(config, "server1")
+    spec: dict[str, object] = {
+        f"d{i % 6}/f{i:03}": File(f"x{i}", mtime_ns=BASE_NS) for i in range(FILES)
+    }
+    spec["link"] = Symlink("d1/f001")
+    write_tree(source, spec)  # type: ignore[arg-type]
+    write_tree(config_source(config, "server1"), {"c": "1"})
+    sync(config, "server1")
+    return config, source, program_target(config, "server1")
+
+
+def _trash(target: Path) -> list[Path]:
+    return sorted((work_area(target.parent) / "trash").iterdir())
+
+
+def _spare(target: Path) -> Path:
+    return work_area(target.parent) / SPARE / target.name
+
+
+def test_the_tree_replaced_earlier_is_brought_up_to_date_and_published_again(
+    tmp_path: Path,
+) -> None:
+    config, source, target = _published(tmp_path)
+    first_root = target.stat().st_ino
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")  # no spare yet: built anew, the first tree goes to the trash
+    second = (snapshot(target), inodes(target))
+    (source / "d2/f008").write_text("third")
+
+    result = sync(config, "server1")
+
+    stats = result.apps[0].program.stats
+    assert (stats.files, stats.copied, stats.linked) == (FILES, 1, FILES - 1)
+    assert target.stat().st_ino == first_root, "the first tree was not taken as the spare"
+    assert snapshot(target) == snapshot(source)
+    # The tree it replaced is the second one, whole and untouched by the update (link
+    # counts and ctimes aside: the spare let go of some of its files' names).
+    (replaced,) = _trash(target)
+    assert (snapshot(replaced), inodes(replaced)) == second
+
+
+def test_a_sweep_keeps_an_expired_tree_as_the_spare_without_the_files_only_it_held(
+    tmp_path: Path,
+) -> None:
+    config, source, target = _published(tmp_path)
+    old = inodes(target)
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")
+    assert len(_trash(target)) == 1
+
+    sweep(config.dirs.softdir)
+
+    assert _trash(target) == []
+    spare = _spare(target)
+    kept = inodes(spare)
+    # The old version of the changed file was the spare's alone: its space went back.
+    assert "d1/f007" not in kept
+    assert kept == {rel: ino for rel, ino in old.items() if rel != "d1/f007"}
+    assert kept.items() <= inodes(target).items()
+    assert not (spare / "link").is_symlink()  # a symlink is one inode per tree: pruned too
+    spare_root = spare.stat().st_ino
+    (source / "d5/f011").write_text("third")
+
+    result = sync(config, "server1")
+
+    assert target.stat().st_ino == spare_root
+    assert not spare.exists()
+    assert snapshot(target) == snapshot(source)
+    assert result.apps[0].program.stats.copied == 1
+
+
+def test_a_spare_whose_shape_differs_everywhere_is_made_exact(tmp_path: Path) -> None:
+    config, source, target = _published(tmp_path)
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")
+    spare = _trash(target)[0]
+    # What the spare holds, against what the source will hold: a folder for a file, a file
+    # for a folder, a symlink for a file, an extra folder, an attribute the folder lost.
+    # (Its files are the published tree's too: unlinked, never written to.)
+    for rel in ("d0/f000", "d3/f009", "d4/f004"):
+        os.unlink(spare / rel)
+    write_tree(spare, {"d0/f000": Dir(), "extra/deep/x": "x", "d3/f009": Symlink("nowhere")})
+    (spare / "d4/f004").write_text("stale")
+    os.setxattr(spare / "d2", "user.stale", b"1")
+    os.chmod(spare / "d5", 0o500)
+    os.unlink(source / "d1/f001")
+    write_tree(source, {"d1/f001/inner": "now a folder", "new/file": "n", "d2/f002": "new"})
+
+    result = sync(config, "server1")
+
+    assert result.ok
+    assert snapshot(target) == snapshot(source)
+    assert os.listxattr(target / "d2") == []
+    assert not _spare(target).exists()
+
+
+def test_a_spare_that_cannot_be_updated_is_given_up_for_a_fresh_build(tmp_path: Path) -> None:
+    config, source, target = _published(tmp_path)
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")
+    stuck = _trash(target)[0] / "d0/stuck"
+    stuck.write_text("immutable")
+    subprocess.run(["chattr", "+i", str(stuck)], check=True)
+    try:
+        (source / "d2/f008").write_text("third")
+        with structlog.testing.capture_logs() as logs:
+            result = sync(config, "server1")
+
+        assert result.ok
+        assert snapshot(target) == snapshot(source)
+        failed = [e for e in logs if e["event"] == "publish.spare_failed"]
+        assert len(failed) == 1 and "stuck" in failed[0]["error"]
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(tmp_path / "var")], check=False)
+
+
+def test_the_spare_of_a_target_that_is_gone_is_removed(tmp_path: Path) -> None:
+    config, source, target = _published(tmp_path)
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")
+    sweep(config.dirs.softdir)
+    assert _spare(target).is_dir()
+    os.rename(target, tmp_path / "moved-away")
+
+    removed = sweep(config.dirs.softdir)
+
+    assert removed == [_spare(target)]
+    assert not _spare(target).exists()
+    assert os.listdir(work_area(target.parent) / "staging") == []
+
+
+def test_within_the_grace_period_nothing_is_taken_from_the_trash(tmp_path: Path) -> None:
+    config, source, target = _published(tmp_path, grace=600)
+    first = (snapshot(target), inodes(target))
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")
+    (source / "d2/f008").write_text("third")
+
+    sync(config, "server1")
+
+    trash = _trash(target)
+    assert len(trash) == 2
+    assert first in [(snapshot(tree), inodes(tree)) for tree in trash]
+    assert snapshot(target) == snapshot(source)

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from pathlib import Path
 
+import pytest
 import structlog
 
 from syncpro.config.model import Config
+from syncpro.daemon.service import Service
+from syncpro.engine import sweeper
 from syncpro.engine.publish import SPARE, sweep, work_area
+from syncpro.engine.sweeper import io_priority_class
 
 from helpers import (
     BASE_NS,
@@ -179,3 +184,28 @@ def test_within_the_grace_period_nothing_is_taken_from_the_trash(tmp_path: Path)
     assert len(trash) == 2
     assert first in [(snapshot(tree), inodes(tree)) for tree in trash]
     assert snapshot(target) == snapshot(source)
+
+
+def test_the_daemon_sweeps_on_a_thread_of_its_own_at_idle_io_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, source, target = _published(tmp_path)
+    (source / "d1/f007").write_text("second")
+    sync(config, "server1")
+    seen: list[tuple[str, int | None]] = []
+    real_sweep = sweeper.sweep
+
+    def watched(root: Path, now: float | None = None) -> list[Path]:
+        seen.append((threading.current_thread().name, io_priority_class(threading.get_native_id())))
+        return real_sweep(root, now)
+
+    monkeypatch.setattr(sweeper, "sweep", watched)
+    service = Service(str(tmp_path / "config.yml"))
+
+    service._sweep_expired(config)
+    assert service._sweeping is not None
+    service._sweeping.join(30)
+
+    assert seen and {name for name, _ in seen} == {"syncpro-sweep"}
+    assert {io_class for _, io_class in seen} == {3}
+    assert _trash(target) == [] and _spare(target).is_dir()

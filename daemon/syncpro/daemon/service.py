@@ -41,6 +41,7 @@ from syncpro.daemon.servers import Servers
 from syncpro.daemon.state import StateLock, StateStore
 from syncpro.daemon.watch import Watcher
 from syncpro.engine.publish import next_expiry, sweep
+from syncpro.engine.sweeper import sweep_quietly
 from syncpro.engine.sync import ignore_for
 from syncpro.engine.tree import Ignore
 from syncpro.errors import ExitCode, StartupError, SyncproError
@@ -71,6 +72,7 @@ class Service:
         self._ping_interval: float | None = None
         self._next_ping = 0.0
         self._previous_handlers: dict[int, Any] = {}
+        self._sweeping: threading.Thread | None = None
         self.metrics = Metrics()
         self.syncs_running = RunningSyncs(self.metrics.linked_bytes)
         self.reloads = Reloads(self.metrics.reloaded)
@@ -258,11 +260,28 @@ class Service:
                 self.rescanner.request("rescan")
                 next_rescan = now + snap.config.watch.rescan_interval
             self.runner.submit_due_retries(now)
-            _sweep_expired(snap.config)
+            self._sweep_expired(snap.config)
             if now >= next_status:
                 self.notifier.status(self.handler.status_line())
                 next_status = now + 10
         return 0
+
+    def _sweep_expired(self, config: Config) -> None:
+        """Retire the replaced trees of both publish roots whose grace period is over, on a
+        thread of its own at idle I/O priority: off the main loop (whose watchdog pings must
+        not wait for a big tree) and out of the way of syncs. A sweep abandoned at exit is
+        safe: it claims each tree by rename first, and the next start finishes the work."""
+        if self._sweeping is not None and self._sweeping.is_alive():
+            return
+        now = time.time()
+        roots = [config.dirs.softdir, config.dirs.configuredir]
+        expiries = {root: next_expiry(root) for root in roots}
+        due = [root for root, at in expiries.items() if at is not None and at <= now]
+        if due:
+            self._sweeping = threading.Thread(
+                target=sweep_quietly, args=(due, now), name="syncpro-sweep", daemon=True
+            )
+            self._sweeping.start()
 
     def _begin_stopping(self) -> None:
         """Say at once that the daemon stops; the rest of shutdown may take a while."""
@@ -349,15 +368,6 @@ class Service:
             os._exit(ExitCode.INTERRUPTED)  # a second Ctrl-C: the operator does not want to wait
         self._term = True
         self._wake.set()
-
-
-def _sweep_expired(config: Config) -> None:
-    """Empty the trash of both publish roots once its grace period is over."""
-    now = time.time()
-    for root in (config.dirs.softdir, config.dirs.configuredir):
-        expiry = next_expiry(root)
-        if expiry is not None and expiry <= now:
-            sweep(root, now)
 
 
 def serve(config_path: str | None) -> int:

@@ -18,18 +18,21 @@ _IOPRIO_WHO_PROCESS = 1
 _IOPRIO_CLASS_IDLE = 3
 
 
-def yield_to_others() -> None:
-    """Run the calling thread at idle I/O and CPU priority: removing a replaced tree (thousands
-    of unlinks) must never slow a sync or the deploy step reading the new tree. Best effort:
-    where the kernel refuses, the removal runs at normal priority."""
+def yield_to_others(*, cpu: bool = True) -> None:
+    """Run the calling thread at idle I/O priority, and with `cpu` at idle CPU priority too:
+    retiring a replaced tree (thousands of stats or unlinks) must never slow a sync or the
+    deploy step reading the new tree. A thread of the daemon keeps its CPU priority: one
+    that never got a core while holding the interpreter lock would stall the others. Best
+    effort: where the kernel refuses, the work runs at normal priority."""
     if _IOPRIO_SET is not None:
         libc = ctypes.CDLL(None, use_errno=True)
         # ioprio_set(IOPRIO_WHO_PROCESS, tid, IOPRIO_PRIO_VALUE(IDLE, 0)): per thread on Linux.
         libc.syscall(
             _IOPRIO_SET, _IOPRIO_WHO_PROCESS, threading.get_native_id(), _IOPRIO_CLASS_IDLE << 13
         )
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
+    if cpu:
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_IDLE, os.sched_param(0))
 
 
 def io_priority_class(tid: int) -> int | None:
@@ -39,6 +42,13 @@ def io_priority_class(tid: int) -> int | None:
     libc = ctypes.CDLL(None, use_errno=True)
     value = libc.syscall(_IOPRIO_SET + 1, _IOPRIO_WHO_PROCESS, tid)  # ioprio_get
     return None if value < 0 else int(value) >> 13
+
+
+def sweep_quietly(roots: list[Path], now: float | None = None) -> None:
+    """Sweep roots on the calling thread, at idle I/O priority (the daemon's sweep thread)."""
+    yield_to_others(cpu=False)
+    for root in roots:
+        sweep(root, now)
 
 
 def main(argv: list[str]) -> int:

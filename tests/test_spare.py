@@ -4,7 +4,9 @@ brings the spare up to date in place instead of building a whole new tree."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -14,8 +16,10 @@ import structlog
 from syncpro.config.model import Config
 from syncpro.daemon.service import Service
 from syncpro.engine import sweeper
-from syncpro.engine.publish import SPARE, sweep, work_area
+from syncpro.engine.layout import Target
+from syncpro.engine.publish import SPARE, publish, sweep, work_area
 from syncpro.engine.sweeper import io_priority_class
+from syncpro.engine.tree import POOL_MIN_FILES
 
 from helpers import (
     BASE_NS,
@@ -209,3 +213,72 @@ def test_the_daemon_sweeps_on_a_thread_of_its_own_at_idle_io_priority(
     assert seen and {name for name, _ in seen} == {"syncpro-sweep"}
     assert {io_class for _, io_class in seen} == {3}
     assert _trash(target) == [] and _spare(target).is_dir()
+
+
+def test_a_big_update_of_a_spare_runs_on_the_file_pool_and_is_exact(tmp_path: Path) -> None:
+    config = make_config(tmp_path, SERVER_GROUP, grace=0)
+    source = program_source(config, "server1")
+    count = 3 * POOL_MIN_FILES
+    write_tree(source, {f"d{i % 9}/f{i:04}": File(f"v1-{i}") for i in range(count)})
+    write_tree(config_source(config, "server1"), {"c": "1"})
+    sync(config, "server1")
+    target = program_target(config, "server1")
+    first_root = target.stat().st_ino
+    write_tree(source, {f"d{i % 9}/f{i:04}": File(f"v2-{i}") for i in range(0, count, 2)})
+    sync(config, "server1")
+    # Every file rewritten, a folder gone, one new: over POOL_MIN_FILES copies into the spare.
+    write_tree(source, {f"d{i % 9}/f{i:04}": File(f"v3-{i}") for i in range(count)})
+    shutil.rmtree(source / "d4")
+    write_tree(source, {"new/deeper/x": "x"})
+
+    result = sync(config, "server1")
+
+    assert result.ok
+    assert target.stat().st_ino == first_root
+    assert result.apps[0].program.stats.copied == count - count // 9 + 1
+    assert snapshot(target) == snapshot(source)
+
+
+_CRASHER = """
+import sys
+from pathlib import Path
+from syncpro.engine.layout import Target
+from syncpro.engine.publish import publish
+
+def build(staging, current):
+    assert staging.is_dir(), "no spare was handed over"
+    (staging / "v").unlink()
+    (staging / "v").write_text("half")
+    print(staging, flush=True)
+    sys.stdin.readline()  # killed here
+
+publish(Target(Path(sys.argv[1]), "server"), build, grace=0, durable=False, spare=True)
+"""
+
+
+def test_a_kill_9_while_a_spare_is_updated_leaves_the_target_and_is_swept(
+    tmp_path: Path,
+) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=False)
+    publish(target, lambda s, c: write_tree(s, {"v": "2"}), grace=0, durable=False)
+    published = (snapshot(target.path), inodes(target.path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CRASHER, str(target.root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    staging = Path(proc.stdout.readline().strip())
+    assert (staging / "v").read_text() == "half"
+
+    proc.kill()
+    proc.wait(timeout=10)
+    proc.stdin.close()
+    proc.stdout.close()
+
+    assert (snapshot(target.path), inodes(target.path)) == published
+    assert sweep(target.root) == [staging]
+    publish(target, lambda s, c: write_tree(s, {"v": "3"}), grace=0, durable=False, spare=True)
+    assert (target.path / "v").read_text() == "3"

@@ -61,6 +61,10 @@ def build(base: Path, args: argparse.Namespace) -> Path:
     """Write the sources and the config; return the config's path."""
     payload = os.urandom(args.size)
     for i in range(args.apps):
+        # Every app has its config too, as on a deploy host: a missing one fails its sync.
+        settings = base / "r/configuredir" / key(i)
+        settings.mkdir(parents=True)
+        (settings / "app.properties").write_text(f"app={key(i)}\n", encoding="utf-8")
         source = base / "r/softdir" / key(i)
         for f in range(args.files):
             folder = source / f"d{f % args.folders}"
@@ -83,11 +87,11 @@ def flush() -> None:
 
 
 def baseline(base: Path) -> float:
-    """Seconds of `cp -a` of all sources and `sync -f` of the copy."""
+    """Seconds of `cp -a` of all sources (programs and configs) and `sync -f` of the copy."""
     copy = base / "cp-copy"
     flush()
     started = time.monotonic()
-    subprocess.run(["cp", "-a", str(base / "r/softdir"), str(copy)], check=True)
+    subprocess.run(["cp", "-a", str(base / "r"), str(copy)], check=True)
     subprocess.run(["sync", "-f", str(copy)], check=True)
     seconds = time.monotonic() - started
     shutil.rmtree(copy)
@@ -153,17 +157,23 @@ def run(base: Path, args: argparse.Namespace, say: Callable[[str], None]) -> dic
         "parallel": args.parallel,
         "rounds": args.rounds,
     }
-    # Each round: the baseline, then a first start from nothing. The last round's daemon
-    # stays up for the figures of a running daemon below.
+    # Each round: the baseline and a first start from nothing, in turns first: on a machine
+    # where memory freed by one contender's clean-up is slow to use again, going first or
+    # second is not the same. The last round's daemon stays up for the figures below.
     rounds: list[dict[str, float]] = []
     daemon: Daemon | None = None
     try:
         for n in range(1, args.rounds + 1):
-            say(f"round {n}/{args.rounds}: cp -a + sync -f of the same sources")
-            cp_seconds = baseline(base)
+            baseline_first = n % 2 == 1
+            if baseline_first:
+                say(f"round {n}/{args.rounds}: cp -a + sync -f of the same sources")
+                cp_seconds = baseline(base)
             say(f"round {n}/{args.rounds}: first start")
             reset(base)
             daemon, figures = first_start(config, args)
+            if not baseline_first:
+                say(f"round {n}/{args.rounds}: cp -a + sync -f of the same sources")
+                cp_seconds = baseline(base)
             figures["cp_a_sync_f_seconds"] = round(cp_seconds, 3)
             figures["ratio"] = round(figures["catch_up_seconds"] / cp_seconds, 3)
             rounds.append(figures)

@@ -121,7 +121,15 @@ def _target_of(root: Path, name: str) -> Path | None:
 def _owner_tag() -> str:
     """This process as staging names record it: pid and start time, so that a pid reused
     after a reboot or a wrap-around never keeps a dead process's staging alive."""
-    return f"{os.getpid()}-{_start_time(os.getpid())}"
+    pid = os.getpid()
+    tag = _OWN_TAG.get(pid)
+    if tag is None:
+        # Read once per process (a fork has a pid of its own): a catch-up asks per target.
+        tag = _OWN_TAG[pid] = f"{pid}-{_start_time(pid)}"
+    return tag
+
+
+_OWN_TAG: dict[int, str] = {}
 
 
 def _start_time(pid: int) -> str:

@@ -282,3 +282,34 @@ def test_a_kill_9_while_a_spare_is_updated_leaves_the_target_and_is_swept(
     assert sweep(target.root) == [staging]
     publish(target, lambda s, c: write_tree(s, {"v": "3"}), grace=0, durable=False, spare=True)
     assert (target.path / "v").read_text() == "3"
+
+
+def test_syncs_and_sweeps_racing_for_the_same_trees_publish_exact_trees(tmp_path: Path) -> None:
+    config, source, target = _published(tmp_path)
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def sweep_all_the_time() -> None:
+        while not stop.is_set():
+            try:
+                sweep(config.dirs.softdir)
+            except BaseException as exc:  # sweep never raises: any exception is a failure
+                failures.append(exc)
+                return
+
+    sweeper_thread = threading.Thread(target=sweep_all_the_time)
+    sweeper_thread.start()
+    roots: list[int] = []
+    try:
+        for round_ in range(40):
+            (source / f"d{round_ % 6}/f{round_:03}").write_text(f"round {round_}")
+            result = sync(config, "server1")
+            assert result.ok, result.errors
+            assert snapshot(target) == snapshot(source)
+            roots.append(target.stat().st_ino)
+    finally:
+        stop.set()
+        sweeper_thread.join(30)
+    assert failures == []
+    assert len(set(roots)) < len(roots), "no tree came back as a spare"
+    assert os.listdir(work_area(target.parent) / "staging") == []

@@ -17,22 +17,12 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from syncpro import __version__
+from syncpro.daemon.watch import TROUBLE
 from syncpro.engine.result import SyncResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a no-op sync of a small app (milliseconds) to a multi-gigabyte copy (minutes).
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-# Rescan reasons that come from the watcher losing (or possibly losing) events.
-_TROUBLE_REASONS = frozenset(
-    {
-        "overflow",
-        "watcher_error",
-        "watcher_died",
-        "inotify_failed",
-        "root_missing",
-        "root_unavailable",
-    }
-)
 
 
 class Metrics:
@@ -147,7 +137,7 @@ class Metrics:
         self.rescans.labels(reason).inc()
         if reason == "overflow":
             self.overflows.inc()
-        if reason in _TROUBLE_REASONS:
+        if reason in TROUBLE:
             self.watch_trouble.labels(reason).inc()
 
     def inventory_read(self, apps: int | None, error: str | None) -> None:

@@ -15,21 +15,10 @@ from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.runner import Runner
 from syncpro.daemon.runtime import Runtime, time_left
 from syncpro.daemon.state import fingerprint
+from syncpro.daemon.watch import TROUBLE
 from syncpro.inventory.apps import App
 
 log = structlog.get_logger()
-
-TROUBLE = frozenset(
-    {
-        "overflow",
-        "watcher_error",
-        "watcher_died",
-        "inotify_failed",
-        "root_missing",
-        "root_unavailable",
-    }
-)
-"""Rescan reasons that say events may have been lost: re-checked at most once per max_wait."""
 
 
 class Rescanner:

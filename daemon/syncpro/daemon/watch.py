@@ -50,6 +50,18 @@ from syncpro.lifecycle import Lifecycle
 
 log = structlog.get_logger()
 
+# Every reason a watcher gives on_trouble: each says events may have been lost. The rescanner
+# re-checks after them at most once per max_wait; the metrics count them.
+TROUBLE = frozenset(
+    {
+        "overflow",
+        "watcher_error",
+        "watcher_died",
+        "inotify_failed",
+        "root_missing",
+        "root_unavailable",
+    }
+)
 # Reads by our own syncs open and close source files: those events must never trigger.
 _QUIET_EVENTS = frozenset({"opened", "closed_no_write"})
 CHANGE_EVENTS: list[type[FileSystemEvent]] = [

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from control_fakes import ask, short_dir
+from control_fakes import ask
 from syncpro.testing import Daemon, put, running, tree, write_config
 
 from mysql_support import Database, TcpProxy, app_row, reachable_server, throwaway_database
@@ -42,22 +42,11 @@ SYNC_ACTION = "Deploy:Core:syncpro"
 
 
 @pytest.fixture
-def base(tmp_path: Path) -> Path:
-    put(tmp_path / "r/softdir/server1", {"bin/run.sh": "v1\n"})
-    put(tmp_path / "r/configuredir/server1", {"app.properties": "node=1\n"})
-    put(tmp_path / "r/softdir/server2", {"bin/run.sh": "v1\n"})
-    put(tmp_path / "r/configuredir/server2", {"app.properties": "node=2\n"})
-    put(tmp_path / "r/softdir/web1", {"index.html": "web\n"})
-    put(tmp_path / "r/configuredir/web1", {"web.conf": "w\n"})
-    return tmp_path
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """A short directory for the control socket: pytest's tmp_path can pass the 108-byte limit
-    of unix socket paths."""
-    with short_dir() as path:
-        yield path
+def base(base: Path) -> Path:
+    """conftest's sources of server1 and web1, and server2's too (run_dir is conftest's)."""
+    put(base / "r/softdir/server2", {"bin/run.sh": "v1\n"})
+    put(base / "r/configuredir/server2", {"app.properties": "node=2\n"})
+    return base
 
 
 def config_for(

@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -121,15 +122,13 @@ def _target_of(root: Path, name: str) -> Path | None:
 def _owner_tag() -> str:
     """This process as staging names record it: pid and start time, so that a pid reused
     after a reboot or a wrap-around never keeps a dead process's staging alive."""
-    pid = os.getpid()
-    tag = _OWN_TAG.get(pid)
-    if tag is None:
-        # Read once per process (a fork has a pid of its own): a catch-up asks per target.
-        tag = _OWN_TAG[pid] = f"{pid}-{_start_time(pid)}"
-    return tag
+    return _tag_of(os.getpid())
 
 
-_OWN_TAG: dict[int, str] = {}
+@functools.lru_cache(maxsize=4)
+def _tag_of(pid: int) -> str:
+    # Read once per process (a fork has a pid of its own): a catch-up asks per target.
+    return f"{pid}-{_start_time(pid)}"
 
 
 def _start_time(pid: int) -> str:
@@ -420,7 +419,7 @@ def _build_and_swap(
             # Something in the spare stood in the way (a file we may not remove, say): it was
             # only ever a shortcut, so build the tree anew.
             log.warning("publish.spare_failed", target=str(final), error=_describe(exc))
-            staging = _staging_path(staging.parent, staging.name.split(".", 2)[2])
+            staging = _staging_path(staging.parent, _name(target))
             written = _build_at(build, staging, current)
         if durable:
             try:
@@ -560,9 +559,16 @@ def sweep(root: Path, now: float | None = None) -> list[Path]:
     now = time.time() if now is None else now
     area = work_area(root)
     removed: list[Path] = []
-    for entry in _entries(area / "trash"):
-        expires = _expiry(entry.name)
-        if (expires is None or expires <= now) and _retire(area, entry):
+    expired = [e for e in _entries(area / "trash") if (_expiry(e.name) or 0.0) <= now]
+    if expired:
+        try:
+            # Where a tree is claimed before it is retired; a fresh work area may lack it.
+            (area / "staging").mkdir(exist_ok=True)
+        except OSError as exc:
+            log.warning("publish.sweep_failed", path=str(area / "staging"), error=_describe(exc))
+            expired = []
+    for entry in expired:
+        if _retire(area, entry):
             removed.append(entry)
     for entry in _entries(area / SPARE):
         final = _target_of(root, entry.name)
@@ -588,11 +594,6 @@ def _retire(area: Path, tree: Path) -> bool:
     whether the tree left the trash."""
     name = _trashed_name(tree.name)
     claimed = _staging_path(area / "staging", name or "tree")
-    try:
-        claimed.parent.mkdir(exist_ok=True)
-    except OSError as exc:
-        log.warning("publish.sweep_failed", path=str(claimed.parent), error=_describe(exc))
-        return False
     if not _claim(tree, claimed):
         return False  # a publish took it as its spare, or another sweep has it
     spare = area / SPARE / name if name else None

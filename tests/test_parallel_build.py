@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +115,28 @@ def test_a_file_failing_in_a_pool_job_fails_the_build_and_leaks_nothing(tmp_path
     # The conftest's thread check proves the pool's threads ended with the build.
 
 
+def _late_callers_of_a_held_flush(
+    barrier: FlushBarrier,
+    first: Callable[[], None],
+    late: list[Callable[[], None]],
+    *,
+    held: Callable[[], bool],
+    release: threading.Event,
+) -> None:
+    """Run `first` on a thread until its flush is running and `held`; then each of `late` on
+    a thread until all wait on the barrier; then release the held flush and join them all."""
+    first_thread = threading.Thread(target=first)
+    first_thread.start()
+    wait_until(held)
+    threads = [threading.Thread(target=call) for call in late]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: barrier.waiting == len(late))
+    release.set()
+    for thread in (first_thread, *threads):
+        thread.join(30)
+
+
 def test_callers_arriving_during_a_flush_share_the_next_one(tmp_path: Path) -> None:
     real = publish._syncfs_or_sync
     release = threading.Event()
@@ -127,22 +151,19 @@ def test_callers_arriving_during_a_flush_share_the_next_one(tmp_path: Path) -> N
     barrier = FlushBarrier(held_syncfs)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     called: dict[int, float] = {}
+
+    def late(i: int) -> None:
+        called[i] = time.monotonic()
+        barrier.flush(fd)
+
     try:
-        first = threading.Thread(target=barrier.flush, args=(fd,))
-        first.start()
-        wait_until(lambda: started)  # the first flush is running, held
-
-        def late(i: int) -> None:
-            called[i] = time.monotonic()
-            barrier.flush(fd)
-
-        others = [threading.Thread(target=late, args=(i,)) for i in range(5)]
-        for thread in others:
-            thread.start()
-        wait_until(lambda: barrier.waiting == 5)
-        release.set()
-        for thread in (first, *others):
-            thread.join(30)
+        _late_callers_of_a_held_flush(
+            barrier,
+            lambda: barrier.flush(fd),
+            [functools.partial(late, i) for i in range(5)],
+            held=lambda: bool(started),
+            release=release,
+        )
     finally:
         os.close(fd)
 
@@ -187,16 +208,13 @@ def test_a_failed_flush_fails_every_caller_it_was_to_serve(tmp_path: Path) -> No
             outcomes[i] = "ok"
 
     try:
-        first = threading.Thread(target=caller, args=(0,))
-        first.start()
-        wait_until(lambda: calls)
-        late = [threading.Thread(target=caller, args=(i,)) for i in (1, 2, 3)]
-        for thread in late:
-            thread.start()
-        wait_until(lambda: barrier.waiting == 3)
-        release.set()
-        for thread in (first, *late):
-            thread.join(30)
+        _late_callers_of_a_held_flush(
+            barrier,
+            functools.partial(caller, 0),
+            [functools.partial(caller, i) for i in (1, 2, 3)],
+            held=lambda: bool(calls),
+            release=release,
+        )
     finally:
         os.close(fd)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from syncpro import testing
 from syncpro.config.model import ControlSettings
 from syncpro.control.socket_server import ControlServer
 from syncpro.engine.request import SyncRequest
@@ -98,14 +99,10 @@ def ask(path: Path, payload: bytes, timeout: float = 10.0) -> dict[str, Any]:
 
 
 def read_line(sock: socket.socket) -> bytes:
-    buffer = bytearray()
-    while b"\n" not in buffer:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buffer += chunk
+    """One answer, which must be exactly one line."""
+    buffer = testing.read_line(sock)
     assert buffer.endswith(b"\n") and buffer.count(b"\n") == 1, buffer
-    return bytes(buffer)
+    return buffer
 
 
 def fd_count() -> int:

@@ -77,6 +77,17 @@ def ctl(
     )
 
 
+def read_line(sock: socket.socket) -> bytes:
+    """Read from sock until a newline or the end: one answer of the control socket."""
+    buffer = bytearray()
+    while b"\n" not in buffer:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buffer += chunk
+    return bytes(buffer)
+
+
 def _control_socket(config: Path) -> Path | None:
     doc = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     name = (doc.get("control") or {}).get("socket")
@@ -307,15 +318,10 @@ class Daemon:
             sock.settimeout(timeout)
             sock.connect(str(path))
             sock.sendall(json.dumps(fields).encode() + b"\n")
-            buffer = bytearray()
-            while b"\n" not in buffer:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                buffer += chunk
+            buffer = read_line(sock)
         doc = json.loads(buffer)
         if not isinstance(doc, dict):
-            raise DaemonWaitError(f"not a response document: {bytes(buffer)[:500]!r}")
+            raise DaemonWaitError(f"not a response document: {buffer[:500]!r}")
         return doc
 
     def ctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

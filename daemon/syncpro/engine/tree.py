@@ -290,8 +290,8 @@ class TreeBuilder:
                 pub_fd = open_dir(reuse)
             except OSError:
                 pub_fd = None
-        root = _Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, read_xattrs(src_fd), "", dst)
-        root.held = held
+        root_xattrs = read_xattrs(src_fd)
+        root = _Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, root_xattrs, "", dst, held=held)
         stack = [root]
         waiting: deque[_Dir] = deque()  # folders walked, in post-order, their jobs submitted
         try:
@@ -321,9 +321,10 @@ class TreeBuilder:
 
     def _enter(self, here: _Dir, entry: Entry, dst: str, prefix: str) -> _Dir:
         old = here.held.get(entry.name) if here.held is not None else None
-        if old is not None and not old[1]:
-            os.unlink(entry.name, dir_fd=here.dst)  # a file where the source has a folder
-        if old is None or not old[1]:
+        reused = old is not None and old[1]  # the spare has this folder: filled in place
+        if not reused:
+            if old is not None:
+                _remove_held(here.dst, entry.name, is_dir=False)  # a file where a folder goes
             os.mkdir(entry.name, 0o700, dir_fd=here.dst)
         here.subdirs.append(entry.name)
         src = open_listed_dir(entry, here.src)
@@ -335,7 +336,7 @@ class TreeBuilder:
             os.close(src)
             raise
         try:
-            held = _prepare_spare(made) if old is not None and old[1] else None
+            held = _prepare_spare(made) if reused else None
             inode = os.fstat(made).st_ino
         except BaseException:
             os.close(src)

@@ -73,6 +73,45 @@ def test_copy_tree_keeps_owners_when_running_as_root(tmp_path: Path) -> None:
     assert os.lstat(tmp_path / "dst/l").st_uid == NOBODY
 
 
+def test_a_copied_file_is_given_only_the_owner_and_mode_it_lacks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Created with the source's permission bits, a file the umask lets through needs no
+    # chmod, and one already ours no chown; set-id bits and other owners still get both.
+    source = write_tree(
+        tmp_path / "src",
+        {
+            "plain": File("1", mode=0o644),
+            "masked": File("2", mode=0o666),
+            "setuid": File("3", mode=0o4755),
+            "none": File("4", mode=0o000),
+        },
+    )
+    foreign = os.geteuid() == 0
+    if foreign:
+        os.chown(source / "plain", 0, NOBODY)
+    calls: dict[str, list[int]] = {"fchmod": [], "fchown": []}
+    for name, calls_of in calls.items():
+        real = getattr(os, name)
+
+        def counted(fd: int, *args: Any, real: Any = real, calls_of: list[int] = calls_of) -> None:
+            calls_of.append(fd)
+            real(fd, *args)
+
+        monkeypatch.setattr(os, name, counted)
+    old_umask = os.umask(0o022)
+    try:
+        _builder().copy_tree(source, tmp_path / "dst")
+    finally:
+        os.umask(old_umask)
+
+    assert snapshot(tmp_path / "dst") == snapshot(source)
+    # Two files need their mode set (0666 by the umask's doing, 4755 for its set-id bit),
+    # and so does the root folder, made 0700 while being filled; it gets its owner too.
+    assert len(calls["fchmod"]) == 2 + 1
+    assert len(calls["fchown"]) == (1 + 1 if foreign else 0)
+
+
 def test_copy_tree_never_modifies_or_links_the_source(tmp_path: Path) -> None:
     source = _rich(tmp_path)
     before = snapshot(source, identity=True)

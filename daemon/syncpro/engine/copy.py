@@ -120,13 +120,17 @@ def finish_metadata(
     owners: bool,
     rel: str,
     not_kept: list[str],
+    made: os.stat_result | None = None,
 ) -> None:
     """Give an open file or folder the source's owner, mode, extended attributes and times.
     In this order: chown clears set-id bits and file capabilities, so mode and attributes come
-    after it; every change sets the mtime, so the times come last."""
-    if owners:
+    after it; every change sets the mtime, so the times come last. `made` is the stat of a
+    file just created empty (no set-id bits, no attributes yet): an owner or mode it already
+    has is not set again, two calls saved on most files of a copy."""
+    if owners and (made is None or (made.st_uid, made.st_gid) != (st.st_uid, st.st_gid)):
         os.fchown(fd, st.st_uid, st.st_gid)
-    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    if made is None or stat.S_IMODE(made.st_mode) != stat.S_IMODE(st.st_mode):
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
     # Nothing a build makes inherits attributes (see clear_inherited), so a file or folder
     # the source gives none needs no call at all.
     if xattrs:

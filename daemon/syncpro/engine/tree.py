@@ -493,9 +493,12 @@ class TreeBuilder:
         st_in = os.fstat(fd_in)
         if not stat.S_ISREG(st_in.st_mode):
             raise OSError(errno.ESTALE, "replaced by a non-regular file during the copy", rel)
-        fd_out = os.open(name, _OPEN_TARGET, 0o600, dir_fd=dst_fd)
+        # Created with the source's permission bits (never set-id ones, which must follow
+        # the chown): where the umask lets them through, no chmod is needed. The staging
+        # tree's folders are 0700 until filled, so no one else can open the file meanwhile.
+        fd_out = os.open(name, _OPEN_TARGET, stat.S_IMODE(st_in.st_mode) & 0o777, dir_fd=dst_fd)
         try:
-            made = os.fstat(fd_out).st_ino
+            made = os.fstat(fd_out)
             copied = copy_data(fd_in, fd_out, st_in)
             # The mtime read before copying: if the file changes under us, its newer mtime
             # will differ from ours and the next sync copies it again.
@@ -506,12 +509,13 @@ class TreeBuilder:
                 owners=self.preserve_owner,
                 rel=rel,
                 not_kept=stats.not_kept,
+                made=made,
             )
         finally:
             os.close(fd_out)
         stats.copied += 1
         stats.bytes_copied += copied
-        return made
+        return made.st_ino
 
     # --- type-2 config: listed files only ---
 

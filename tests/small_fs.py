@@ -17,9 +17,11 @@ def can_mount() -> bool:
 
 
 @contextlib.contextmanager
-def small_ext4(where: Path, size_mib: int = 16, inodes: int | None = None) -> Iterator[Path]:
-    """Mount a fresh ext4 of size_mib (with that many inodes, if given) at where/mnt for the
-    block; unmount whatever happens."""
+def small_ext4(
+    where: Path, size_mib: int = 16, inodes: int | None = None, journal: bool = True
+) -> Iterator[Path]:
+    """Mount a fresh ext4 of size_mib (with that many inodes, if given; without a journal if
+    told) at where/mnt for the block; unmount whatever happens."""
     if not can_mount():
         pytest.skip("needs root, mkfs.ext4 and mount for a loop-mounted filesystem")
     image, mnt = where / "fs.img", where / "mnt"
@@ -27,6 +29,8 @@ def small_ext4(where: Path, size_mib: int = 16, inodes: int | None = None) -> It
     with open(image, "wb") as f:
         f.truncate(size_mib << 20)
     extra = ["-N", str(inodes)] if inodes else []
+    if not journal:
+        extra += ["-O", "^has_journal"]
     subprocess.run(["mkfs.ext4", "-q", "-F", *extra, str(image)], check=True)
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:

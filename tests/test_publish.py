@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import structlog
 
+from small_fs import small_ext4
 from syncpro.engine import publish as publish_module
 from syncpro.engine.layout import Target
 from syncpro.engine.publish import publish, sweep, target_lock, work_area
@@ -627,9 +628,6 @@ def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesy
 ) -> None:
     flushed: list[int] = []
     monkeypatch.setattr(publish_module, "_syncfs", lambda fd: flushed.append(fd) or 0)
-    target = Target(tmp_path / "softdir", "server")
-    if not publish_module._journal_in_order(tmp_path):
-        pytest.skip("the per-file path needs ext4 or XFS")
 
     def few(staging: Path, current: Path | None) -> list[str]:
         write_tree(staging, {"a": "1", "d/b": "2"})
@@ -640,12 +638,34 @@ def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesy
         write_tree(staging, {f"f{i}": "x" for i in range(count)})
         return [str(staging / f"f{i}") for i in range(count)]
 
-    publish(target, few, grace=0, durable=True)
-    assert flushed == [] and (target.path / "d/b").read_text() == "2"
-    publish(target, many, grace=0, durable=True)
-    assert len(flushed) == 1
-    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=True)
-    assert len(flushed) == 2  # a build that does not say what it wrote: syncfs
+    with small_ext4(tmp_path) as mnt:  # journaled, as mkfs.ext4 makes it by default
+        target = Target(mnt / "softdir", "server")
+        assert publish_module._journal_in_order(mnt)
+        publish(target, few, grace=0, durable=True)
+        assert flushed == [] and (target.path / "d/b").read_text() == "2"
+        publish(target, many, grace=0, durable=True)
+        assert len(flushed) == 1
+        publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=0, durable=True)
+        assert len(flushed) == 2  # a build that does not say what it wrote: syncfs
+
+
+def test_an_ext4_without_a_journal_is_flushed_whole_even_for_few_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without a journal, ext4 writes each folder back on its own: the root's fsync would not
+    # carry the rest of the tree, so only a syncfs makes it durable.
+    flushed: list[int] = []
+    monkeypatch.setattr(publish_module, "_syncfs", lambda fd: flushed.append(fd) or 0)
+
+    def one(staging: Path, current: Path | None) -> list[str]:
+        write_tree(staging, {"a": "1"})
+        return [str(staging / "a")]
+
+    with small_ext4(tmp_path, journal=False) as mnt:
+        target = Target(mnt / "softdir", "server")
+        assert not publish_module._journal_in_order(mnt)
+        publish(target, one, grace=0, durable=True)
+        assert len(flushed) == 1 and (target.path / "a").read_text() == "1"
 
 
 def test_the_detached_sweeper_removes_replaced_trees_at_idle_io_priority(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ _renameat2 = getattr(_libc, "renameat2", None)
 _syncfs = getattr(_libc, "syncfs", None)
 _statfs = getattr(_libc, "statfs", None)
 _EXT4_MAGIC, _XFS_MAGIC = 0xEF53, 0x58465342
-_ORDERED: dict[int, bool] = {}
+_ORDERED: dict[tuple[int, int], bool] = {}
 # Up to this many copied files, fsync each (and the tree's root) rather than syncfs: measured
 # here, 100 fsyncs of small files cost 11 ms against 2-3 ms for a syncfs of a quiet
 # filesystem (and over 100 ms of one with uploads in flight); at a few files fsync wins.
@@ -276,17 +276,36 @@ def _syncfs_or_sync(fd: int) -> None:
 
 def _journal_in_order(path: Path) -> bool:
     """Whether path's filesystem is one whose fsync of a folder commits all metadata written
-    before it (ext4, XFS), by statfs's f_type; remembered per device."""
-    dev = os.stat(path).st_dev
-    known = _ORDERED.get(dev)
+    before it: XFS, and ext4 with its journal (by statfs's f_type). An ext4's answer is
+    remembered by its fsid, which comes from its UUID: a device number is reused by the next
+    filesystem mounted on it, which may not be alike."""
+    buf = ctypes.create_string_buffer(256)
+    if _statfs is None or _statfs(os.fsencode(path), buf) != 0:
+        return False
+    kind, *_, fsid_low, fsid_high = struct.unpack_from("l6Q2i", buf)
+    if kind != _EXT4_MAGIC:
+        return bool(kind == _XFS_MAGIC)
+    known = _ORDERED.get((fsid_low, fsid_high))
     if known is None:
-        buf = ctypes.create_string_buffer(256)
-        if _statfs is None or _statfs(os.fsencode(path), buf) != 0:
-            known = False
-        else:
-            known = struct.unpack_from("l", buf)[0] in (_EXT4_MAGIC, _XFS_MAGIC)
-        _ORDERED[dev] = known
+        known = _ORDERED[(fsid_low, fsid_high)] = _ext4_journaled(os.stat(path).st_dev)
     return known
+
+
+def _ext4_journaled(dev: int) -> bool:
+    """Whether the ext4 on device `dev` keeps a journal. One made without (`mkfs.ext4 -O
+    ^has_journal`, as some VM images are) writes each folder back on its own, so an fsync of
+    the tree's root would not carry the rest. Unknown counts as no journal: syncfs is always
+    safe."""
+    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
+    try:
+        with open(f"/sys/fs/ext4/{name}/journal_task", encoding="ascii") as f:
+            return f.read().strip() != "<none>"
+    except OSError:
+        pass
+    try:  # kernels before 5.11 have no journal_task: jbd2 lists the journals it runs
+        return any(entry.startswith(f"{name}-") for entry in os.listdir("/proc/fs/jbd2"))
+    except OSError:
+        return False
 
 
 def make_public_dirs(path: Path) -> None:

@@ -32,6 +32,7 @@ A table by default; `--json` prints one JSON document. Run it with the project's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import bench_fs
 from syncpro.testing import Daemon, DaemonWaitError, app, trash_empty, wait_until, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,6 +300,7 @@ def render(doc: dict[str, Any]) -> str:
         f"syncpro serve, {doc['apps']} apps x {doc['files_per_app']} files,"
         f" settle {doc['settle']} s, fsync {'on' if doc['fsync'] else 'off'};"
         f" timings are medians of {doc['rounds']} rounds",
+        f"on {doc['filesystem']}" + (f"; {doc['warning']}" if doc["warning"] else ""),
         "",
         f"{'figure':<46} {'value':>10}  goal",
     ]
@@ -333,6 +336,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uploads", type=int, default=5, help="timed uploads to one app")
     parser.add_argument("--changed", type=int, default=200, help="apps changed at once")
     parser.add_argument("--dir", type=Path, default=None, help="parent of the bench dir")
+    parser.add_argument(
+        "--loop-ext4",
+        type=int,
+        metavar="GIB",
+        default=None,
+        help="run on a fresh journaled ext4 of GIB GiB, loop-mounted (root; 8 fits 1,000 apps)",
+    )
     parser.add_argument("--python", default=default_python(), help="python running the daemon")
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--keep", action="store_true", help="keep the bench dir afterwards")
@@ -340,23 +350,31 @@ def main(argv: list[str] | None = None) -> int:
     args.changed = min(args.changed, args.apps - 1)  # --apps alone makes a smaller run
     if args.apps < 2 or args.files < args.folders or args.changed < 1 or args.rounds < 1:
         parser.error("need --apps >= 2, --files >= --folders, --changed >= 1 and --rounds >= 1")
-    base = Path(tempfile.mkdtemp(prefix="syncpro-bench-scale.", dir=args.dir))
 
     def say(message: str) -> None:
         print(f"bench_scale: {message}", file=sys.stderr, flush=True)
 
     try:
-        doc = run(base, args, say)
+        with contextlib.ExitStack() as stack:
+            parent = args.dir
+            if args.loop_ext4:
+                parent = stack.enter_context(bench_fs.loop_ext4(args.loop_ext4, args.dir))
+            base = Path(tempfile.mkdtemp(prefix="syncpro-bench-scale.", dir=parent))
+            if not args.keep or args.loop_ext4:
+                stack.callback(shutil.rmtree, base, ignore_errors=True)
+            warning = bench_fs.warning(base)
+            if warning:
+                say(warning)
+            doc = run(base, args, say)
+            doc["filesystem"] = bench_fs.describe(base)
+            doc["warning"] = warning
+            if args.keep and not args.loop_ext4:
+                say(f"kept {base}")
         print(json.dumps(doc, indent=2) if args.json else render(doc))
         return 0
     except (BenchError, DaemonWaitError, OSError, subprocess.CalledProcessError) as exc:
         say(str(exc))
         return 1
-    finally:
-        if args.keep:
-            say(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

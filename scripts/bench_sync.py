@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import bench_fs
 from syncpro.testing import app, trash_empty, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -630,6 +631,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="parent of the temporary bench dir (default: the system temp dir if it is on the "
         "project's filesystem, else the project's var/)",
     )
+    parser.add_argument(
+        "--loop-ext4",
+        type=int,
+        metavar="GIB",
+        default=None,
+        help="run on a fresh journaled ext4 of GIB GiB, loop-mounted (root; 4 is enough)",
+    )
     parser.add_argument("--syncpro", default=None, help="the syncpro command (default: the venv's)")
     parser.add_argument("--json", action="store_true", help="print a JSON document instead")
     parser.add_argument("--keep", action="store_true", help="keep the bench dir afterwards")
@@ -662,11 +670,28 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"bench_sync: please install {', '.join(missing)}", file=sys.stderr)
         return 2
-    base = Path(tempfile.mkdtemp(prefix="syncpro-bench.", dir=args.dir or default_parent()))
 
     def progress(message: str) -> None:
         print(f"bench_sync: {message}", file=sys.stderr, flush=True)
 
+    with contextlib.ExitStack() as stack:
+        parent = args.dir or default_parent()
+        if args.loop_ext4:
+            try:
+                parent = stack.enter_context(bench_fs.loop_ext4(args.loop_ext4, args.dir))
+            except (OSError, subprocess.CalledProcessError) as exc:
+                progress(f"cannot make the loop-mounted ext4: {exc}")
+                return 1
+        base = Path(tempfile.mkdtemp(prefix="syncpro-bench.", dir=parent))
+        return run(args, base, progress)
+
+
+def run(args: argparse.Namespace, base: Path, progress: Callable[[str], None]) -> int:
+    """Run the benchmark in base, print its report; remove base unless --keep says not to
+    (or it lies on a loop filesystem that goes anyway)."""
+    filesystem, warning = bench_fs.describe(base), bench_fs.warning(base)
+    if warning:
+        progress(warning)
     try:
         bench = Bench(base, syncpro_command(args.syncpro))
         spec = TreeSpec(args.files, int(args.size_mb * 1e6), args.seed, same_size=args.big)
@@ -682,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
                 "tree": asdict(info),
                 "runs": args.runs,
                 "dir": str(base),
+                "filesystem": filesystem,
+                "warning": warning,
                 "syncpro": bench.syncpro,
                 "verified": True,
                 "peak_rss_method": "GNU time" if os.access(GNU_TIME, os.X_OK) else "wait4",
@@ -691,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(doc, indent=2))
         else:
             print(render(summary, info, args.runs, base, rss_floor))
+            print(f"  filesystem: {filesystem}" + (f"; {warning}" if warning else ""))
         if profile:
             print(profile, file=sys.stderr if args.json else sys.stdout)
         return 0
@@ -698,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_sync: {exc}", file=sys.stderr)
         return 1
     finally:
-        if args.keep:
+        if args.keep and not args.loop_ext4:
             print(f"bench_sync: kept {base}", file=sys.stderr)
         else:
             with contextlib.suppress(BenchError):

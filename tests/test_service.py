@@ -136,6 +136,41 @@ def test_a_restart_syncs_only_what_changed_while_down(base: Path) -> None:
         assert daemon.stop() == 0
 
 
+def test_a_first_start_queues_apps_never_synced_without_walking_their_sources(
+    base: Path,
+) -> None:
+    # Their syncs walk them anyway: a first start of many apps must not walk them twice.
+    config = write_config(base, APPS)
+    with running(config) as daemon:
+        rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
+        assert rescan["walked"] == 0
+        assert sorted(c["app_key"] for c in rescan["changed"]) == ["server1", "web1"]
+        daemon.wait_sync("server1")
+        daemon.wait_sync("web1")
+        assert daemon.stop() == 0
+    # Once recorded, they are compared with the record, which takes a walk.
+    with running(config) as daemon:
+        rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
+        assert rescan["walked"] == 2 and rescan["changed"] == []
+        assert daemon.stop() == 0
+
+
+def test_a_first_start_walks_an_app_with_sources_in_both_modes_to_order_them(
+    base: Path,
+) -> None:
+    # Both modes publish to the same targets: the newest arrival must run last, and only
+    # a walk says which arrived last.
+    put(base / "u/softdir/web", {"index.html": "update build\n"})
+    with running(write_config(base, APPS)) as daemon:
+        rescan = daemon.wait_event("service.rescanned", trigger="catch-up")
+        web = [c for c in rescan["changed"] if c["app_key"] == "web1"]
+        assert [c["update"] for c in web] == [False, True]
+        assert rescan["walked"] == 2
+        daemon.wait_sync("web1", update=True)
+        assert tree(base / "soft/web") == {"index.html": "update build\n"}
+        assert daemon.stop() == 0
+
+
 def test_both_modes_changed_while_down_apply_oldest_arrival_first(
     base: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

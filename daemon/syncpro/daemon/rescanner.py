@@ -14,8 +14,9 @@ import structlog
 from syncpro.daemon.metrics import Metrics
 from syncpro.daemon.runner import Runner
 from syncpro.daemon.runtime import Runtime, time_left
-from syncpro.daemon.state import fingerprint
+from syncpro.daemon.state import fingerprint, present_parts
 from syncpro.daemon.watch import TROUBLE
+from syncpro.engine.request import BOTH_PARTS
 from syncpro.inventory.apps import App
 
 log = structlog.get_logger()
@@ -101,12 +102,16 @@ class Rescanner:
         if state is None or scheduler is None:
             return
         changed: list[tuple[float, str, bool, set[str]]] = []
-        skipped = 0
+        skipped = walked = 0
         groups: dict[str, list[App]] = {}
         for app in snap.inventory.deployable:
             groups.setdefault(app.local_name, []).append(app)
+        dirs = snap.config.dirs
         for members in groups.values():
             found: list[tuple[float, str, bool, set[str]]] = []
+            # The modes with sources in the group: an app never synced can skip its walk only
+            # if no run of the other mode must be ordered against it by arrival.
+            modes = {u for u in (False, True) for m in members if present_parts(dirs, m, u)}
             for app in members:
                 pending, running = scheduler.busy()
                 for update in (False, True):
@@ -123,10 +128,20 @@ class Rescanner:
                         self.runner.recheck_later(key)
                         skipped += 1
                         continue
-                    fp = fingerprint(snap.config.dirs, app, update, snap.ignore)
+                    present = present_parts(dirs, app, update)
+                    if not present:
+                        continue  # nothing to publish in this mode (a removal keeps targets)
+                    record = state.get(app.app_key, update)
+                    if record is None and (not update) not in modes:
+                        # Never synced: its sync walks the sources anyway, and a first start
+                        # of a thousand apps need not walk them all twice. Both parts, as
+                        # against no record: an absent config is recorded as such.
+                        found.append((0.0, app.app_key, update, set(BOTH_PARTS)))
+                        continue
+                    fp = fingerprint(dirs, app, update, snap.ignore)
+                    walked += 1
                     if fp is None:
                         continue
-                    record = state.get(app.app_key, update)
                     parts = fp.changed_parts(record.fingerprint if record is not None else None)
                     if parts:
                         found.append((fp.newest, app.app_key, update, parts))
@@ -148,4 +163,5 @@ class Rescanner:
             reasons=sorted(set(reasons)),
             changed=[{"app_key": k, "update": u, "parts": sorted(p)} for _, k, u, p in changed],
             busy=skipped,
+            walked=walked,
         )

@@ -340,6 +340,13 @@ def fingerprint(
     return Fingerprint(parts, newest)
 
 
+def present_parts(dirs: Dirs, app: App, update: bool) -> set[str]:
+    """Given an app and a mode, return the parts (program, config) whose source folder is
+    there."""
+    roots = ((PROGRAM, layout.program_source), (CONFIG, layout.config_source))
+    return {part for part, source in roots if source(dirs, app, update).is_dir()}
+
+
 def marker_signature(dirs: Dirs, app: App, update: bool, marker: str) -> str:
     """Given an app, a mode and the ready marker's name, return what identifies the marker
     files of its program and config sources as they are now (inode, mtime, ctime; "-" for

@@ -116,9 +116,12 @@ class Recorder:
 MakeScheduler = Callable[..., Scheduler]
 
 
-@pytest.fixture
-def make() -> Iterator[MakeScheduler]:
+@pytest.fixture(params=[False, True], ids=["groups-looked-up", "groups-cached"])
+def make(request: pytest.FixtureRequest) -> Iterator[MakeScheduler]:
+    """Schedulers, each test run twice: looking every key's group up at each dispatch, and
+    (as the daemon does) once per version of the groups, here one that never changes."""
     made: list[tuple[Scheduler, Recorder]] = []
+    version = object()
 
     def factory(
         recorder: Recorder,
@@ -135,6 +138,7 @@ def make() -> Iterator[MakeScheduler]:
             max_wait=max_wait,
             workers=workers,
             group_of=group_of if group_of is not None else (lambda app_key: app_key),
+            groups_version=(lambda: version) if request.param else None,
             clock=time.monotonic,
         )
         made.append((scheduler, recorder))
@@ -649,3 +653,44 @@ def test_busy_says_which_keys_are_pending_and_which_are_running(make: MakeSchedu
     recorder.release()
     assert scheduler.wait_idle(WAIT)
     assert scheduler.busy() == (frozenset(), frozenset())
+
+
+def test_a_catch_up_of_many_groups_looks_each_key_up_once_and_keeps_batches_whole() -> None:
+    # With more ready groups than workers, a dispatch stops looking groups up once every
+    # worker has one, yet a batch still takes every due key of its group.
+    groups = {f"app{n:02d}": f"g{n % 10}" for n in range(50)}
+    looked_up: Counter[str] = Counter()
+    version: list[object] = [object()]
+
+    def group_of(app_key: str) -> str | None:
+        looked_up[app_key] += 1
+        return groups.get(app_key)
+
+    recorder = Recorder(work=0.002)
+    scheduler = Scheduler(
+        recorder,
+        settle=30,
+        max_wait=60,
+        workers=2,
+        group_of=group_of,
+        groups_version=lambda: version[0],
+    )
+    try:
+        for app_key in groups:
+            scheduler.submit(app_key, False, trigger="catch-up", immediate=True)
+        scheduler.start()
+        assert scheduler.wait_idle(WAIT)
+        assert sorted(r.batch.group for r in recorder.runs) == sorted(f"g{n}" for n in range(10))
+        for run in recorder.runs:
+            assert sorted(run.batch.app_keys) == sorted(
+                k for k, g in groups.items() if g == run.batch.group
+            )
+        assert max(looked_up.values()) == 1
+        # A new version of the groups (a reload) is looked up again.
+        groups["app00"] = "moved"
+        version[0] = object()
+        scheduler.submit("app00", False, trigger="rescan", immediate=True)
+        assert scheduler.wait_idle(WAIT)
+        assert recorder.runs[-1].batch.group == "moved"
+    finally:
+        scheduler.stop(timeout=WAIT)

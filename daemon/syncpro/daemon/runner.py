@@ -79,6 +79,7 @@ class Runner:
             max_wait=watch.max_wait,
             workers=watch.workers,
             group_of=lambda app_key: group_of(self.runtime.snapshot, app_key),
+            groups_version=self.runtime.snapshot_version,
         )
         self.runtime.scheduler = scheduler
         scheduler.start()

@@ -83,6 +83,11 @@ class Runtime:
         with self.lock:
             return self.snapshot_held()
 
+    def snapshot_version(self) -> object:
+        """What changes whenever the snapshot is replaced, read without the lock (a reference
+        is read at once): for caches of what a snapshot answers."""
+        return self._snapshot
+
     def snapshot_held(self) -> Snapshot:
         """The snapshot, for a caller that holds `lock`."""
         assert self._snapshot is not None, "startup() not called"

@@ -108,6 +108,9 @@ class _Burst:
     forced: float = math.inf
     """Clock time from which the key is due whatever its settle time (immediate submission)."""
     parts: set[str] = field(default_factory=set)
+    group: str | None = None
+    grouped_by: object = None
+    """The `groups_version` `group` was resolved under; another resolves it again."""
 
     def due(self, settle: float, max_wait: float, held_until: float = -math.inf) -> float:
         quiet = max(self.last + settle, held_until)
@@ -130,8 +133,10 @@ class Scheduler(Lifecycle):
     `run` is called with one `Batch` at a time per group; an exception it raises is logged and
     the group released. `group_of` maps an app key to its group, or to None for an app no
     longer known (its events are dropped); it is called with the scheduler's lock held, so it
-    must be quick and must not call back into the scheduler. `clock` timestamps events (it
-    must advance like `time.monotonic`, since waits are real time).
+    must be quick and must not call back into the scheduler. Given `groups_version`, a
+    lock-free call returning an object that changes whenever `group_of` may answer otherwise,
+    a key's group is looked up once per version, not at every dispatch. `clock` timestamps
+    events (it must advance like `time.monotonic`, since waits are real time).
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class Scheduler(Lifecycle):
         max_wait: float,
         workers: int,
         group_of: Callable[[str], str | None],
+        groups_version: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.monotonic,
         stop_timeout: float = 30.0,
     ) -> None:
@@ -151,6 +157,7 @@ class Scheduler(Lifecycle):
         self._max_wait = max_wait
         self._workers = workers
         self._group_of = group_of
+        self._groups_version = groups_version
         self._clock = clock
         self._stop_timeout = stop_timeout
 
@@ -435,9 +442,20 @@ class Scheduler(Lifecycle):
             # the scanning thread starved the workers of the interpreter lock.
             self._wake_at = math.inf  # nothing can start before a worker frees up
             return None
-        by_group: dict[str, list[_Burst]] = {}
+        free = self._workers - len(self._running)
+        version = self._groups_version() if self._groups_version is not None else None
+        # Pending keys are kept in the order their bursts began, oldest first: the first
+        # ready key met of a group is its oldest, and groups are chosen in that order.
+        chosen: dict[str, list[_Burst]] = {}
+        next_due = math.inf
         for key, burst in list(self._pending.items()):
-            group = self._resolve(burst)
+            if len(chosen) == free and burst.grouped_by is version and version is not None:
+                # Every worker has its group: only keys of those groups still matter (a
+                # batch takes every due key of its group), and their groups are known.
+                if burst.group in chosen and self._ready_now(burst, now):
+                    chosen[burst.group].append(burst)
+                continue
+            group = self._group(burst, version)
             if group is None:
                 del self._pending[key]
                 log.warning(
@@ -448,31 +466,33 @@ class Scheduler(Lifecycle):
                 )
                 self._idle_cv.notify_all()
                 continue
-            by_group.setdefault(group, []).append(burst)
-
-        candidates: list[tuple[_Burst, str, list[_Burst]]] = []
-        next_due = math.inf
-        for group, bursts in by_group.items():
             if group in self._running:
                 continue  # its release wakes the dispatcher
-            dues = [(self._due(b, now), b) for b in bursts]
-            ready = [b for due, b in dues if due <= now and not self._behind_other_mode(b)]
-            if ready:
-                candidates.append((min(ready, key=_Burst.age), group, ready))
-            else:
-                # Every due key waits behind its app's older change: that one's due time.
-                waiting = [due for due, _ in dues if due > now]
-                next_due = min(next_due, min(waiting, default=math.inf))
-
-        candidates.sort(key=lambda c: c[0].age())
-        free = max(0, self._workers - len(self._running))
-        for oldest, group, ready in candidates[:free]:
-            self._hand_out(group, oldest, ready, now)
+            if group not in chosen and len(chosen) == free:
+                continue
+            due = self._due(burst, now)
+            if due <= now and not self._behind_other_mode(burst):
+                chosen.setdefault(group, []).append(burst)
+            elif due > now:
+                # A key behind its app's older change waits for that one, which is due
+                # itself or waits for a time of its own counted here.
+                next_due = min(next_due, due)
+        for group, ready in chosen.items():
+            self._hand_out(group, ready[0], ready, now)
         if len(self._running) >= self._workers:
             self._wake_at = math.inf  # nothing can start before a worker frees up
             return None
         self._wake_at = next_due
         return None if next_due == math.inf else max(0.0, next_due - now)
+
+    def _ready_now(self, burst: _Burst, now: float) -> bool:
+        return self._due(burst, now) <= now and not self._behind_other_mode(burst)
+
+    def _group(self, burst: _Burst, version: object) -> str | None:
+        """The burst's group, looked up again unless known under this version of groups."""
+        if version is None or burst.grouped_by is not version:
+            burst.group, burst.grouped_by = self._resolve(burst), version
+        return burst.group
 
     def _hand_out(self, group: str, oldest: _Burst, ready: list[_Burst], now: float) -> None:
         chosen = sorted((b for b in ready if b.update == oldest.update), key=lambda b: b.seq)

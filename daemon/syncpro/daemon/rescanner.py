@@ -152,10 +152,15 @@ class Rescanner:
                 # At start nothing is being uploaded that we know of: sync at once. Later, an
                 # upload may be half way: settle like any event, and wait for its temporaries.
                 # Only the parts that changed: a config edit never republishes a program.
-                for part in sorted(parts):
-                    scheduler.submit(
-                        app_key, update, None, trigger, immediate=trigger == "catch-up", part=part
-                    )
+                # Both in one submission: the dispatcher could hand the first out alone.
+                scheduler.submit(
+                    app_key,
+                    update,
+                    None,
+                    trigger,
+                    immediate=trigger == "catch-up",
+                    part=next(iter(parts)) if len(parts) == 1 else None,
+                )
             changed.extend(found)
         log.info(
             "service.rescanned",

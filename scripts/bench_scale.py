@@ -15,7 +15,9 @@ run:
                         contender; medians, their ratio and the median of the per-round ratios
   idle CPU              the daemon's CPU over `--idle` seconds with nothing arriving, once its
                         catch-up and grace sweeps are done, in % of one core
-  RSS                   the daemon's resident memory then
+  RSS                   the daemon's resident memory then, and that of its child processes
+                        then and right after the catch-up (the processes that build first
+                        trees, stopped after 10 s without one; multiprocessing's tracker)
   upload latency        one app's upload (`rsync -a` of its tree with one file changed) until
                         the new content is readable in the published tree, minus settle;
                         median of `--uploads`
@@ -136,6 +138,23 @@ def first_start(config: Path, args: argparse.Namespace) -> tuple[Daemon, dict[st
         raise
 
 
+def helpers_rss_mib(pid: int) -> float:
+    """The resident memory of pid's child processes (the daemon's build processes and
+    multiprocessing's resource tracker), from /proc."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            status = Path(f"/proc/{entry}/status").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields.get("PPid", "").strip() == str(pid) and "VmRSS" in fields:
+            total += int(fields["VmRSS"].split()[0])
+    return round(total / 1024, 1)
+
+
 def median(rounds: list[dict[str, float]], name: str) -> float:
     return round(statistics.median(r[name] for r in rounds), 3)
 
@@ -184,6 +203,8 @@ def run(base: Path, args: argparse.Namespace, say: Callable[[str], None]) -> dic
                     raise BenchError(f"the daemon did not stop cleanly:\n{daemon.tail()}")
                 daemon = None
         assert daemon is not None
+        # Its build processes, right after the last round's catch-up (they stop when idle).
+        doc["helpers_rss_mib_after_catch_up"] = helpers_rss_mib(daemon.pid)
         doc["ready_first_start_seconds"] = median(rounds, "ready_seconds")
         doc["catch_up_seconds"] = median(rounds, "catch_up_seconds")
         doc["cp_a_sync_f_seconds"] = median(rounds, "cp_a_sync_f_seconds")
@@ -206,6 +227,7 @@ def run(base: Path, args: argparse.Namespace, say: Callable[[str], None]) -> dic
         used = daemon.cpu_seconds() - before
         doc["idle_cpu_percent"] = round(100 * used / (time.monotonic() - t0), 2)
         doc["rss_mib"] = round(daemon.status_kib("VmRSS") / 1024, 1)
+        doc["helpers_rss_mib"] = helpers_rss_mib(daemon.pid)
 
         say(f"{args.uploads} uploads to one app")
         staging = base / "staging"
@@ -288,6 +310,8 @@ ROWS = [
     ("catch_up_engine_seconds_sum", "  engine seconds in them, summed (s)", ""),
     ("idle_cpu_percent", "idle CPU (% of a core)", "<= 1"),
     ("rss_mib", "RSS (MiB)", "<= 80"),
+    ("helpers_rss_mib", "  its child processes then (MiB)", ""),
+    ("helpers_rss_mib_after_catch_up", "  its child processes after the catch-up (MiB)", ""),
     ("upload_past_settle_seconds_median", "upload published past settle, median (s)", "<= 0.2"),
     ("upload_past_settle_from_rename_seconds_median", "  the same, from rsync's rename (s)", ""),
     ("syncs_for_changed_apps", "syncs for the apps changed at once", "= changed"),

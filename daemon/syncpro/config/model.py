@@ -5,6 +5,7 @@ Nothing here reads a file: the engine imports this module alone, never the YAML 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,11 +34,17 @@ class Dirs:
     state: Path = Path("/var/lib/syncpro")
 
 
+def default_build_processes() -> int:
+    """Processes for first trees: the machine's CPUs, up to four (see engine.buildpool)."""
+    return min(4, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class PublishSettings:
     grace: float = 10.0
     fsync: bool = True
     parallel: int = 2
+    processes: int = field(default_factory=default_build_processes)
 
 
 @dataclass(frozen=True)

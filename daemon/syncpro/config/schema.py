@@ -102,6 +102,12 @@ def _count(value: Any, base: Path) -> int:
     return value
 
 
+def _count_or_none(value: Any, base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"must be a whole number >= 0, not {value!r}")
+    return value
+
+
 def _ids(value: Any, base: Path) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
@@ -249,6 +255,11 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
             "grace": Opt(_positive, "seconds a replaced tree is kept for its readers"),
             "fsync": Opt(_bool, "make a new tree durable before swapping it in"),
             "parallel": Opt(_count, "targets one sync builds at once (groups of k=all, say)"),
+            "processes": Opt(
+                _count_or_none,
+                "processes building the daemon's first trees (0: its own threads);"
+                " the CPUs, up to 4, by default",
+            ),
         },
     ),
     "watch": (

@@ -146,7 +146,9 @@ class Runner:
                         plan = plan_path(source, None, snap.ignore, owners=False)
                         before[str(source)] = (plan.digest, plan.newest_ctime)
             with self.running.track(request, tuple(a.app_key for a in apps)) as progress:
-                result = run_sync(request, snap.config, snap.inventory, progress)
+                result = run_sync(
+                    request, snap.config, snap.inventory, progress, self.runtime.builds
+                )
         finally:
             with self._inflight_lock:
                 for key in keys:

@@ -18,6 +18,7 @@ from syncpro.daemon.scheduler import Scheduler
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.state import StateLock, StateStore
 from syncpro.daemon.watch import Watcher
+from syncpro.engine.buildpool import BuildPool
 from syncpro.engine.tree import Ignore
 from syncpro.inventory.apps import App, Inventory
 
@@ -77,6 +78,8 @@ class Runtime:
         """Stores a reload replaced: a running sync may still hold one; closed at shutdown."""
         self.watcher: Watcher | None = None
         self.scheduler: Scheduler | None = None
+        self.builds = BuildPool()
+        """Processes for first trees, started with the first one (see engine.buildpool)."""
 
     @property
     def snapshot(self) -> Snapshot:

@@ -333,6 +333,7 @@ class Service:
         pieces: tuple[Piece, ...] = (self.rescanner, self.runner, self.refresher)
         for piece in pieces:  # rescans first: they would only queue work for the runner
             piece.stop(deadline)
+        runtime.builds.close()
         for store in [*runtime.retired_states, runtime.state]:
             if store is not None:
                 store.close()

@@ -15,6 +15,7 @@ import structlog
 
 from syncpro.config.model import Config
 from syncpro.engine import layout
+from syncpro.engine.buildpool import BuildPool
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
 from syncpro.engine.publish import manifest_path, publish, sweep
@@ -62,11 +63,15 @@ def ignore_for(config: Config) -> Ignore:
 
 
 def run_sync(
-    request: SyncRequest, config: Config, inventory: Inventory, progress: Progress | None = None
+    request: SyncRequest,
+    config: Config,
+    inventory: Inventory,
+    progress: Progress | None = None,
+    builds: BuildPool | None = None,
 ) -> SyncResult:
     """Given a request, the config and the inventory, sync every selected app and return the
-    result, telling `progress` of each file built. Raise RequestError if `k` selects nothing
-    at all (empty)."""
+    result, telling `progress` of each file built. A target's first tree is built on
+    `builds`, if given. Raise RequestError if `k` selects nothing at all (empty)."""
     tokens = request.tokens
     if not tokens:
         raise RequestError("k must not be empty: give an app_key, a local_name or all")
@@ -88,13 +93,14 @@ def run_sync(
         if PROGRAM in request.parts:
             plans = program_plans(config.dirs, selection.apps, request.update)
             parts = pool.map(
-                lambda p: _sync_program(config, request.update, p, ignore, progress), plans
+                lambda p: _sync_program(config, request.update, p, ignore, progress, builds),
+                plans,
             )
             for program in parts:
                 program.merge_into(outcomes, result)
         if CONFIG in request.parts:
             found = [config_plan(config.dirs, app, request.update) for app in selection.apps]
-            made = pool.map(lambda c: _sync_config(config, c, ignore, progress), found)
+            made = pool.map(lambda c: _sync_config(config, c, ignore, progress, builds), found)
             for plan, config_outcome in zip(found, made, strict=True):
                 outcomes[plan.app.app_key].config = config_outcome
                 if config_outcome.status == MISSING:
@@ -156,6 +162,7 @@ def _sync_program(
     plan: ProgramPlan,
     ignore: Ignore,
     progress: Progress | None = None,
+    builds: BuildPool | None = None,
 ) -> _ProgramRun:
     run = _ProgramRun()
     target = plan.target
@@ -167,7 +174,7 @@ def _sync_program(
     winner, source = plan.winner
     if not update:
         run.drift = _drift(plan.group, list(plan.present), ignore, run.digests)
-    published = _publish(config, "program", source, target, ignore, None, progress)
+    published = _publish(config, "program", source, target, ignore, None, progress, builds)
     for app, app_source in plan.present:
         if app is winner:
             run.outcomes[app.app_key] = published
@@ -210,11 +217,17 @@ def _drift(
 
 
 def _sync_config(
-    config: Config, plan: ConfigPlan, ignore: Ignore, progress: Progress | None = None
+    config: Config,
+    plan: ConfigPlan,
+    ignore: Ignore,
+    progress: Progress | None = None,
+    builds: BuildPool | None = None,
 ) -> TargetOutcome:
     if not plan.exists:
         return TargetOutcome("config", str(plan.source), str(plan.target.path), MISSING)
-    return _publish(config, "config", plan.source, plan.target, ignore, plan.listed, progress)
+    return _publish(
+        config, "config", plan.source, plan.target, ignore, plan.listed, progress, builds
+    )
 
 
 def _publish(
@@ -225,6 +238,7 @@ def _publish(
     ignore: Ignore,
     listed: tuple[str, ...] | None,
     progress: Progress | None = None,
+    builds: BuildPool | None = None,
 ) -> TargetOutcome:
     started = time.monotonic()
     builder: TreeBuilder | None = None
@@ -232,6 +246,7 @@ def _publish(
     preserve_owner = os.geteuid() == 0
 
     manifest_file = manifest_path(target)
+    first_tree_on_pool = builds is not None and config.publish.processes > 0
 
     def unchanged(current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
@@ -250,10 +265,13 @@ def _publish(
                 ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
             )
             plan = None
-        if listed is None:
-            builder.copy_tree(source, staging, plan)
-        else:
+        if listed is not None:
             builder.copy_listed(source, listed, staging)
+        elif first_tree_on_pool and current is None and not os.path.lexists(staging):
+            assert builds is not None  # a first tree: every file is copied
+            builds.build(builder, source, staging, config.publish.processes)
+        else:
+            builder.copy_tree(source, staging, plan)
         return builder.written
 
     outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)

@@ -1,0 +1,217 @@
+"""First trees built on processes of their own: exact, reported as if built here, and gone
+when idle, when a process dies, and with the daemon."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from syncpro.config.load import load_config
+from syncpro.engine import buildpool
+from syncpro.engine.buildpool import BuildPool
+from syncpro.engine.request import SyncRequest
+from syncpro.engine.sync import run_sync
+from syncpro.engine.tree import Ignore, TreeBuilder
+from syncpro.testing import Daemon, app, write_config
+from syncpro.testing.configs import write_doc
+
+from helpers import BASE_NS, Fifo, File, Symlink, config_dict, snapshot, wait_until, write_tree
+
+WAIT = 60.0
+
+
+@pytest.fixture
+def pool() -> Iterator[BuildPool]:
+    made = BuildPool()
+    yield made
+    made.close()
+
+
+def _builder(told: list[tuple[str, int]] | None = None) -> TreeBuilder:
+    progress = (lambda what, size: told.append((what, size))) if told is not None else None
+    return TreeBuilder(
+        ignore=Ignore(["*.tmp"]),
+        reuse=None,
+        preserve_owner=os.geteuid() == 0,
+        progress=progress,
+    )
+
+
+def _source(root: Path) -> Path:
+    source = write_tree(
+        root,
+        {
+            "bin/run": File("#!/bin/sh\n", mode=0o755, mtime_ns=BASE_NS + 1),
+            "lib/a.jar": File(b"\x00\xff" * 5000, mode=0o640, mtime_ns=BASE_NS + 2),
+            "setuid": File("s", mode=0o4755, mtime_ns=BASE_NS + 3),
+            "link": Symlink("lib/a.jar"),
+            "upload.tmp": "not published",
+            "pipe": Fifo(),
+        },
+    )
+    os.link(source / "lib/a.jar", source / "lib/b.jar")
+    return source
+
+
+def _descendants(pid: int) -> set[int]:
+    """The processes below pid, from /proc; zombies count as gone."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _builders(pid: int) -> set[int]:
+    """The pool processes below pid."""
+    found = set()
+    for child in _descendants(pid):
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.add(child)
+        except OSError:
+            continue
+    return found
+
+
+def test_a_tree_built_on_the_pool_is_the_one_built_here_and_reported_alike(
+    tmp_path: Path, pool: BuildPool
+) -> None:
+    source = _source(tmp_path / "src")
+    told_here: list[tuple[str, int]] = []
+    here = _builder(told_here)
+    with capture_logs() as logs_here:
+        here.copy_tree(source, tmp_path / "here")
+    told_there: list[tuple[str, int]] = []
+    there = _builder(told_there)
+
+    with capture_logs() as logs_there:
+        pool.build(there, source, tmp_path / "there", 1)
+
+    assert pool.running
+    assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
+    assert there.stats == here.stats and there.stats.hardlinks == 1
+    assert [Path(p).relative_to(tmp_path / "there") for p in there.written] == [
+        Path(p).relative_to(tmp_path / "here") for p in here.written
+    ]
+    assert there.manifest is not None and here.manifest is not None
+    assert there.manifest.entries.keys() == here.manifest.entries.keys()
+    assert there.last_plan is not None and here.last_plan is not None
+    assert there.last_plan.digest == here.last_plan.digest
+    assert told_there == told_here != []
+    # What the pool's process logged is logged here, the FIFO it never opened among it.
+    skipped = [e for e in logs_there if e["event"] == "copy.special_file_skipped"]
+    assert skipped == [e for e in logs_here if e["event"] == "copy.special_file_skipped"] != []
+
+
+def test_an_error_of_a_pool_build_is_raised_here_with_its_errno(
+    tmp_path: Path, pool: BuildPool
+) -> None:
+    with pytest.raises(FileNotFoundError) as raised:
+        pool.build(_builder(), tmp_path / "no-such-source", tmp_path / "staging", 1)
+    assert raised.value.errno == 2
+    assert not (tmp_path / "staging").exists()
+
+
+def test_the_pool_stops_when_idle_and_starts_again_for_the_next_first_tree(
+    tmp_path: Path, pool: BuildPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(buildpool, "IDLE_SECONDS", 0.2)
+    source = write_tree(tmp_path / "src", {"a": "1"})
+    pool.build(_builder(), source, tmp_path / "one", 1)
+    assert pool.running
+    assert wait_until(lambda: not pool.running, WAIT)
+    pool.build(_builder(), source, tmp_path / "two", 1)
+    assert (tmp_path / "two/a").read_text() == "1"
+
+
+def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
+    tmp_path: Path, pool: BuildPool
+) -> None:
+    source = tmp_path / "src"
+    for d in range(50):
+        write_tree(source / f"d{d:02}", {f"f{f:03}": f"{d}/{f}" for f in range(100)})
+    staging = tmp_path / "staging"
+    pool.build(_builder(), write_tree(tmp_path / "warm", {"a": "1"}), tmp_path / "warm-up", 1)
+    assert _builders(os.getpid()), "the pool's processes run below this one"
+
+    def kill_once_building() -> None:
+        assert wait_until(staging.exists, WAIT, 0.0005)
+        for pid in _builders(os.getpid()):
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_once_building)
+    killer.start()
+    builder = _builder()
+    with capture_logs() as logs:
+        pool.build(builder, source, staging, 1)
+    killer.join(WAIT)
+
+    assert [e["event"] for e in logs if e["event"].startswith("publish.")] == [
+        "publish.build_pool_broken"
+    ]
+    assert snapshot(staging) == snapshot(source)
+    assert builder.stats.copied == 5000
+    pool.build(_builder(), source, tmp_path / "after", 1)  # a new pool
+    assert snapshot(tmp_path / "after") == snapshot(source)
+
+
+def test_processes_0_builds_first_trees_in_the_daemon(tmp_path: Path, pool: BuildPool) -> None:
+    write_tree(tmp_path / "var/remotecomdir/softdir/web1", {"index.html": "1"})
+    doc = config_dict([app("web1", "web")])
+    for processes, started in ((0, False), (1, True)):
+        doc["publish"]["processes"] = processes
+        config = load_config(write_doc(tmp_path / f"config{processes}.yml", doc))
+        request = SyncRequest(k="web1", update=False)
+        result = run_sync(request, config, config.config_inventory, builds=pool)
+        assert result.apps[0].program is not None and result.apps[0].program.ok
+        assert pool.running is started
+        (tmp_path / "var/softdir/web").rename(tmp_path / f"published-{processes}")
+
+
+@pytest.mark.daemon
+def test_the_build_processes_die_with_a_daemon_killed_outright(base: Path) -> None:
+    source = base / "r/softdir/big"
+    for d in range(200):
+        write_tree(source / f"d{d:03}", {f"f{f:03}": "x" for f in range(100)})
+    config = write_config(base, [app("big", "big")])
+    with Daemon(config) as daemon:
+        daemon.wait_ready(WAIT)
+        assert wait_until(lambda: _builders(daemon.pid), WAIT, 0.001)
+        below = _descendants(daemon.pid)  # the resource tracker too
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.proc.wait(WAIT)
+        # Each watches the daemon's pidfd: a daemon killed outright takes them along.
+        assert wait_until(lambda: not _alive(below), WAIT)
+
+
+def _alive(pids: set[int]) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                if f.read().rpartition(")")[2].split()[0] != "Z":
+                    alive.add(pid)
+        except OSError:
+            continue
+    return alive

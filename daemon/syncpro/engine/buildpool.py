@@ -107,7 +107,7 @@ class BuildPool:
 
     @property
     def running(self) -> bool:
-        """Whether the processes are up (for tests and status)."""
+        """Whether the processes are up."""
         with self._lock:
             return self._executor is not None
 
@@ -149,9 +149,7 @@ class BuildPool:
             self._busy -= 1
             self._last_used = time.monotonic()
             if self._timer is None and not self._closed:
-                self._timer = threading.Timer(IDLE_SECONDS, self._stop_if_idle)
-                self._timer.daemon = True
-                self._timer.start()
+                self._arm(IDLE_SECONDS)
 
     def _stop_if_idle(self) -> None:
         with self._lock:
@@ -160,12 +158,16 @@ class BuildPool:
                 return
             left = self._last_used + IDLE_SECONDS - time.monotonic()
             if self._busy or left > 0:
-                self._timer = threading.Timer(max(left, 0.1), self._stop_if_idle)
-                self._timer.daemon = True
-                self._timer.start()
+                self._arm(max(left, 0.1))
                 return
             executor, self._executor = self._executor, None
         executor.shutdown(wait=False)
+
+    def _arm(self, delay: float) -> None:
+        """Look again in `delay` seconds whether the pool is idle; with the lock held."""
+        self._timer = threading.Timer(delay, self._stop_if_idle)
+        self._timer.daemon = True
+        self._timer.start()
 
     def _discard(self, executor: ProcessPoolExecutor) -> None:
         with self._lock:

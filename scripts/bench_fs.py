@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from syncpro.engine.publish import ext4_journaled
+
 
 def describe(path: Path) -> str:
     """The type of path's filesystem, and for ext4 whether it keeps a journal."""
@@ -26,13 +28,7 @@ def describe(path: Path) -> str:
     kind = found.stdout.strip() or "unknown"
     if kind != "ext4":
         return kind
-    dev = os.stat(path).st_dev
-    name = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"))
-    try:
-        with open(f"/sys/fs/ext4/{name}/journal_task", encoding="ascii") as f:
-            return "ext4 without a journal" if f.read().strip() == "<none>" else "ext4"
-    except OSError:
-        return "ext4"
+    return "ext4" if ext4_journaled(os.stat(path).st_dev) else "ext4 without a journal"
 
 
 def warning(path: Path) -> str | None:

@@ -623,11 +623,17 @@ def test_a_death_between_the_fallback_renames_is_undone_for_a_hashed_name_too(
     assert os.listdir(staging) == []
 
 
+@pytest.fixture
+def flushed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The descriptors syncfs is called with, instead of flushing the filesystem."""
+    calls: list[int] = []
+    monkeypatch.setattr(publish_module, "_syncfs", lambda fd: calls.append(fd) or 0)
+    return calls
+
+
 def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesystem(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, flushed: list[int]
 ) -> None:
-    flushed: list[int] = []
-    monkeypatch.setattr(publish_module, "_syncfs", lambda fd: flushed.append(fd) or 0)
 
     def few(staging: Path, current: Path | None) -> list[str]:
         write_tree(staging, {"a": "1", "d/b": "2"})
@@ -650,12 +656,10 @@ def test_a_durable_publish_of_few_copied_files_fsyncs_them_instead_of_the_filesy
 
 
 def test_an_ext4_without_a_journal_is_flushed_whole_even_for_few_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, flushed: list[int]
 ) -> None:
     # Without a journal, ext4 writes each folder back on its own: the root's fsync would not
     # carry the rest of the tree, so only a syncfs makes it durable.
-    flushed: list[int] = []
-    monkeypatch.setattr(publish_module, "_syncfs", lambda fd: flushed.append(fd) or 0)
 
     def one(staging: Path, current: Path | None) -> list[str]:
         write_tree(staging, {"a": "1"})

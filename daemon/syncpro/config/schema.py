@@ -102,7 +102,7 @@ def _count(value: Any, base: Path) -> int:
     return value
 
 
-def _count_or_none(value: Any, base: Path) -> int:
+def _count_or_zero(value: Any, base: Path) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"must be a whole number >= 0, not {value!r}")
     return value
@@ -256,7 +256,7 @@ SECTIONS: dict[str, tuple[type, dict[str, Opt]]] = {
             "fsync": Opt(_bool, "make a new tree durable before swapping it in"),
             "parallel": Opt(_count, "targets one sync builds at once (groups of k=all, say)"),
             "processes": Opt(
-                _count_or_none,
+                _count_or_zero,
                 "processes building the daemon's first trees (0: its own threads);"
                 " the CPUs, up to 4, by default",
             ),

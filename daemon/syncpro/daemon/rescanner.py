@@ -109,9 +109,12 @@ class Rescanner:
         dirs = snap.config.dirs
         for members in groups.values():
             found: list[tuple[float, str, bool, set[str]]] = []
+            present = {
+                (m.app_key, u): present_parts(dirs, m, u) for m in members for u in (False, True)
+            }
             # The modes with sources in the group: an app never synced can skip its walk only
             # if no run of the other mode must be ordered against it by arrival.
-            modes = {u for u in (False, True) for m in members if present_parts(dirs, m, u)}
+            modes = {u for (_, u), parts in present.items() if parts}
             for app in members:
                 pending, running = scheduler.busy()
                 for update in (False, True):
@@ -128,8 +131,7 @@ class Rescanner:
                         self.runner.recheck_later(key)
                         skipped += 1
                         continue
-                    present = present_parts(dirs, app, update)
-                    if not present:
+                    if not present[key]:
                         continue  # nothing to publish in this mode (a removal keeps targets)
                     record = state.get(app.app_key, update)
                     if record is None and (not update) not in modes:

@@ -287,11 +287,11 @@ def _journal_in_order(path: Path) -> bool:
         return bool(kind == _XFS_MAGIC)
     known = _ORDERED.get((fsid_low, fsid_high))
     if known is None:
-        known = _ORDERED[(fsid_low, fsid_high)] = _ext4_journaled(os.stat(path).st_dev)
+        known = _ORDERED[(fsid_low, fsid_high)] = ext4_journaled(os.stat(path).st_dev)
     return known
 
 
-def _ext4_journaled(dev: int) -> bool:
+def ext4_journaled(dev: int) -> bool:
     """Whether the ext4 on device `dev` keeps a journal. One made without (`mkfs.ext4 -O
     ^has_journal`, as some VM images are) writes each folder back on its own, so an fsync of
     the tree's root would not carry the rest. Unknown counts as no journal: syncfs is always

@@ -76,6 +76,8 @@ def run_sync(
     if not tokens:
         raise RequestError("k must not be empty: give an app_key, a local_name or all")
     sweep_once(config)
+    if not config.publish.processes:
+        builds = None  # first trees are built here, as every other
     result = SyncResult(request=request, started=time.time(), config_path=config.path)
     clock = time.monotonic()
     selection = select(tokens, inventory)
@@ -246,7 +248,6 @@ def _publish(
     preserve_owner = os.geteuid() == 0
 
     manifest_file = manifest_path(target)
-    first_tree_on_pool = builds is not None and config.publish.processes > 0
 
     def unchanged(current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
@@ -267,9 +268,8 @@ def _publish(
             plan = None
         if listed is not None:
             builder.copy_listed(source, listed, staging)
-        elif first_tree_on_pool and current is None and not os.path.lexists(staging):
-            assert builds is not None  # a first tree: every file is copied
-            builds.build(builder, source, staging, config.publish.processes)
+        elif builds is not None and current is None and not os.path.lexists(staging):
+            builds.build(builder, source, staging, config.publish.processes)  # a first tree
         else:
             builder.copy_tree(source, staging, plan)
         return builder.written

@@ -59,18 +59,23 @@ def _source(root: Path) -> Path:
     return source
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command, or None for a process gone or a
+    zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return fields if fields[0] != "Z" else None
+
+
 def _descendants(pid: int) -> set[int]:
     """The processes below pid, from /proc; zombies count as gone."""
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
+        fields = _stat(entry) if entry.isdigit() else None
+        if fields is not None:
             parents.setdefault(int(fields[1]), []).append(int(entry))
     found: set[int] = set()
     todo = [pid]
@@ -206,12 +211,4 @@ def test_the_build_processes_die_with_a_daemon_killed_outright(base: Path) -> No
 
 
 def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-                if f.read().rpartition(")")[2].split()[0] != "Z":
-                    alive.add(pid)
-        except OSError:
-            continue
-    return alive
+    return {pid for pid in pids if _stat(pid) is not None}

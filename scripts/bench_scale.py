@@ -10,10 +10,11 @@ run:
   catch-up              seconds from launch until every app is published, against
                         `cp -a` of the same sources followed by `sync -f` (the same durability
                         as publish.fsync): `--rounds` rounds, each the baseline then a first
-                        start from nothing (targets and state moved aside, untimed, and removed
-                        only with the bench dir), so that both meet the same load; dirty data
-                        is flushed (untimed `sync`) before every contender; medians, their
-                        ratio and the median of the per-round ratios
+                        start from nothing (targets and state removed, untimed; on an ext4
+                        without a journal moved aside until the end instead), so that both
+                        meet the same load; dirty data is flushed (untimed `sync`) before
+                        every contender; medians, their ratio and the median of the
+                        per-round ratios
   idle CPU              the daemon's CPU over `--idle` seconds with nothing arriving, once its
                         catch-up and grace sweeps are done, in % of one core
   RSS                   the daemon's resident memory then, and that of its child processes
@@ -104,14 +105,19 @@ def baseline(base: Path) -> float:
 
 
 def set_aside(base: Path, path: Path) -> None:
-    """Move path out of the way, to be removed with the bench dir: removed between rounds,
-    100,000 freed inodes would slow whoever creates files next on an ext4 without a journal
-    (it skips inodes freed in the last minutes), the contender after the removal paying for
-    the bench's own clean-up."""
-    if path.exists():
-        aside = base / "aside"
-        aside.mkdir(exist_ok=True)
-        path.rename(aside / f"{path.name}.{len(list(aside.iterdir()))}")
+    """Remove path, or on an ext4 without a journal move it out of the way, to be removed
+    with the bench dir: there, 100,000 inodes freed between rounds would slow whoever creates
+    files next (it skips inodes freed in the last minutes), the contender after the removal
+    paying for the bench's own clean-up. Elsewhere a removal costs the next one nothing, and
+    copies kept would only fill the filesystem."""
+    if not path.exists():
+        return
+    if bench_fs.describe(base) != "ext4 without a journal":
+        shutil.rmtree(path)
+        return
+    aside = base / "aside"
+    aside.mkdir(exist_ok=True)
+    path.rename(aside / f"{path.name}.{len(list(aside.iterdir()))}")
 
 
 def quiet(daemon: Daemon, seconds: float) -> None:

@@ -202,7 +202,7 @@ def test_one_change_of_an_app_is_one_sync_during_a_catch_up_and_at_200_apps(
             put(tmp_path / "r/softdir" / first, {"d000/f000": "changed while syncing\n"})
             held.close()
             daemon.wait(
-                lambda: {e["k"] for e in daemon.syncs()} == set(keys),
+                lambda: daemon.synced() == set(keys),
                 timeout=180,
                 what="every app caught up",
             )

@@ -164,28 +164,41 @@ def exchange(a: Path, b: Path) -> None:
         raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
-def make_durable(path: Path, written: Sequence[str] | None = None) -> None:
-    """Make the tree at path durable. Given the files the build wrote (the rest of the tree
-    being folders, symlinks and hard links to durable files), and a filesystem whose journal
-    commits metadata in order (ext4, XFS), fsync exactly those files and then the tree's root:
-    the root's metadata was set last, so its commit carries every folder and link made before
-    it. Otherwise, or for many files, one syncfs: it flushes the filesystem's other writers
-    too (uploads in flight), a price worth paying only when most of the tree is new. Builds
-    running at once share their syncfs calls (see FlushBarrier)."""
-    if written is not None and len(written) <= FSYNC_FILES_MAX and _journal_in_order(path):
-        for name in written:
+def make_durable(paths: Sequence[Path], written: Sequence[Sequence[str] | None]) -> None:
+    """Make the trees at `paths` durable, built by one batch of publishes. Given the files
+    each build wrote (the rest of a tree being folders, symlinks and hard links to durable
+    files), few of them in all, and filesystems whose journal commits metadata in order
+    (ext4, XFS), fsync exactly those files and then each tree's root: a root's metadata was
+    set last, so its commit carries every folder and link made before it. Otherwise, or for
+    many files, one syncfs per filesystem for the whole batch: it flushes the filesystem's
+    other writers too (uploads in flight), a price worth paying only when much is new.
+    Batches running at once share their syncfs calls (see FlushBarrier)."""
+    files = [name for names in written if names is not None for name in names]
+    every_list_known = all(names is not None for names in written)
+    if (
+        every_list_known
+        and len(files) <= FSYNC_FILES_MAX
+        and all(_journal_in_order(path) for path in paths)
+    ):
+        for name in files:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(path)
+        for path in paths:
+            _fsync_dir(path)
         return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        barrier_of("syncfs", os.fstat(fd)).flush(fd)
-    finally:
-        os.close(fd)
+    flushed: set[int] = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_dev not in flushed:
+                barrier_of("syncfs", st).flush(fd)
+                flushed.add(st.st_dev)
+        finally:
+            os.close(fd)
 
 
 class FlushBarrier:
@@ -355,31 +368,178 @@ def publish(
     With `spare`, the staging path may hold the target's spare tree for the build to bring
     up to date; should that fail, the build runs again on a fresh staging path.
     Raise PublishError (old target intact) if building or swapping fails."""
+    with locks_held() as take:
+        take(target)
+        staged = stage(target, build, unchanged=unchanged, spare=spare)
+        if isinstance(staged, Published):
+            return staged
+        (done,) = commit([staged], grace=grace, durable=durable)
+    if isinstance(done, PublishError):
+        raise done
+    return done
+
+
+def lock_order(target: Target) -> tuple[str, str]:
+    """The order in which every syncpro process takes the locks of several targets, one
+    after the other, so that two batches sharing targets never wait on each other crosswise:
+    by name, then root, which puts a group's program target before its apps' configs."""
+    return (_name(target), str(target.root))
+
+
+@contextlib.contextmanager
+def locks_held() -> Iterator[Callable[[Target], None]]:
+    """Yield a function that takes a target's lock (waiting for its holder) and keeps it until
+    the block ends. Take several in `lock_order`. It raises PublishError when the target's
+    work area cannot hold the lock."""
+    with contextlib.ExitStack() as held:
+
+        def take(target: Target) -> None:
+            try:
+                # Made readable first: the lock's folder would make the root with the umask's.
+                make_public_dirs(target.root)
+                held.enter_context(target_lock(target))
+            except OSError as exc:
+                area = work_area(target.root)
+                raise PublishError(
+                    f"cannot publish {target.path}: its work area {area} is unusable:"
+                    f" {_describe(exc)}"
+                ) from exc
+
+        yield take
+
+
+@dataclass
+class Staged:
+    """A target's new tree, built and waiting to be swapped in by `commit`."""
+
+    target: Target
+    staging: Path
+    written: list[str] | None
+    """The files the build copied, when it said (see make_durable)."""
+
+
+def stage(
+    target: Target,
+    build: Callable[[Path, Path | None], object],
+    *,
+    unchanged: Callable[[Path], bool] | None = None,
+    spare: bool = False,
+) -> Staged | Published:
+    """The first half of a publish, under the target's lock (locks_held), which the caller
+    holds until `commit`: build the new tree at a staging path, or return an unchanged
+    Published when `unchanged(current)` says the published tree already is the new one (see
+    publish). Raise PublishError (old target intact) if the work area or the build fails."""
     area = work_area(target.root)
-    staging_dir, trash_dir = area / "staging", area / "trash"
     final = target.path
     try:
         make_public_dirs(target.root)
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        trash_dir.mkdir(parents=True, exist_ok=True)
-        with target_lock(target):
-            # Only the work area and the lock raise OSError here: the check and the build
-            # below turn theirs into a result or a PublishError.
-            name = _name(target)
-            _record_name(target, name)
-            staging = _staging_path(staging_dir, name)
-            if unchanged is not None and final.is_dir() and not final.is_symlink():
-                try:
-                    if unchanged(final):
-                        return Published(final, None, None, unchanged=True)
-                except OSError:
-                    pass  # a source vanishing under the check: the build reports it
-            claimed = spare and _claim_spare(area, name, staging)
-            return _build_and_swap(target, build, staging, trash_dir, grace, durable, claimed)
+        (area / "staging").mkdir(parents=True, exist_ok=True)
+        (area / "trash").mkdir(parents=True, exist_ok=True)
+        name = _name(target)
+        _record_name(target, name)
+        staging = _staging_path(area / "staging", name)
+        if unchanged is not None and final.is_dir() and not final.is_symlink():
+            try:
+                if unchanged(final):
+                    return Published(final, None, None, unchanged=True)
+            except OSError:
+                pass  # a source vanishing under the check: the build reports it
+        claimed = spare and _claim_spare(area, name, staging)
     except OSError as exc:
         raise PublishError(
             f"cannot publish {final}: its work area {area} is unusable: {_describe(exc)}"
         ) from exc
+    try:
+        current = final if final.is_dir() and not final.is_symlink() else None
+        try:
+            written = _build_at(build, staging, current)
+        except OSError as exc:
+            if not claimed:
+                raise
+            # Something in the spare stood in the way (a file we may not remove, say): it was
+            # only ever a shortcut, so build the tree anew.
+            log.warning("publish.spare_failed", target=str(final), error=_describe(exc))
+            staging = _staging_path(staging.parent, name)
+            written = _build_at(build, staging, current)
+    except OSError as exc:
+        raise _failure(target, exc) from exc
+    # A build that returns the list of files it wrote lets make_durable flush just those.
+    return Staged(target, staging, written if isinstance(written, list) else None)
+
+
+def commit(
+    staged: Sequence[Staged], *, grace: float, durable: bool
+) -> list[Published | PublishError]:
+    """The second half of a batch of publishes, their locks still held: make every staged
+    tree durable at once, swap each into place, keep each replaced tree `grace` seconds,
+    then make the swaps durable. Return per staged tree its Published, or the PublishError
+    that left its old tree in place (a failed flush fails the whole batch)."""
+    results: list[Published | PublishError] = []
+    if durable and staged:
+        try:
+            make_durable([s.staging for s in staged], [s.written for s in staged])
+        except OSError as exc:
+            for item in staged:
+                _remove_failed(item.staging)
+            return [_failure(item.target, exc) for item in staged]
+    swapped: list[tuple[int, Path]] = []
+    for item in staged:
+        try:
+            results.append(_swap_in(item, grace))
+            swapped.append((len(results) - 1, item.target.path.parent))
+        except OSError as exc:
+            results.append(_failure(item.target, exc))
+    if durable:
+        # The trash needs no flush of its own: a replaced tree a crash leaves in the staging
+        # area is removed by the next start all the same.
+        for parent, indexes in _parents_to_flush(swapped).items():
+            try:
+                _fsync_dir(parent)
+            except OSError as exc:
+                for i in indexes:
+                    results[i] = _failure(staged[i].target, exc)
+    return results
+
+
+def _swap_in(item: Staged, grace: float) -> Published:
+    final = item.target.path
+    make_public_dirs(final.parent)
+    if os.path.lexists(final):
+        replaced = _swap(item.staging, final)
+        expires = time.time() + grace
+        trash = work_area(item.target.root) / "trash"
+        parked = trash / f"{expires:.3f}.{_name(item.target)}.{os.urandom(4).hex()}"
+        os.rename(replaced, parked)
+        return Published(final, parked, expires)
+    os.rename(item.staging, final)
+    return Published(final, None, None)
+
+
+def _parents_to_flush(swapped: Sequence[tuple[int, Path]]) -> dict[Path, list[int]]:
+    """The folders whose fsync makes the swaps durable, each with the swaps it covers. On a
+    filesystem whose journal commits in order, one: the folder of its last swap, whose
+    commit carries every rename before it. Elsewhere, every folder a swap renamed into."""
+    flush: dict[Path, list[int]] = {}
+    last_in_order: dict[int, Path] = {}
+    by_device: dict[int, list[int]] = {}
+    for index, parent in swapped:
+        if _journal_in_order(parent):
+            device = os.stat(parent).st_dev
+            last_in_order[device] = parent
+            by_device.setdefault(device, []).append(index)
+        else:
+            flush.setdefault(parent, []).append(index)
+    for device, parent in last_in_order.items():
+        flush.setdefault(parent, []).extend(by_device[device])
+    return flush
+
+
+def _failure(target: Target, exc: OSError) -> PublishError:
+    error = PublishError(
+        f"cannot publish {target.path}: {_describe(exc)}{_space_hint(exc, target)}"
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _staging_path(staging_dir: Path, name: str) -> Path:
@@ -416,56 +576,6 @@ def _trashed_name(entry: str) -> str | None:
     """The target name in a trash entry's name, <expiry seconds>.<ms>.<name>.<random>."""
     parts = entry.split(".", 2)
     return parts[2].rpartition(".")[0] or None if len(parts) == 3 else None
-
-
-def _build_and_swap(
-    target: Target,
-    build: Callable[[Path, Path | None], object],
-    staging: Path,
-    trash_dir: Path,
-    grace: float,
-    durable: bool,
-    spare: bool = False,
-) -> Published:
-    final = target.path
-    try:
-        current = final if final.is_dir() and not final.is_symlink() else None
-        try:
-            written = _build_at(build, staging, current)
-        except OSError as exc:
-            if not spare:
-                raise
-            # Something in the spare stood in the way (a file we may not remove, say): it was
-            # only ever a shortcut, so build the tree anew.
-            log.warning("publish.spare_failed", target=str(final), error=_describe(exc))
-            staging = _staging_path(staging.parent, _name(target))
-            written = _build_at(build, staging, current)
-        if durable:
-            try:
-                # A build that returns the list of files it wrote lets us flush just those.
-                make_durable(staging, written if isinstance(written, list) else None)
-            except BaseException:
-                _remove_failed(staging)
-                raise
-        make_public_dirs(final.parent)
-        if os.path.lexists(final):
-            replaced = _swap(staging, final)
-            expires = time.time() + grace
-            parked = trash_dir / f"{expires:.3f}.{_name(target)}.{os.urandom(4).hex()}"
-            os.rename(replaced, parked)
-            if durable:
-                # The trash needs no flush of its own: a replaced tree a crash leaves in the
-                # staging area is removed by the next start all the same.
-                _fsync_dir(final.parent)
-            return Published(final, parked, expires)
-        os.rename(staging, final)
-        if durable:
-            _fsync_dir(final.parent)
-        return Published(final, None, None)
-    except OSError as exc:
-        raise PublishError(
-            f"cannot publish {final}: {_describe(exc)}{_space_hint(exc, target)}"
-        ) from exc
 
 
 def _build_at(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -18,7 +18,16 @@ from syncpro.engine import layout
 from syncpro.engine.buildpool import BuildPool
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
-from syncpro.engine.publish import manifest_path, publish, sweep
+from syncpro.engine.publish import (
+    Published,
+    Staged,
+    commit,
+    lock_order,
+    locks_held,
+    manifest_path,
+    stage,
+    sweep,
+)
 from syncpro.engine.request import CONFIG, PROGRAM, SyncRequest
 from syncpro.engine.response import response_document
 from syncpro.engine.result import (
@@ -89,24 +98,44 @@ def run_sync(
 
     # Targets are independent (a lock each); their builds wait on the disk, so a few at once
     # overlap well. Results are gathered in selection order: the document does not depend on
-    # which build finished first. One target (a one-app request, the daemon's usual) needs no
-    # pool: starting and joining its threads cost a millisecond a sync.
+    # which build finished first. One app's two targets (a one-app request, the daemon's
+    # usual) need no pool: starting and joining its threads cost a millisecond a sync.
     with _Runner(config.publish.parallel) as pool:
+        programs: list[tuple[ProgramPlan, _ProgramRun, _TargetPublish | None]] = []
+        configs: list[tuple[ConfigPlan, _TargetPublish | None]] = []
         if PROGRAM in request.parts:
             plans = program_plans(config.dirs, selection.apps, request.update)
-            parts = pool.map(
-                lambda p: _sync_program(config, request.update, p, ignore, progress, builds),
-                plans,
-            )
-            for program in parts:
-                program.merge_into(outcomes, result)
+            for plan in plans:
+                run, publishing = _ProgramRun(), None
+                if plan.winner is not None:
+                    publishing = _TargetPublish(
+                        config, "program", plan.winner[1], plan.target, ignore, None, progress
+                    )
+                programs.append((plan, run, publishing))
+            if not request.update:
+                pool.map(lambda p: p[1].check_drift(p[0], ignore), programs)
         if CONFIG in request.parts:
-            found = [config_plan(config.dirs, app, request.update) for app in selection.apps]
-            made = pool.map(lambda c: _sync_config(config, c, ignore, progress, builds), found)
-            for plan, config_outcome in zip(found, made, strict=True):
-                outcomes[plan.app.app_key].config = config_outcome
-                if config_outcome.status == MISSING:
-                    result.missing_config.append(str(plan.source))
+            for found in (config_plan(config.dirs, app, request.update) for app in selection.apps):
+                publishing = None
+                if found.exists:
+                    publishing = _TargetPublish(
+                        config, "config", found.source, found.target, ignore, found.listed, progress
+                    )
+                configs.append((found, publishing))
+        targets = [p for _, _, p in programs if p is not None] + [p for _, p in configs if p]
+        _publish_all(config, targets, pool, builds)
+        for plan, run, publishing in programs:
+            run.record(plan, publishing.outcome if publishing is not None else None)
+            run.merge_into(outcomes, result)
+        for found, publishing in configs:
+            if publishing is None:
+                config_outcome = TargetOutcome(
+                    "config", str(found.source), str(found.target.path), MISSING
+                )
+                result.missing_config.append(str(found.source))
+            else:
+                config_outcome = publishing.outcome
+            outcomes[found.app.app_key].config = config_outcome
     for app_outcome in outcomes.values():
         for target in (app_outcome.program, app_outcome.config):
             if target is not None and target.digest is not None:
@@ -116,20 +145,38 @@ def run_sync(
     return result
 
 
+SERIAL_MAX = 2
+"""Targets run one after the other rather than on threads: an app's program and config."""
+
+
 class _Runner:
     """Runs a function over targets: on a pool of `parallel` threads, started only for a map
-    of more than one target (and then kept for the rest of the sync)."""
+    of more than SERIAL_MAX targets (and then kept for the rest of the sync)."""
 
     def __init__(self, parallel: int) -> None:
         self._parallel = parallel
         self._pool: ThreadPoolExecutor | None = None
 
     def map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        if len(items) < 2 or self._parallel < 2:
+        if len(items) <= SERIAL_MAX or self._parallel < 2:
             return [work(item) for item in items]
+        return list(self._threads().map(work, items))
+
+    def submit(self, work: Callable[..., R], *args: object, inline: bool) -> Future[R]:
+        """Start work(*args) on the pool, or run it now when `inline` (or not parallel)."""
+        if not inline and self._parallel >= 2:
+            return self._threads().submit(work, *args)
+        done: Future[R] = Future()
+        try:
+            done.set_result(work(*args))
+        except Exception as exc:  # kept for result(), as the pool's own futures do
+            done.set_exception(exc)
+        return done
+
+    def _threads(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=self._parallel)
-        return list(self._pool.map(work, items))
+        return self._pool
 
     def __enter__(self) -> _Runner:
         return self
@@ -148,6 +195,36 @@ class _ProgramRun:
     drift: list[Drift] = field(default_factory=list)
     digests: dict[str, tuple[str, float]] = field(default_factory=dict)
 
+    def check_drift(self, plan: ProgramPlan, ignore: Ignore) -> None:
+        """Compare the group's other present sources with the winner's (before publishing)."""
+        if plan.winner is not None:
+            self.drift = _drift(plan.group, list(plan.present), ignore, self.digests)
+
+    def record(self, plan: ProgramPlan, published: TargetOutcome | None) -> None:
+        """Given the winner's outcome (None: no app of the group has a source), set every
+        app's: the winner's own, superseded (or failed with it) for the others, missing."""
+        target = plan.target
+        for app, source in plan.missing:
+            self.outcomes[app.app_key] = TargetOutcome(
+                "program", str(source), str(target.path), MISSING
+            )
+            self.missing.append(str(source))
+        if plan.winner is None or published is None:
+            return
+        winner = plan.winner[0]
+        for app, app_source in plan.present:
+            if app is winner:
+                self.outcomes[app.app_key] = published
+                continue
+            self.outcomes[app.app_key] = TargetOutcome(
+                "program",
+                str(app_source),
+                str(target.path),
+                SUPERSEDED if published.ok else FAILED,
+                error=None if published.ok else published.error,
+                winner=winner.app_key,
+            )
+
     def merge_into(self, outcomes: dict[str, AppOutcome], result: SyncResult) -> None:
         for key, outcome in self.outcomes.items():
             outcomes[key].program = outcome
@@ -156,40 +233,6 @@ class _ProgramRun:
                 result.missing_program.append(source)
         result.drift.extend(self.drift)
         result.digests.update(self.digests)
-
-
-def _sync_program(
-    config: Config,
-    update: bool,
-    plan: ProgramPlan,
-    ignore: Ignore,
-    progress: Progress | None = None,
-    builds: BuildPool | None = None,
-) -> _ProgramRun:
-    run = _ProgramRun()
-    target = plan.target
-    for app, source in plan.missing:
-        run.outcomes[app.app_key] = TargetOutcome("program", str(source), str(target.path), MISSING)
-        run.missing.append(str(source))
-    if plan.winner is None:
-        return run
-    winner, source = plan.winner
-    if not update:
-        run.drift = _drift(plan.group, list(plan.present), ignore, run.digests)
-    published = _publish(config, "program", source, target, ignore, None, progress, builds)
-    for app, app_source in plan.present:
-        if app is winner:
-            run.outcomes[app.app_key] = published
-            continue
-        run.outcomes[app.app_key] = TargetOutcome(
-            "program",
-            str(app_source),
-            str(target.path),
-            SUPERSEDED if published.ok else FAILED,
-            error=None if published.ok else published.error,
-            winner=winner.app_key,
-        )
-    return run
 
 
 def _drift(
@@ -218,89 +261,161 @@ def _drift(
     return found
 
 
-def _sync_config(
+COMMIT_BATCH = 64
+"""Targets published together: built, made durable by one flush, swapped, their locks held
+until then. Bounds how long a batch keeps its targets locked, and what a failed flush undoes."""
+
+
+def _publish_all(
     config: Config,
-    plan: ConfigPlan,
-    ignore: Ignore,
-    progress: Progress | None = None,
-    builds: BuildPool | None = None,
-) -> TargetOutcome:
-    if not plan.exists:
-        return TargetOutcome("config", str(plan.source), str(plan.target.path), MISSING)
-    return _publish(
-        config, "config", plan.source, plan.target, ignore, plan.listed, progress, builds
-    )
+    targets: list[_TargetPublish],
+    pool: _Runner,
+    builds: BuildPool | None,
+) -> None:
+    """Publish every target, COMMIT_BATCH at a time: each batch's locks are taken in
+    lock_order, each target's build starting on the pool as soon as it holds its lock; then
+    one flush makes them all durable (a catch-up of a thousand apps pays a few dozen
+    flushes, not two per app) and each is swapped in."""
+    for batch in _batches(targets, COMMIT_BATCH):
+        batch = sorted(batch, key=lambda t: lock_order(t.target))
+        inline = len(batch) <= SERIAL_MAX
+        with locks_held() as take:
+            building: list[tuple[_TargetPublish, Future[Staged | None]]] = []
+            for t in batch:
+                try:
+                    take(t.target)
+                except PublishError as exc:
+                    t.failed(exc)
+                    continue
+                building.append((t, pool.submit(t.stage, builds, inline=inline)))
+            wait([f for _, f in building])  # none left building once the locks go
+            ready = [(t, s) for t, f in building if (s := f.result()) is not None]
+            done = commit(
+                [s for _, s in ready], grace=config.publish.grace, durable=config.publish.fsync
+            )
+            for (t, _), published in zip(ready, done, strict=True):
+                t.finish(published)
 
 
-def _publish(
-    config: Config,
-    kind: str,
-    source: Path,
-    target: layout.Target,
-    ignore: Ignore,
-    listed: tuple[str, ...] | None,
-    progress: Progress | None = None,
-    builds: BuildPool | None = None,
-) -> TargetOutcome:
-    started = time.monotonic()
-    builder: TreeBuilder | None = None
-    plan: TreePlan | None = None
-    preserve_owner = os.geteuid() == 0
+def _batches(targets: list[_TargetPublish], size: int) -> Iterator[list[_TargetPublish]]:
+    """Consecutive runs of at most `size` targets, never one target twice in a run (a second
+    lock of it would wait for the first)."""
+    batch: list[_TargetPublish] = []
+    paths: set[Path] = set()
+    for t in targets:
+        if len(batch) == size or t.target.path in paths:
+            yield batch
+            batch, paths = [], set()
+        batch.append(t)
+        paths.add(t.target.path)
+    if batch:
+        yield batch
 
-    manifest_file = manifest_path(target)
 
-    def unchanged(current: Path) -> bool:
+class _TargetPublish:
+    """One target's publish within a sync: the walk of its source, its build, its outcome."""
+
+    def __init__(
+        self,
+        config: Config,
+        kind: str,
+        source: Path,
+        target: layout.Target,
+        ignore: Ignore,
+        listed: tuple[str, ...] | None,
+        progress: Progress | None,
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.target = target
+        self.listed = listed
+        self.outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
+        self._ignore = ignore
+        self._progress = progress
+        self._builder: TreeBuilder | None = None
+        self._plan: TreePlan | None = None
+        self._manifest_file = manifest_path(target)
+        self._preserve_owner = os.geteuid() == 0
+        self._started = time.monotonic()
+
+    def stage(self, builds: BuildPool | None) -> Staged | None:
+        """Build the new tree; return it staged, or None when there is nothing to swap in
+        (the published tree is unchanged, or the build failed: see `outcome`)."""
+        self._started = time.monotonic()
+        try:
+            staged = stage(
+                self.target,
+                lambda staging, current: self._build(staging, current, builds),
+                # A type-2 list is small and its checks must run: always build it.
+                unchanged=self._unchanged if self.listed is None else None,
+                spare=self.listed is None,
+            )
+        except ListedFileError as exc:
+            self._fail("; ".join(exc.problems))
+            return None
+        except PublishError as exc:
+            self.failed(exc)
+            return None
+        if isinstance(staged, Published):
+            self.finish(staged)
+            return None
+        return staged
+
+    def _unchanged(self, current: Path) -> bool:
         # The one walk of the source: it answers this and tells the build what to reuse.
-        nonlocal builder, plan
-        builder = TreeBuilder(
-            ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
-        )
-        plan = builder.plan(source, Manifest.load(manifest_file))
-        return plan.unchanged
+        self._builder = self._new_builder(current)
+        self._plan = self._builder.plan(self.source, Manifest.load(self._manifest_file))
+        return self._plan.unchanged
 
-    def build(staging: Path, current: Path | None) -> list[str]:
-        nonlocal builder, plan
+    def _build(self, staging: Path, current: Path | None, builds: BuildPool | None) -> list[str]:
+        builder = self._builder
         if builder is None or builder.reuse != current:
             # No walk yet against this published tree: copy_tree makes its own.
-            builder = TreeBuilder(
-                ignore=ignore, reuse=current, preserve_owner=preserve_owner, progress=progress
-            )
-            plan = None
-        if listed is not None:
-            builder.copy_listed(source, listed, staging)
+            builder = self._builder = self._new_builder(current)
+            self._plan = None
+        if self.listed is not None:
+            builder.copy_listed(self.source, self.listed, staging)
         elif builds is not None and current is None and not os.path.lexists(staging):
-            builds.build(builder, source, staging, config.publish.processes)  # a first tree
+            builds.build(builder, self.source, staging, self.config.publish.processes)
         else:
-            builder.copy_tree(source, staging, plan)
+            builder.copy_tree(self.source, staging, self._plan)
         return builder.written
 
-    outcome = TargetOutcome(kind, str(source), str(target.path), PUBLISHED)
-    try:
-        published = publish(
-            target,
-            build,
-            grace=config.publish.grace,
-            durable=config.publish.fsync,
-            # A type-2 list is small and its checks must run: always build it.
-            unchanged=unchanged if listed is None else None,
-            spare=listed is None,
+    def _new_builder(self, reuse: Path | None) -> TreeBuilder:
+        return TreeBuilder(
+            ignore=self._ignore,
+            reuse=reuse,
+            preserve_owner=self._preserve_owner,
+            progress=self._progress,
         )
-        outcome.unchanged = published.unchanged
-        _keep_manifest(manifest_file, builder, published.unchanged)
-    except ListedFileError as exc:
-        outcome.status, outcome.error = FAILED, "; ".join(exc.problems)
-    except PublishError as exc:
-        outcome.status, outcome.error = FAILED, str(exc)
-    except OSError as exc:  # the work area itself could not be made
-        outcome.status, outcome.error = FAILED, f"cannot publish {target.path}: {exc}"
-    outcome.seconds = time.monotonic() - started
-    if builder is not None:
-        outcome.stats = builder.stats
-        if builder.last_plan is not None and listed is None:
-            outcome.digest = (builder.last_plan.digest, builder.last_plan.newest_ctime)
-    if outcome.status == FAILED:
-        log.error("sync.target_failed", kind=kind, target=str(target.path), error=outcome.error)
-    return outcome
+
+    def finish(self, published: Published | PublishError) -> None:
+        """Record how the publish ended: its outcome, and the manifest of the tree."""
+        if isinstance(published, PublishError):
+            self.failed(published)
+            return
+        self.outcome.unchanged = published.unchanged
+        _keep_manifest(self._manifest_file, self._builder, published.unchanged)
+        self._close()
+
+    def failed(self, error: PublishError) -> None:
+        self._fail(str(error))
+
+    def _fail(self, error: str) -> None:
+        self.outcome.status, self.outcome.error = FAILED, error
+        log.error(
+            "sync.target_failed", kind=self.outcome.kind, target=self.outcome.target, error=error
+        )
+        self._close()
+
+    def _close(self) -> None:
+        outcome = self.outcome
+        outcome.seconds = time.monotonic() - self._started
+        builder = self._builder
+        if builder is not None:
+            outcome.stats = builder.stats
+            if builder.last_plan is not None and self.listed is None:
+                outcome.digest = (builder.last_plan.digest, builder.last_plan.newest_ctime)
 
 
 def _keep_manifest(path: Path, builder: TreeBuilder | None, unchanged: bool) -> None:

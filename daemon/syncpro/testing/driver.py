@@ -253,8 +253,13 @@ class Daemon:
         return self.ready_at - self.launched
 
     def syncs(self, k: str | None = None, update: bool | None = None) -> list[Event]:
+        """The syncs finished, or those of `k`: for one app key or group, every sync that
+        took it, alone or packed with others (a catch-up runs many apps per sync); for a
+        request's whole `k` ("a b", "all"), the syncs of exactly that."""
         found = self.find("sync.finished")
-        if k is not None:
+        if k is not None and " " not in k:
+            found = [e for e in found if k in e["k"].split()]
+        elif k is not None:
             found = [e for e in found if e["k"] == k]
         if update is not None:
             found = [e for e in found if e["update"] == update]

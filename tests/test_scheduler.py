@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 from structlog.testing import capture_logs
 
-from syncpro.daemon.scheduler import PATHS_LIMIT, Batch, Scheduler
+from syncpro.daemon.scheduler import PACK_MAX, PATHS_LIMIT, Batch, Scheduler
 
 from helpers import wait_until
 
@@ -76,10 +76,11 @@ class Recorder:
             self.runs.append(run)
             self.active += 1
             self.max_active = max(self.max_active, self.active)
-            self.active_by_group[batch.group] += 1
-            self.max_by_group[batch.group] = max(
-                self.max_by_group[batch.group], self.active_by_group[batch.group]
-            )
+            for group in batch.groups:
+                self.active_by_group[group] += 1
+                self.max_by_group[group] = max(
+                    self.max_by_group[group], self.active_by_group[group]
+                )
             fail = self._fail > 0
             self._fail -= 1
         self.started.put(batch)
@@ -99,7 +100,8 @@ class Recorder:
             with self._cv:
                 run.end = time.monotonic()
                 self.active -= 1
-                self.active_by_group[batch.group] -= 1
+                for group in batch.groups:
+                    self.active_by_group[group] -= 1
                 self._cv.notify_all()
 
     def wait_finished(self, count: int) -> bool:
@@ -263,19 +265,72 @@ def test_two_groups_run_in_parallel(make: MakeScheduler) -> None:
 def test_no_more_than_workers_batches_run_at_once(make: MakeScheduler) -> None:
     recorder = Recorder(hold=True)
     scheduler = make(recorder, workers=2)
-    for app in "abcdef":
-        scheduler.submit(app, False, immediate=True)
+    scheduler.submit("a", False, immediate=True)
+    scheduler.submit("b", False, immediate=True)
     recorder.started.get(timeout=WAIT)
     recorder.started.get(timeout=WAIT)
+    scheduler.submit("c", False, immediate=True)
     with pytest.raises(queue.Empty):
         recorder.started.get(timeout=QUIET)
     snapshot = scheduler.snapshot()
-    assert [r["group"] for r in snapshot["running"]] == ["a", "b"]
-    assert [p["app_key"] for p in snapshot["pending"]] == ["c", "d", "e", "f"]
+    assert sorted(r["group"] for r in snapshot["running"]) == ["a", "b"]
+    assert [p["app_key"] for p in snapshot["pending"]] == ["c"]
     recorder.release()
     assert scheduler.wait_idle(WAIT)
     assert recorder.max_active == 2
-    assert sorted(b[0] for b in recorder.batches()) == list("abcdef")
+    assert sorted(g for r in recorder.runs for g in r.batch.groups) == list("abc")
+
+
+def test_more_due_groups_than_workers_are_packed_evenly_into_one_batch_per_worker(
+    make: MakeScheduler,
+) -> None:
+    recorder = Recorder(hold=True)
+    scheduler = make(recorder, workers=2, start=False)
+    for app in "abcdef":
+        scheduler.submit(app, False, f"/{app}/1", trigger="catch-up", immediate=True)
+    scheduler.start()
+    first, second = recorder.started.get(timeout=WAIT), recorder.started.get(timeout=WAIT)
+    with pytest.raises(queue.Empty):
+        recorder.started.get(timeout=QUIET)
+    assert sorted([first.app_keys, second.app_keys]) == [("a", "c", "e"), ("b", "d", "f")]
+    assert first.groups == first.app_keys  # one app per group here
+    assert sorted(first.paths + second.paths) == [f"/{app}/1" for app in "abcdef"]
+    assert first.trigger == "catch-up" and first.events == 3
+    # Running, each group counts as running: a new change of one waits for its batch.
+    snapshot = scheduler.snapshot()
+    assert sorted(r["group"] for r in snapshot["running"]) == ["a", "b"]
+    scheduler.submit("e", False, immediate=True)
+    with pytest.raises(queue.Empty):
+        recorder.started.get(timeout=QUIET)
+    recorder.release()
+    assert scheduler.wait_idle(WAIT)
+    assert [r.batch.app_keys for r in recorder.runs[2:]] == [("e",)]
+    assert recorder.max_by_group["e"] == 1
+
+
+def test_a_packed_batch_holds_one_mode_and_the_same_parts_and_at_most_pack_max_groups(
+    make: MakeScheduler,
+) -> None:
+    recorder = Recorder(hold=True)
+    scheduler = make(recorder, workers=1, start=False)
+    count = PACK_MAX + 4
+    for n in range(count):
+        scheduler.submit(f"p{n:02}", False, immediate=True, part="program")
+    scheduler.submit("u", True, immediate=True)
+    scheduler.submit("c", False, immediate=True, part="config")
+    scheduler.start()
+    batch = recorder.started.get(timeout=WAIT)
+    assert batch.app_keys == tuple(f"p{n:02}" for n in range(PACK_MAX))
+    assert batch.parts == {"program"} and not batch.update
+    recorder.release()
+    assert scheduler.wait_idle(WAIT)
+    runs = [(r.batch.app_keys, r.batch.update, r.batch.parts) for r in recorder.runs]
+    assert len(runs) == 4
+    assert sorted(k for keys, _, _ in runs for k in keys) == sorted(
+        [f"p{n:02}" for n in range(count)] + ["u", "c"]
+    )
+    assert (("u",), True, {"program", "config"}) in runs
+    assert (("c",), False, {"config"}) in runs
 
 
 def test_a_batch_takes_every_due_key_of_its_group_and_mode(make: MakeScheduler) -> None:
@@ -613,7 +668,7 @@ def test_fewer_workers_after_a_reconfigure_run_fewer_batches_at_once(
     recorder.release()
     assert scheduler.wait_idle(WAIT)
     assert recorder.max_active == 1
-    assert sorted(b[0] for b in recorder.batches()) == list("abc")
+    assert sorted(g for r in recorder.runs for g in r.batch.groups) == list("abc")
 
     def workers() -> list[str]:
         prefix = "syncpro-scheduler-worker"
@@ -656,9 +711,9 @@ def test_busy_says_which_keys_are_pending_and_which_are_running(make: MakeSchedu
 
 
 def test_a_catch_up_of_many_groups_looks_each_key_up_once_and_keeps_batches_whole() -> None:
-    # With more ready groups than workers, a dispatch stops looking groups up once every
-    # worker has one, yet a batch still takes every due key of its group.
-    groups = {f"app{n:02d}": f"g{n % 10}" for n in range(50)}
+    # With more ready groups than workers can take, packed, a dispatch stops looking groups
+    # up once every worker has its batch, yet a batch still takes every due key of its groups.
+    groups = {f"app{n:03d}": f"g{n % 40:02d}" for n in range(120)}
     looked_up: Counter[str] = Counter()
     version: list[object] = [object()]
 
@@ -680,16 +735,17 @@ def test_a_catch_up_of_many_groups_looks_each_key_up_once_and_keeps_batches_whol
             scheduler.submit(app_key, False, trigger="catch-up", immediate=True)
         scheduler.start()
         assert scheduler.wait_idle(WAIT)
-        assert sorted(r.batch.group for r in recorder.runs) == sorted(f"g{n}" for n in range(10))
+        ran = sorted(g for r in recorder.runs for g in r.batch.groups)
+        assert ran == sorted(f"g{n:02d}" for n in range(40))
         for run in recorder.runs:
             assert sorted(run.batch.app_keys) == sorted(
-                k for k, g in groups.items() if g == run.batch.group
+                k for k, g in groups.items() if g in run.batch.groups
             )
         assert max(looked_up.values()) == 1
         # A new version of the groups (a reload) is looked up again.
-        groups["app00"] = "moved"
+        groups["app000"] = "moved"
         version[0] = object()
-        scheduler.submit("app00", False, trigger="rescan", immediate=True)
+        scheduler.submit("app000", False, trigger="rescan", immediate=True)
         assert scheduler.wait_idle(WAIT)
         assert recorder.runs[-1].batch.group == "moved"
     finally:

@@ -17,7 +17,11 @@ the paths and the cause that triggered them, and calls one function with a `Batc
 - a group (an app's local name) is never run twice at once: events arriving while it runs are
   kept and give exactly one more run afterwards, so every event is followed by a run that
   started after it;
-- different groups run in parallel on at most `workers` threads of the scheduler's own.
+- different groups run in parallel on at most `workers` threads of the scheduler's own;
+- when more groups are due than workers are free (a catch-up, a storm of uploads), each free
+  worker takes several groups of one mode in one batch, up to `PACK_MAX`: one run of many apps
+  publishes them as one batch (one flush for all, see engine.sync), where a run per app would
+  pay the flushes, the state commits and the log lines of each.
 
 One dispatcher thread decides what runs, the worker threads only run what it hands them; all
 state lives under one lock, with one condition for each kind of waiter. The timings and the
@@ -48,12 +52,17 @@ Key = tuple[str, bool]
 PATHS_LIMIT = 20
 """How many triggering paths a key and a batch remember; a log line, not an inventory."""
 
+PACK_MAX = 16
+"""The most groups one batch takes when more groups are due than workers are free."""
+
 
 @dataclass(frozen=True)
 class Batch:
-    """One run: due keys of one group and one mode, and what triggered them."""
+    """One run: due keys of one group (or, when many are due, of several) and one mode, and
+    what triggered them."""
 
     group: str
+    """The group of the oldest key."""
     update: bool
     app_keys: tuple[str, ...]
     """Every due key of the group with this mode, in the order their bursts began, but for
@@ -70,6 +79,12 @@ class Batch:
     parts: frozenset[str] = BOTH_PARTS
     """Which targets the events concern: a watcher's event names the part its path lies in;
     one that names none (a retry, a manual trigger) concerns both."""
+    packed: tuple[str, ...] = ()
+    """The other groups run in this batch, when several were packed into it."""
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return (self.group, *self.packed)
 
 
 class PendingInfo(TypedDict):
@@ -175,8 +190,10 @@ class Scheduler(Lifecycle):
         self._pending: dict[Key, _Burst] = {}
         # Upload temporaries per key: path -> clock time of its last event.
         self._holds: dict[Key, dict[str, float]] = {}
+        # By group: a batch of several groups is found under each of them.
         self._running: dict[str, _Running] = {}
-        self._ready: deque[str] = deque()
+        self._ready: deque[_Running] = deque()
+        self._batches = 0  # handed out or running: what occupies the workers
         self._seq = itertools.count()
         self._dirty = False
         # When the dispatcher will look again on its own: a submission that is due earlier
@@ -313,7 +330,7 @@ class Scheduler(Lifecycle):
                     "since": r.since,
                     "started": r.started,
                 }
-                for r in self._running.values()
+                for r in self._running_batches()
             ]
         return {"pending": pending, "running": running}
 
@@ -381,7 +398,7 @@ class Scheduler(Lifecycle):
             if thread is not threading.current_thread():
                 thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
-            abandoned = [r.batch for r in self._running.values()] + self._pending_batches()
+            abandoned = [r.batch for r in self._running_batches()] + self._pending_batches()
         alive = [t.name for t in threads if t.is_alive()]
         log.info("scheduler.stopped", abandoned=len(abandoned), threads_still_running=alive)
         return abandoned
@@ -410,8 +427,7 @@ class Scheduler(Lifecycle):
                     # there is some, so that a notify meant for a worker is never lost.
                     del self._worker_threads[number]
                     return
-                group = self._ready.popleft()
-                running = self._running[group]
+                running = self._ready.popleft()
                 running.started = True
                 running.since = self._clock()
                 batch = running.batch
@@ -427,7 +443,9 @@ class Scheduler(Lifecycle):
                 )
             finally:
                 with self._lock:
-                    del self._running[group]
+                    for group in batch.groups:
+                        del self._running[group]
+                    self._batches -= 1
                     self._dirty = True
                     self._dispatcher_cv.notify()
                     self._idle_cv.notify_all()
@@ -436,20 +454,23 @@ class Scheduler(Lifecycle):
 
     def _dispatch(self, now: float) -> float | None:
         """Hand every runnable group to a free worker; return how long to wait before next."""
-        if len(self._running) >= self._workers:
+        if self._batches >= self._workers:
             # A catch-up queues a thousand keys and every submission wakes the dispatcher:
             # scanning them all while no worker can take one made dispatching quadratic, and
             # the scanning thread starved the workers of the interpreter lock.
             self._wake_at = math.inf  # nothing can start before a worker frees up
             return None
-        free = self._workers - len(self._running)
+        free = self._workers - self._batches
+        # Room for more groups than free workers: packed several to a batch when that many
+        # are due (see _pack).
+        room = free * PACK_MAX
         version = self._groups_version() if self._groups_version is not None else None
         # Pending keys are kept in the order their bursts began, oldest first: the first
         # ready key met of a group is its oldest, and groups are chosen in that order.
         chosen: dict[str, list[_Burst]] = {}
         next_due = math.inf
         for key, burst in list(self._pending.items()):
-            if len(chosen) == free and burst.grouped_by is version and version is not None:
+            if len(chosen) == room and burst.grouped_by is version and version is not None:
                 # Every worker has its group: only keys of those groups still matter (a
                 # batch takes every due key of its group), and their groups are known.
                 if burst.group in chosen and self._ready_now(burst, now):
@@ -468,7 +489,7 @@ class Scheduler(Lifecycle):
                 continue
             if group in self._running:
                 continue  # its release wakes the dispatcher
-            if group not in chosen and len(chosen) == free:
+            if group not in chosen and len(chosen) == room:
                 continue
             due = self._due(burst, now)
             if due <= now and not self._behind_other_mode(burst):
@@ -477,9 +498,9 @@ class Scheduler(Lifecycle):
                 # A key behind its app's older change waits for that one, which is due
                 # itself or waits for a time of its own counted here.
                 next_due = min(next_due, due)
-        for group, ready in chosen.items():
-            self._hand_out(group, ready[0], ready, now)
-        if len(self._running) >= self._workers:
+        for pack in _pack(chosen, free):
+            self._hand_out(pack, now)
+        if self._batches >= self._workers:
             self._wake_at = math.inf  # nothing can start before a worker frees up
             return None
         self._wake_at = next_due
@@ -494,27 +515,43 @@ class Scheduler(Lifecycle):
             burst.group, burst.grouped_by = self._resolve(burst), version
         return burst.group
 
-    def _hand_out(self, group: str, oldest: _Burst, ready: list[_Burst], now: float) -> None:
-        chosen = sorted((b for b in ready if b.update == oldest.update), key=lambda b: b.seq)
+    def _hand_out(self, pack: list[list[_Burst]], now: float) -> None:
+        """Hand one batch to the workers: the ready keys of each group of the pack (oldest
+        group first) that share the mode of the group's oldest key."""
+        groups: list[str] = []
+        chosen: list[_Burst] = []
+        for ready in pack:
+            oldest = ready[0]
+            assert oldest.group is not None  # resolved by the dispatch that chose it
+            groups.append(oldest.group)
+            chosen += sorted((b for b in ready if b.update == oldest.update), key=lambda b: b.seq)
         paths: dict[str, None] = {}
         for burst in chosen:
             del self._pending[(burst.app_key, burst.update)]
             for path in burst.paths:
                 if len(paths) < PATHS_LIMIT:
                     paths.setdefault(path)
+        first = pack[0][0]
         batch = Batch(
-            group=group,
-            update=oldest.update,
+            group=groups[0],
+            update=first.update,
             app_keys=tuple(b.app_key for b in chosen),
             paths=tuple(paths),
-            trigger=oldest.trigger,
-            first_event=oldest.first,
+            trigger=first.trigger,
+            first_event=min(b.first for b in chosen),
             events=sum(b.events for b in chosen),
             parts=frozenset().union(*(b.parts for b in chosen)) or BOTH_PARTS,
+            packed=tuple(groups[1:]),
         )
-        self._running[group] = _Running(batch, since=now)
-        self._ready.append(group)
+        running = _Running(batch, since=now)
+        for group in groups:
+            self._running[group] = running
+        self._batches += 1
+        self._ready.append(running)
         self._workers_cv.notify()
+
+    def _running_batches(self) -> list[_Running]:
+        return list({id(r): r for r in self._running.values()}.values())
 
     def _behind_other_mode(self, burst: _Burst) -> bool:
         """Whether the same app has an older pending change in the other mode. Both modes
@@ -578,6 +615,31 @@ class Scheduler(Lifecycle):
                 )
             )
         return batches
+
+
+def _pack(chosen: dict[str, list[_Burst]], free: int) -> list[list[list[_Burst]]]:
+    """Given the ready keys of each chosen group (oldest group first) and the free workers,
+    return the batches to hand out, each a list of groups' ready keys: a group each while
+    there are workers enough, else up to PACK_MAX groups each, spread evenly over the free
+    workers. Only groups whose keys ask the same of a run share one (the mode, the parts):
+    a run has one mode, and a part nobody changed would be walked for nothing. Groups left
+    over stay pending for the next dispatch."""
+    if len(chosen) <= free:
+        return [[ready] for ready in chosen.values()]
+    per = min(PACK_MAX, math.ceil(len(chosen) / free))
+    packs: list[list[list[_Burst]]] = []
+    kinds: list[tuple[bool, frozenset[str]]] = []
+    for ready in chosen.values():
+        update = ready[0].update
+        kind = (update, frozenset().union(*(b.parts for b in ready if b.update == update)))
+        if len(packs) < free:  # every free worker busy first
+            packs.append([ready])
+            kinds.append(kind)
+            continue
+        fits = [p for p, k in zip(packs, kinds, strict=True) if k == kind and len(p) < per]
+        if fits:
+            min(fits, key=len).append(ready)
+    return packs
 
 
 def _check_settings(settle: float, max_wait: float, workers: int) -> None:

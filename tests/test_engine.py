@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
+from syncpro.config.load import load_config
 from syncpro.engine import sync as engine
 from syncpro.engine.publish import work_area
 from syncpro.engine.response import response_document
@@ -25,14 +26,18 @@ from helpers import (
     File,
     Symlink,
     app,
+    config_dict,
     config_source,
     config_target,
+    holding,
     inodes,
     make_config,
     program_source,
     program_target,
     snapshot,
     sync,
+    wait_until,
+    write_config,
     write_tree,
 )
 
@@ -838,3 +843,80 @@ def test_groups_are_built_at_once_up_to_publish_parallel(
     assert result.ok, result.errors
     assert [a.app_key for a in result.apps] == ["a1", "b1"]
     assert (program_target(config, "b1") / "bin").read_text() == "b1"
+
+
+# --- batches of targets ---
+
+
+def _many_apps(root: Path, count: int, files: int) -> Any:
+    keys = [f"a{n:02}" for n in range(count)]
+    config = make_config(root, [app(key, key) for key in keys], grace=0, fsync=True)
+    for key in keys:
+        write_tree(program_source(config, key), {f"d/f{i}": f"{key} {i}" for i in range(files)})
+        write_tree(config_source(config, key), {"app.conf": key})
+    return config, keys
+
+
+def test_a_sync_of_many_apps_is_made_durable_by_one_flush_per_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from small_fs import small_ext4
+    from syncpro.engine import publish as publish_module
+
+    syncfs: list[int] = []
+    with small_ext4(tmp_path) as mnt:
+        config, keys = _many_apps(mnt, 20, 10)
+        monkeypatch.setattr(publish_module, "_syncfs", lambda fd: syncfs.append(fd) or 0)
+        result = sync(config, " ".join(keys))
+        assert result.ok
+        # 40 targets, one batch: one flush, where target by target it was one each.
+        assert len(syncfs) == 1
+        assert all((program_target(config, k) / "d/f9").read_text() == f"{k} 9" for k in keys)
+        monkeypatch.setattr(engine, "COMMIT_BATCH", 8)
+        for key in keys:
+            write_tree(program_source(config, key), {f"d/f{i}": "changed" for i in range(10)})
+        assert sync(config, " ".join(keys)).ok
+        # The 20 programs (then the 20 configs, unchanged) in batches of 8: 8, 8, 4 + 4.
+        assert len(syncfs) == 1 + 3
+        assert all((program_target(config, k) / "d/f0").read_text() == "changed" for k in keys)
+
+
+def _blocked_on_flocks() -> int:
+    """How many of this process's threads wait on a flock, as /proc/locks shows."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(
+        1
+        for fields in (line.split() for line in lines)
+        if "->" in fields and "FLOCK" in fields and str(os.getpid()) in fields
+    )
+
+
+def test_syncs_of_the_same_apps_listed_in_opposite_orders_never_wait_on_each_other(
+    tmp_path: Path,
+) -> None:
+    config, keys = _many_apps(tmp_path, 6, 2)
+    # The same apps listed the other way round (another process's config, a reload).
+    doc = config_dict([app(key, key) for key in reversed(keys)], grace=0, fsync=True)
+    reversed_config = load_config(write_config(tmp_path / "reversed.yml", doc))
+    errors: list[BaseException] = []
+
+    def run(config: Any) -> None:
+        try:
+            assert sync(config, "all").ok
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(c,), daemon=True) for c in (config, reversed_config)
+    ]
+    # A middle target held by another publisher: both syncs stop at it, each holding the
+    # locks it took before. Taken in request order, one would hold what the other waits for.
+    with holding(config.dirs.softdir, keys[3]):
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: _blocked_on_flocks() >= 2, timeout=20)
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "the syncs wait on each other"
+    assert errors == []
+    assert all((program_target(config, k) / "d/f1").read_text() == f"{k} 1" for k in keys)

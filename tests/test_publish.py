@@ -18,7 +18,18 @@ import structlog
 from small_fs import small_ext4
 from syncpro.engine import publish as publish_module
 from syncpro.engine.layout import Target
-from syncpro.engine.publish import publish, sweep, target_lock, work_area
+from syncpro.engine.publish import (
+    Published,
+    Staged,
+    barrier_of,
+    commit,
+    locks_held,
+    publish,
+    stage,
+    sweep,
+    target_lock,
+    work_area,
+)
 from syncpro.errors import PublishError
 
 from helpers import (
@@ -689,3 +700,61 @@ def test_the_detached_sweeper_removes_replaced_trees_at_idle_io_priority(tmp_pat
         assert wait_until(lambda: io_priority_class(pid) == 3)
     finally:
         os.kill(pid, 9)
+
+
+def _stage_all(targets: list[Target], count: int) -> list[Staged]:
+    """Stage a tree of `count` files for each target, its lock held by the caller."""
+    staged = []
+    for n, target in enumerate(targets):
+        made = stage(target, lambda s, c, n=n: _files(s, count, f"tree {n}"))
+        assert isinstance(made, Staged)
+        staged.append(made)
+    return staged
+
+
+def _files(staging: Path, count: int, content: str) -> list[str]:
+    write_tree(staging, {f"f{i}": content for i in range(count)})
+    return [str(staging / f"f{i}") for i in range(count)]
+
+
+def _fsyncs_of(folders: list[Path]) -> list[int]:
+    return [barrier_of("fsync", os.stat(folder)).flushes for folder in folders]
+
+
+def test_a_batch_of_trees_is_made_durable_by_one_syncfs_and_one_folder_fsync(
+    tmp_path: Path, flushed: list[int]
+) -> None:
+    with small_ext4(tmp_path) as mnt:  # journaled: the last swap's folder carries the rest
+        targets = [Target(mnt / "softdir", f"g{n}/tree") for n in range(5)]
+        for target in targets:  # each target's folder exists: its fsync can be counted
+            target.path.parent.mkdir(parents=True)
+        folders = [target.path.parent for target in targets]
+        before = _fsyncs_of(folders)
+        with locks_held() as take:
+            for target in targets:
+                take(target)
+            # 5 x 10 files: more than FSYNC_FILES_MAX in all, so the filesystem is flushed.
+            done = commit(_stage_all(targets, 10), grace=0, durable=True)
+        assert all(isinstance(d, Published) for d in done)
+        assert len(flushed) == 1
+        after = _fsyncs_of(folders)
+        assert [a - b for a, b in zip(after, before, strict=True)] == [0, 0, 0, 0, 1]
+        assert [(t.path / "f9").read_text() for t in targets] == [f"tree {n}" for n in range(5)]
+
+
+def test_without_a_journal_every_folder_swapped_into_is_fsynced(
+    tmp_path: Path, flushed: list[int]
+) -> None:
+    with small_ext4(tmp_path, journal=False) as mnt:
+        targets = [Target(mnt / "softdir", f"g{n}/tree") for n in range(3)]
+        for target in targets:
+            target.path.parent.mkdir(parents=True)
+        folders = [target.path.parent for target in targets]
+        before = _fsyncs_of(folders)
+        with locks_held() as take:
+            for target in targets:
+                take(target)
+            commit(_stage_all(targets, 1), grace=0, durable=True)
+        assert len(flushed) == 1  # no journal: a syncfs even for three files
+        after = _fsyncs_of(folders)
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]

@@ -920,3 +920,23 @@ def test_syncs_of_the_same_apps_listed_in_opposite_orders_never_wait_on_each_oth
     assert not any(thread.is_alive() for thread in threads), "the syncs wait on each other"
     assert errors == []
     assert all((program_target(config, k) / "d/f1").read_text() == f"{k} 1" for k in keys)
+
+
+def test_a_target_failing_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    config, keys = _many_apps(tmp_path, 3, 2)
+    blocked = config_target(config, keys[1])
+    blocked.parent.parent.mkdir(parents=True, exist_ok=True)
+    blocked.parent.write_text("a file where its group's config folder goes\n")
+
+    result = sync(config, " ".join(keys))
+
+    assert _status(result, keys[1], "config") == "failed"
+    failed = next(a for a in result.apps if a.app_key == keys[1]).config
+    assert failed is not None and str(blocked.parent) in str(failed.error)
+    for key in keys:
+        assert _status(result, key, "program") == "published"
+    for key in (keys[0], keys[2]):
+        assert _status(result, key, "config") == "published"
+        assert (config_target(config, key) / "app.conf").read_text() == key
+    # Its staged tree did not stay behind: the staging area holds nothing.
+    assert os.listdir(work_area(config.dirs.configuredir) / "staging") == []

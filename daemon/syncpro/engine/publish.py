@@ -503,16 +503,22 @@ def commit(
 
 def _swap_in(item: Staged, grace: float) -> Published:
     final = item.target.path
-    make_public_dirs(final.parent)
-    if os.path.lexists(final):
+    try:
+        make_public_dirs(final.parent)
+        if not os.path.lexists(final):
+            os.rename(item.staging, final)
+            return Published(final, None, None)
         replaced = _swap(item.staging, final)
-        expires = time.time() + grace
-        trash = work_area(item.target.root) / "trash"
-        parked = trash / f"{expires:.3f}.{_name(item.target)}.{os.urandom(4).hex()}"
-        os.rename(replaced, parked)
-        return Published(final, parked, expires)
-    os.rename(item.staging, final)
-    return Published(final, None, None)
+    except OSError:
+        # Nothing was swapped: the new tree would wait in staging for ever, its owner (this
+        # process, a daemon) alive for the sweep.
+        _remove_failed(item.staging)
+        raise
+    expires = time.time() + grace
+    trash = work_area(item.target.root) / "trash"
+    parked = trash / f"{expires:.3f}.{_name(item.target)}.{os.urandom(4).hex()}"
+    os.rename(replaced, parked)
+    return Published(final, parked, expires)
 
 
 def _parents_to_flush(swapped: Sequence[tuple[int, Path]]) -> dict[Path, list[int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import stat
@@ -721,24 +722,33 @@ def _fsyncs_of(folders: list[Path]) -> list[int]:
     return [barrier_of("fsync", os.stat(folder)).flushes for folder in folders]
 
 
+def _commit_batch(
+    targets: list[Target], count: int
+) -> tuple[list[Published | PublishError], list[int]]:
+    """Stage `count` files for each target and commit them as one durable batch; return the
+    outcomes and how many fsyncs each target's folder (made first, to count them) had."""
+    folders = [target.path.parent for target in targets]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    before = _fsyncs_of(folders)
+    with locks_held() as take:
+        for target in targets:
+            take(target)
+        done = commit(_stage_all(targets, count), grace=0, durable=True)
+    after = _fsyncs_of(folders)
+    return done, [a - b for a, b in zip(after, before, strict=True)]
+
+
 def test_a_batch_of_trees_is_made_durable_by_one_syncfs_and_one_folder_fsync(
     tmp_path: Path, flushed: list[int]
 ) -> None:
     with small_ext4(tmp_path) as mnt:  # journaled: the last swap's folder carries the rest
         targets = [Target(mnt / "softdir", f"g{n}/tree") for n in range(5)]
-        for target in targets:  # each target's folder exists: its fsync can be counted
-            target.path.parent.mkdir(parents=True)
-        folders = [target.path.parent for target in targets]
-        before = _fsyncs_of(folders)
-        with locks_held() as take:
-            for target in targets:
-                take(target)
-            # 5 x 10 files: more than FSYNC_FILES_MAX in all, so the filesystem is flushed.
-            done = commit(_stage_all(targets, 10), grace=0, durable=True)
+        # 5 x 10 files: more than FSYNC_FILES_MAX in all, so the filesystem is flushed.
+        done, fsyncs = _commit_batch(targets, 10)
         assert all(isinstance(d, Published) for d in done)
         assert len(flushed) == 1
-        after = _fsyncs_of(folders)
-        assert [a - b for a, b in zip(after, before, strict=True)] == [0, 0, 0, 0, 1]
+        assert fsyncs == [0, 0, 0, 0, 1]
         assert [(t.path / "f9").read_text() for t in targets] == [f"tree {n}" for n in range(5)]
 
 
@@ -747,14 +757,34 @@ def test_without_a_journal_every_folder_swapped_into_is_fsynced(
 ) -> None:
     with small_ext4(tmp_path, journal=False) as mnt:
         targets = [Target(mnt / "softdir", f"g{n}/tree") for n in range(3)]
-        for target in targets:
-            target.path.parent.mkdir(parents=True)
-        folders = [target.path.parent for target in targets]
-        before = _fsyncs_of(folders)
-        with locks_held() as take:
-            for target in targets:
-                take(target)
-            commit(_stage_all(targets, 1), grace=0, durable=True)
+        _, fsyncs = _commit_batch(targets, 1)
         assert len(flushed) == 1  # no journal: a syncfs even for three files
-        after = _fsyncs_of(folders)
-        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+        assert fsyncs == [1, 1, 1]
+
+
+def test_a_failed_syncfs_is_raised_not_papered_over_by_a_sync() -> None:
+    # A descriptor that is no longer open: syncfs fails for real (EBADF), as it does with EIO
+    # for a failed writeback, which cannot be brought about here.
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    os.close(fd)
+    with pytest.raises(OSError) as caught:
+        publish_module._syncfs_or_sync(fd)
+    assert caught.value.errno == errno.EBADF
+
+
+def test_a_flush_that_fails_fails_every_target_of_its_batch_and_keeps_their_trees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_syncfs(fd: int) -> int:
+        ctypes.set_errno(errno.EIO)  # a writeback error: what no filesystem here will give
+        return -1
+
+    targets = [Target(tmp_path / "softdir", f"t{n}") for n in range(3)]
+    for target in targets:
+        publish(target, lambda s, c: write_tree(s, {"f0": "old"}), grace=0, durable=False)
+    monkeypatch.setattr(publish_module, "_syncfs", failing_syncfs)
+    done, fsyncs = _commit_batch(targets, 40)
+    assert all(isinstance(d, PublishError) and "Input/output error" in str(d) for d in done)
+    assert fsyncs == [0, 0, 0]
+    assert [(t.path / "f0").read_text() for t in targets] == ["old"] * 3
+    assert os.listdir(work_area(tmp_path / "softdir") / "staging") == []

@@ -283,7 +283,16 @@ def barrier_of(kind: str, st: os.stat_result) -> FlushBarrier:
 
 
 def _syncfs_or_sync(fd: int) -> None:
-    if _syncfs is None or _syncfs(fd) != 0:
+    """syncfs of fd's filesystem, raising its error: since Linux 5.8 it reports a failed
+    writeback (EIO, ENOSPC on thin storage), so a tree it could not flush is never reported
+    published. sync() where the C library or the kernel has no syncfs."""
+    if _syncfs is None:
+        os.sync()
+        return
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
         os.sync()
 
 

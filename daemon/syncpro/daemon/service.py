@@ -39,6 +39,7 @@ from syncpro.daemon.runtime import Piece, Runtime, Snapshot, time_left
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.servers import Servers
 from syncpro.daemon.state import StateLock, StateStore
+from syncpro.daemon.wakeup import Wakeup
 from syncpro.daemon.watch import Watcher
 from syncpro.engine.publish import next_expiry, sweep
 from syncpro.engine.sweeper import sweep_quietly
@@ -65,7 +66,7 @@ class Service:
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.runtime = Runtime(self.notifier)
-        self._wake = threading.Event()
+        self._wake = Wakeup()  # set by signal handlers: see wakeup.py
         self._hup = False
         self._term = False
         self._interrupts = 0

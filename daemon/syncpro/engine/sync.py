@@ -101,41 +101,23 @@ def run_sync(
     # which build finished first. One app's two targets (a one-app request, the daemon's
     # usual) need no pool: starting and joining its threads cost a millisecond a sync.
     with _Runner(config.publish.parallel) as pool:
-        programs: list[tuple[ProgramPlan, _ProgramRun, _TargetPublish | None]] = []
-        configs: list[tuple[ConfigPlan, _TargetPublish | None]] = []
-        if PROGRAM in request.parts:
-            plans = program_plans(config.dirs, selection.apps, request.update)
-            for plan in plans:
-                run, publishing = _ProgramRun(), None
-                if plan.winner is not None:
-                    publishing = _TargetPublish(
-                        config, "program", plan.winner[1], plan.target, ignore, None, progress
-                    )
-                programs.append((plan, run, publishing))
-            if not request.update:
-                pool.map(lambda p: p[1].check_drift(p[0], ignore), programs)
-        if CONFIG in request.parts:
-            for found in (config_plan(config.dirs, app, request.update) for app in selection.apps):
-                publishing = None
-                if found.exists:
-                    publishing = _TargetPublish(
-                        config, "config", found.source, found.target, ignore, found.listed, progress
-                    )
-                configs.append((found, publishing))
+        programs = _programs(config, request, selection.apps, ignore, progress)
+        if not request.update:
+            pool.map(lambda p: p[1].check_drift(p[0], ignore), programs)
+        configs = _configs(config, request, selection.apps, ignore, progress)
         targets = [p for _, _, p in programs if p is not None] + [p for _, p in configs if p]
         _publish_all(config, targets, pool, builds)
-        for plan, run, publishing in programs:
-            run.record(plan, publishing.outcome if publishing is not None else None)
-            run.merge_into(outcomes, result)
-        for found, publishing in configs:
-            if publishing is None:
-                config_outcome = TargetOutcome(
-                    "config", str(found.source), str(found.target.path), MISSING
-                )
-                result.missing_config.append(str(found.source))
-            else:
-                config_outcome = publishing.outcome
-            outcomes[found.app.app_key].config = config_outcome
+    for plan, run, publishing in programs:
+        run.record(plan, publishing.outcome if publishing is not None else None)
+        run.merge_into(outcomes, result)
+    for found, publishing in configs:
+        if publishing is None:
+            result.missing_config.append(str(found.source))
+        outcomes[found.app.app_key].config = (
+            publishing.outcome
+            if publishing is not None
+            else TargetOutcome("config", str(found.source), str(found.target.path), MISSING)
+        )
     for app_outcome in outcomes.values():
         for target in (app_outcome.program, app_outcome.config):
             if target is not None and target.digest is not None:
@@ -143,6 +125,49 @@ def run_sync(
     result.seconds = time.monotonic() - clock
     _report(result)
     return result
+
+
+def _programs(
+    config: Config,
+    request: SyncRequest,
+    apps: tuple[App, ...],
+    ignore: Ignore,
+    progress: Progress | None,
+) -> list[tuple[ProgramPlan, _ProgramRun, _TargetPublish | None]]:
+    """The request's program targets: one per group, with its publish when a source exists."""
+    if PROGRAM not in request.parts:
+        return []
+    found: list[tuple[ProgramPlan, _ProgramRun, _TargetPublish | None]] = []
+    for plan in program_plans(config.dirs, apps, request.update):
+        publishing = None
+        if plan.winner is not None:
+            publishing = _TargetPublish(
+                config, "program", plan.winner[1], plan.target, ignore, None, progress
+            )
+        found.append((plan, _ProgramRun(), publishing))
+    return found
+
+
+def _configs(
+    config: Config,
+    request: SyncRequest,
+    apps: tuple[App, ...],
+    ignore: Ignore,
+    progress: Progress | None,
+) -> list[tuple[ConfigPlan, _TargetPublish | None]]:
+    """The request's config targets: one per app, with its publish when its source exists."""
+    if CONFIG not in request.parts:
+        return []
+    found: list[tuple[ConfigPlan, _TargetPublish | None]] = []
+    for app in apps:
+        plan = config_plan(config.dirs, app, request.update)
+        publishing = None
+        if plan.exists:
+            publishing = _TargetPublish(
+                config, "config", plan.source, plan.target, ignore, plan.listed, progress
+            )
+        found.append((plan, publishing))
+    return found
 
 
 SERIAL_MAX = 2

@@ -189,14 +189,11 @@ def make_durable(paths: Sequence[Path], written: Sequence[Sequence[str] | None])
         for path in paths:
             _fsync_dir(path)
         return
-    flushed: set[int] = set()
-    for path in paths:
+    one_per_filesystem = {os.stat(path).st_dev: path for path in paths}
+    for path in one_per_filesystem.values():
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            st = os.fstat(fd)
-            if st.st_dev not in flushed:
-                barrier_of("syncfs", st).flush(fd)
-                flushed.add(st.st_dev)
+            barrier_of("syncfs", os.fstat(fd)).flush(fd)
         finally:
             os.close(fd)
 
@@ -408,11 +405,7 @@ def locks_held() -> Iterator[Callable[[Target], None]]:
                 make_public_dirs(target.root)
                 held.enter_context(target_lock(target))
             except OSError as exc:
-                area = work_area(target.root)
-                raise PublishError(
-                    f"cannot publish {target.path}: its work area {area} is unusable:"
-                    f" {_describe(exc)}"
-                ) from exc
+                raise _unusable(target, exc) from exc
 
         yield take
 
@@ -441,7 +434,6 @@ def stage(
     area = work_area(target.root)
     final = target.path
     try:
-        make_public_dirs(target.root)
         (area / "staging").mkdir(parents=True, exist_ok=True)
         (area / "trash").mkdir(parents=True, exist_ok=True)
         name = _name(target)
@@ -455,9 +447,7 @@ def stage(
                 pass  # a source vanishing under the check: the build reports it
         claimed = spare and _claim_spare(area, name, staging)
     except OSError as exc:
-        raise PublishError(
-            f"cannot publish {final}: its work area {area} is unusable: {_describe(exc)}"
-        ) from exc
+        raise _unusable(target, exc) from exc
     try:
         current = final if final.is_dir() and not final.is_symlink() else None
         try:
@@ -547,6 +537,13 @@ def _parents_to_flush(swapped: Sequence[tuple[int, Path]]) -> dict[Path, list[in
     for device, parent in last_in_order.items():
         flush.setdefault(parent, []).extend(by_device[device])
     return flush
+
+
+def _unusable(target: Target, exc: OSError) -> PublishError:
+    area = work_area(target.root)
+    return PublishError(
+        f"cannot publish {target.path}: its work area {area} is unusable: {_describe(exc)}"
+    )
 
 
 def _failure(target: Target, exc: OSError) -> PublishError:

@@ -101,10 +101,9 @@ def run_sync(
     # which build finished first. One app's two targets (a one-app request, the daemon's
     # usual) need no pool: starting and joining its threads cost a millisecond a sync.
     with _Runner(config.publish.parallel) as pool:
-        programs = _programs(config, request, selection.apps, ignore, progress)
+        programs, configs = _targets(config, request, selection.apps, ignore, progress)
         if not request.update:
             pool.map(lambda p: p[1].check_drift(p[0], ignore), programs)
-        configs = _configs(config, request, selection.apps, ignore, progress)
         targets = [p for _, _, p in programs if p is not None] + [p for _, p in configs if p]
         _publish_all(config, targets, pool, builds)
     for plan, run, publishing in programs:
@@ -127,47 +126,40 @@ def run_sync(
     return result
 
 
-def _programs(
+Programs = list[tuple[ProgramPlan, "_ProgramRun", "_TargetPublish | None"]]
+Configs = list[tuple[ConfigPlan, "_TargetPublish | None"]]
+
+
+def _targets(
     config: Config,
     request: SyncRequest,
     apps: tuple[App, ...],
     ignore: Ignore,
     progress: Progress | None,
-) -> list[tuple[ProgramPlan, _ProgramRun, _TargetPublish | None]]:
-    """The request's program targets: one per group, with its publish when a source exists."""
-    if PROGRAM not in request.parts:
-        return []
-    found: list[tuple[ProgramPlan, _ProgramRun, _TargetPublish | None]] = []
-    for plan in program_plans(config.dirs, apps, request.update):
-        publishing = None
-        if plan.winner is not None:
-            publishing = _TargetPublish(
-                config, "program", plan.winner[1], plan.target, ignore, None, progress
-            )
-        found.append((plan, _ProgramRun(), publishing))
-    return found
+) -> tuple[Programs, Configs]:
+    """The request's targets, each with its publish when its source exists: a program
+    target per group, a config target per app, for the parts the request names."""
 
+    def publishing(
+        kind: str, source: Path, target: layout.Target, listed: tuple[str, ...] | None
+    ) -> _TargetPublish:
+        return _TargetPublish(config, kind, source, target, ignore, listed, progress)
 
-def _configs(
-    config: Config,
-    request: SyncRequest,
-    apps: tuple[App, ...],
-    ignore: Ignore,
-    progress: Progress | None,
-) -> list[tuple[ConfigPlan, _TargetPublish | None]]:
-    """The request's config targets: one per app, with its publish when its source exists."""
-    if CONFIG not in request.parts:
-        return []
-    found: list[tuple[ConfigPlan, _TargetPublish | None]] = []
-    for app in apps:
-        plan = config_plan(config.dirs, app, request.update)
-        publishing = None
-        if plan.exists:
-            publishing = _TargetPublish(
-                config, "config", plan.source, plan.target, ignore, plan.listed, progress
-            )
-        found.append((plan, publishing))
-    return found
+    programs: Programs = []
+    if PROGRAM in request.parts:
+        for plan in program_plans(config.dirs, apps, request.update):
+            winner = plan.winner
+            program = publishing("program", winner[1], plan.target, None) if winner else None
+            programs.append((plan, _ProgramRun(), program))
+    configs: Configs = []
+    if CONFIG in request.parts:
+        for app in apps:
+            found = config_plan(config.dirs, app, request.update)
+            made = None
+            if found.exists:
+                made = publishing("config", found.source, found.target, found.listed)
+            configs.append((found, made))
+    return programs, configs
 
 
 SERIAL_MAX = 2
@@ -182,14 +174,18 @@ class _Runner:
         self._parallel = parallel
         self._pool: ThreadPoolExecutor | None = None
 
+    def serial(self, count: int) -> bool:
+        """Whether `count` targets run one after the other, here."""
+        return count <= SERIAL_MAX or self._parallel < 2
+
     def map(self, work: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        if len(items) <= SERIAL_MAX or self._parallel < 2:
+        if self.serial(len(items)):
             return [work(item) for item in items]
         return list(self._threads().map(work, items))
 
     def submit(self, work: Callable[..., R], *args: object, inline: bool) -> Future[R]:
-        """Start work(*args) on the pool, or run it now when `inline` (or not parallel)."""
-        if not inline and self._parallel >= 2:
+        """Start work(*args) on the pool, or run it now when `inline`."""
+        if not inline:
             return self._threads().submit(work, *args)
         done: Future[R] = Future()
         try:
@@ -303,7 +299,7 @@ def _publish_all(
     flushes, not two per app) and each is swapped in."""
     for batch in _batches(targets, COMMIT_BATCH):
         batch = sorted(batch, key=lambda t: lock_order(t.target))
-        inline = len(batch) <= SERIAL_MAX
+        inline = pool.serial(len(batch))
         with locks_held() as take:
             building: list[tuple[_TargetPublish, Future[Staged | None]]] = []
             for t in batch:

@@ -1,4 +1,4 @@
-"""A build big enough for the file pool, and builds sharing one flush of their filesystem."""
+"""Builds whose big files go to the file pool, and builds sharing one flush of their filesystem."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from syncpro.config.model import DEFAULT_IGNORE
 from syncpro.engine import publish
 from syncpro.engine.publish import FlushBarrier
-from syncpro.engine.tree import POOL_MIN_FILES, Ignore, TreeBuilder
+from syncpro.engine.tree import POOL_MIN_AVERAGE, Ignore, TreeBuilder
 
 from helpers import BASE_NS, Dir, File, Symlink, snapshot, wait_until, write_tree
 
@@ -29,15 +29,24 @@ def _builder(reuse: Path | None = None, progress: Any = None) -> TreeBuilder:
     )
 
 
-def _big(tmp_path: Path, files: int = 3 * POOL_MIN_FILES) -> Path:
+FILES = 72
+
+
+def _big(tmp_path: Path) -> Path:
+    """A tree of FILES files, big enough on average for the file pool, in 36 folders; small
+    files, a symlink and a file with three names beside them, which the walking thread makes."""
     spec: dict[str, Any] = {}
-    for i in range(files):
+    for i in range(FILES):
         spec[f"d{i % 12}/sub{i % 3}/f{i:04d}"] = File(
-            f"content {i}\n" * (i % 50), mode=0o600 + (i % 8) * 0o10, mtime_ns=BASE_NS + i
+            bytes([i]) * (POOL_MIN_AVERAGE + i * 997),
+            mode=0o600 + (i % 8) * 0o10,
+            mtime_ns=BASE_NS + i,
         )
     spec["d0/link"] = Symlink("sub0/f0000")
     spec["d1/ro"] = Dir(mode=0o555, mtime_ns=BASE_NS + 7)
     spec["d2"] = Dir(mode=0o750, mtime_ns=BASE_NS + 8)
+    spec["small/a"] = File("a\n", mtime_ns=BASE_NS + 9)
+    spec["small/b"] = File("b\n", mode=0o640, mtime_ns=BASE_NS + 10)
     source = write_tree(tmp_path / "src", spec)
     # One file with names in three folders: the copy must link them, never copy twice.
     os.link(source / "d3/sub0/f0003", source / "d4/twin")
@@ -49,15 +58,15 @@ def _open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_a_big_build_uses_the_file_pool_and_is_exact(tmp_path: Path) -> None:
+def test_big_files_are_copied_on_the_file_pool_and_small_ones_inline(tmp_path: Path) -> None:
     source = _big(tmp_path)
-    threads: set[str] = set()
+    threads: dict[int, set[str]] = {}
     lock = threading.Lock()
 
     def progress(event: str, size: int) -> None:
         if event == "copied":
             with lock:
-                threads.add(threading.current_thread().name)
+                threads.setdefault(size, set()).add(threading.current_thread().name)
 
     builder = _builder(progress=progress)
     before = _open_fds()
@@ -67,12 +76,15 @@ def test_a_big_build_uses_the_file_pool_and_is_exact(tmp_path: Path) -> None:
     dst = tmp_path / "dst"
     twins = {os.lstat(p).st_ino for p in (dst / "d3/sub0/f0003", dst / "d4/twin")}
     assert twins == {os.lstat(dst / "d11/sub2/twin").st_ino}
-    assert builder.stats.files == 3 * POOL_MIN_FILES + 2
-    assert builder.stats.copied == 3 * POOL_MIN_FILES
+    assert builder.stats.files == FILES + 4
+    assert builder.stats.copied == FILES + 2
     assert builder.stats.hardlinks == 2
     assert builder.stats.symlinks == 1
     assert len(builder.written) == builder.stats.copied
-    assert any(name.startswith("syncpro-files") for name in threads), threads
+    big = set().union(*(names for size, names in threads.items() if size >= POOL_MIN_AVERAGE))
+    assert any(name.startswith("syncpro-files") for name in big), threads
+    # Small files (and every name of a file with several) are made by the walking thread.
+    assert threads[2] == {threading.current_thread().name}
     assert _open_fds() == before
 
 
@@ -80,22 +92,22 @@ def test_a_big_rebuild_links_what_is_unchanged_and_copies_the_rest(tmp_path: Pat
     source = _big(tmp_path)
     first = _builder()
     first.copy_tree(source, tmp_path / "pub")
-    for i in range(0, 3 * POOL_MIN_FILES, 2):  # half the files change: the pool copies them
+    for i in range(0, FILES, 2):  # half the files change: the pool copies them
         path = source / f"d{i % 12}/sub{i % 3}/f{i:04d}"
-        path.write_text(f"new {i}\n")
+        path.write_bytes(b"new" * POOL_MIN_AVERAGE)
         os.utime(path, ns=(BASE_NS, BASE_NS + 10**9 + i))
 
     second = _builder(reuse=tmp_path / "pub")
     second.copy_tree(source, tmp_path / "dst", second.plan(source, first.manifest))
 
     assert snapshot(tmp_path / "dst") == snapshot(source)
-    assert second.stats.copied == 3 * POOL_MIN_FILES // 2
+    assert second.stats.copied == FILES // 2
     # The unchanged half and the twins' three names, of which the first is linked from the
     # published tree and the others to it.
-    assert second.stats.linked + second.stats.hardlinks == 3 * POOL_MIN_FILES // 2 + 2
+    assert second.stats.linked + second.stats.hardlinks == FILES // 2 + 4
     assert second.stats.hardlinks == 2
     assert second.manifest is not None
-    assert len(second.manifest.entries) > 3 * POOL_MIN_FILES
+    assert len(second.manifest.entries) > FILES
 
 
 def test_a_file_failing_in_a_pool_job_fails_the_build_and_leaks_nothing(tmp_path: Path) -> None:

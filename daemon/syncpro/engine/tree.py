@@ -44,14 +44,14 @@ log = structlog.get_logger()
 _OPEN_SOURCE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _OPEN_TARGET = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 
-# A folder's files are made by a job on a pool of the build's own while the walking thread
-# goes on making folders: the kernel's work per new file (an inode, its directory entry, its
-# attributes, its data) dominates a big full copy, and two threads on two cores do it in less
-# time than one (`cp -a` has one). Below this many files to copy the build runs on the calling
-# thread alone: hard links from the published tree are cheaper than a hand-over (measured:
-# 5,000 links took 81 ms on the pool against 70 ms inline), and small apps already build in
-# parallel on the daemon's workers.
-POOL_MIN_FILES = 256
+# A folder's files are one job. It runs on a pool of the build's own, while the walking
+# thread goes on making folders, when the files it copies are big: copy_file_range then runs
+# long without the interpreter lock, and two threads on two cores copy in less time than one
+# (`cp -a` has one). For small files a thread spends its time around a dozen short system
+# calls per file, handing the lock back and forth at each, and the pool is slower than the
+# walking thread alone. Measured on 2 cores (a fresh tree of 200 MB, pool vs inline): files
+# of 16 KiB 1.50x, 64 KiB 1.08x, 256 KiB 0.75x, 1 MiB 0.66x; hence this average.
+POOL_MIN_AVERAGE = 128 * 1024
 FILE_WORKERS = 2
 # Folders whose jobs may be in flight at once: each holds three descriptors until its job ends.
 _IN_FLIGHT = 16
@@ -248,16 +248,11 @@ class TreeBuilder:
         for rel, kind in plan.skipped:
             self.stats.skipped.append(rel)
             log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
-        copies = 0
         for entry in plan.entries:
             if stat.S_ISREG(entry.st.st_mode):
-                copies += not entry.reuse
                 self._told("planned", entry.st.st_size)
-        if copies < POOL_MIN_FILES:
-            self._fill_tree(src_fd, plan, dst, reuse, None, spare)
-            return
-        # A pool per build: its threads end with it, and a build is long enough that
-        # starting two costs nothing measurable.
+        # A pool per build: its threads start with the first job given to it, if any, and
+        # end with the build.
         with ThreadPoolExecutor(FILE_WORKERS, thread_name_prefix="syncpro-files") as pool:
             self._fill_tree(src_fd, plan, dst, reuse, pool, spare)
 
@@ -267,7 +262,7 @@ class TreeBuilder:
         plan: TreePlan,
         dst: str,
         reuse: Path | None,
-        pool: ThreadPoolExecutor | None,
+        pool: ThreadPoolExecutor,
         spare: bool,
     ) -> None:
         """Fill dst from the plan. A spare tree at dst is brought up to date in place rather
@@ -353,15 +348,15 @@ class TreeBuilder:
         return _Dir(src, made, pub, entry.st, xattrs, entry.rel, f"{dst}/{inner}", held=held)
 
     def _walked(
-        self, folder: _Dir, waiting: deque[_Dir], pool: ThreadPoolExecutor | None, prefix: str
+        self, folder: _Dir, waiting: deque[_Dir], pool: ThreadPoolExecutor, prefix: str
     ) -> None:
         """A folder's listing is done: have its files made, and finish what is done."""
-        linked = any(e.st.st_nlink > 1 and stat.S_ISREG(e.st.st_mode) for e in folder.files)
-        if pool is None or linked:
-            # A file with several names links to the copy of its first name, which must exist:
-            # every earlier job ends first, then this one runs here.
-            while waiting:
-                self._finish(waiting.popleft())
+        if not _worth_a_thread(folder.files):
+            if any(e.st.st_nlink > 1 and stat.S_ISREG(e.st.st_mode) for e in folder.files):
+                # A file with several names links to the copy of its first name, which must
+                # exist: every earlier job ends first.
+                while waiting:
+                    self._finish(waiting.popleft())
             done: Future[_Made] = Future()
             try:
                 done.set_result(self._fill(folder))
@@ -678,6 +673,21 @@ def _remove_held(dir_fd: int, name: str, is_dir: bool) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _worth_a_thread(files: list[Entry]) -> bool:
+    """Whether a folder's job should run on the file pool: the files it copies are big on
+    average, and none has other names (a file with several names links to the copy of its
+    first name, which an earlier job must have made)."""
+    copies = size = 0
+    for entry in files:
+        if stat.S_ISREG(entry.st.st_mode):
+            if entry.st.st_nlink > 1:
+                return False
+            if not entry.reuse:
+                copies += 1
+                size += entry.st.st_size
+    return copies > 0 and size >= copies * POOL_MIN_AVERAGE
 
 
 def _job_done(folder: _Dir) -> bool:

@@ -150,7 +150,7 @@ def _late_callers_of_a_held_flush(
 
 
 def test_callers_arriving_during_a_flush_share_the_next_one(tmp_path: Path) -> None:
-    real = publish._syncfs_or_sync
+    real = publish.syncfs_or_sync
     release = threading.Event()
     started: list[float] = []
 

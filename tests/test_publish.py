@@ -768,7 +768,7 @@ def test_a_failed_syncfs_is_raised_not_papered_over_by_a_sync() -> None:
     fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
     os.close(fd)
     with pytest.raises(OSError) as caught:
-        publish_module._syncfs_or_sync(fd)
+        publish_module.syncfs_or_sync(fd)
     assert caught.value.errno == errno.EBADF
 
 

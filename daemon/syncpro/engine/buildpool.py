@@ -86,6 +86,7 @@ class BuildPool:
                 builder.ignore.patterns,
                 builder.preserve_owner,
                 builder.progress is not None,
+                builder.durable,
             )
             made = future.result()
         except BrokenProcessPool as exc:
@@ -193,7 +194,12 @@ def _start_child(daemon: int) -> None:
 
 
 def _fresh_build(
-    source: str, staging: str, patterns: tuple[str, ...], preserve_owner: bool, told: bool
+    source: str,
+    staging: str,
+    patterns: tuple[str, ...],
+    preserve_owner: bool,
+    told: bool,
+    durable: bool,
 ) -> FreshBuild:
     """In a pool process: build staging from source, keeping what it logs and tells."""
     events: list[dict[str, Any]] = []
@@ -209,6 +215,7 @@ def _fresh_build(
         reuse=None,
         preserve_owner=preserve_owner,
         progress=(lambda what, size: progress.append((what, size))) if told else None,
+        durable=durable,
     )
     builder.copy_tree(Path(source), Path(staging))
     assert builder.last_plan is not None

@@ -271,7 +271,7 @@ def barrier_of(kind: str, st: os.stat_result) -> FlushBarrier:
             # Looked up at each flush, not now: the function named is the one that runs.
             def flush(fd: int) -> None:
                 if kind == "syncfs":
-                    _syncfs_or_sync(fd)
+                    syncfs_or_sync(fd)
                 else:
                     os.fsync(fd)
 
@@ -279,7 +279,7 @@ def barrier_of(kind: str, st: os.stat_result) -> FlushBarrier:
         return barrier
 
 
-def _syncfs_or_sync(fd: int) -> None:
+def syncfs_or_sync(fd: int) -> None:
     """syncfs of fd's filesystem, raising its error: since Linux 5.8 it reports a failed
     writeback (EIO, ENOSPC on thin storage), so a tree it could not flush is never reported
     published. sync() where the C library or the kernel has no syncfs."""

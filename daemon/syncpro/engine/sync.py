@@ -408,6 +408,7 @@ class _TargetPublish:
             reuse=reuse,
             preserve_owner=self._preserve_owner,
             progress=self._progress,
+            durable=self.config.publish.fsync,
         )
 
     def finish(self, published: Published | PublishError) -> None:

@@ -36,6 +36,7 @@ from syncpro.engine.walk import (
     read_xattrs,
     special_kind,
 )
+from syncpro.engine.writeback import Writeback
 
 __all__ = ["CopyStats", "Ignore", "ListedFileError", "TreeBuilder", "resolve_listed"]
 
@@ -175,11 +176,15 @@ class TreeBuilder:
         reuse: Path | None,
         preserve_owner: bool,
         progress: Progress | None = None,
+        durable: bool = False,
     ) -> None:
         self.ignore = ignore
         self.progress = progress
         self.reuse = reuse
         self.preserve_owner = preserve_owner
+        # For a publish that will flush the tree: copy_tree writes its data out as it goes.
+        self.durable = durable
+        self.writeback: Writeback | None = None
         self.stats = CopyStats()
         # The last walk of a whole tree: its digest is what the daemon records as published.
         self.last_plan: TreePlan | None = None
@@ -222,7 +227,9 @@ class TreeBuilder:
                 )
             self.last_plan = plan
             spare = _real_dir(dst) is not None
-            self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src), spare=spare)
+            self.writeback = Writeback(dst.parent) if self.durable else None
+            with self.writeback or contextlib.nullcontext():
+                self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src), spare=spare)
         finally:
             os.close(fd)
 
@@ -495,6 +502,8 @@ class TreeBuilder:
         try:
             made = os.fstat(fd_out)
             copied = copy_data(fd_in, fd_out, st_in)
+            if self.writeback is not None:
+                self.writeback.wrote(copied)
             # The mtime read before copying: if the file changes under us, its newer mtime
             # will differ from ours and the next sync copies it again.
             finish_metadata(
@@ -520,6 +529,7 @@ class TreeBuilder:
         that is absolute, escapes the source or is missing; nothing is copied then."""
         real_root = os.path.realpath(src)
         chosen = resolve_listed(src, entries)
+        self.writeback = None  # a list is a few config files: the final flush is enough
         root_fd = _open_root(Path(real_root))
         try:
             self._copy_listed(root_fd, real_root, chosen, dst)

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from syncpro.config.model import Config
+from syncpro.engine.publish import sweep
 
 from helpers import (
     BASE_NS,
@@ -53,8 +55,10 @@ steps = st.lists(
         st.tuples(st.just("symlink"), sources, paths, st.sampled_from(LINK_TARGETS)),
         st.tuples(st.just("chmod"), sources, picks, st.sampled_from(MODES)),
         st.tuples(st.just("touch"), sources, picks),
-        # Three sync branches of ten: changes meet a published tree often.
+        # Three sync branches of eleven: changes meet a published tree often.
         *[st.tuples(st.just("sync"), st.sampled_from(sorted(SYNCS)))] * 3,
+        # The sweep: replaced trees become spares, without the files only they held.
+        st.tuples(st.just("sweep")),
     ),
     min_size=8,
     max_size=30,
@@ -122,6 +126,10 @@ class World:
         kind = step[0]
         if kind == "sync":
             self.sync(*step[1])
+            return
+        if kind == "sweep":
+            for root in (self.config.dirs.softdir, self.config.dirs.configuredir):
+                sweep(root, now=time.time() + 1)  # a grace of 0, whatever the clock says
             return
         base = self.sources[step[1]]
         if kind in ("write", "mkdir", "symlink"):

@@ -3,6 +3,7 @@ brings the spare up to date in place instead of building a whole new tree."""
 
 from __future__ import annotations
 
+import marshal
 import os
 import shutil
 import subprocess
@@ -14,12 +15,14 @@ from pathlib import Path
 import pytest
 import structlog
 
-from syncpro.config.model import Config
+from syncpro.config.model import DEFAULT_IGNORE, Config
 from syncpro.daemon.service import Service
 from syncpro.engine import sweeper
 from syncpro.engine.layout import Target
 from syncpro.engine.publish import SPARE, publish, sweep, work_area
 from syncpro.engine.sweeper import io_priority_class
+from syncpro.engine.tree import Ignore, TreeBuilder
+from syncpro.engine.walk import Manifest
 
 from helpers import (
     BASE_NS,
@@ -319,3 +322,119 @@ def test_syncs_and_sweeps_racing_for_the_same_trees_publish_exact_trees(tmp_path
     assert failures == []
     assert len(set(roots)) < len(roots), "no tree came back as a spare"
     assert os.listdir(work_area(target.parent) / "staging") == []
+
+
+# --- folders of the spare left as they are ---
+
+
+def _builder(reuse: Path | None) -> TreeBuilder:
+    return TreeBuilder(ignore=Ignore(DEFAULT_IGNORE), reuse=reuse, preserve_owner=os.geteuid() == 0)
+
+
+def _three_generations(tmp_path: Path) -> tuple[Path, Path, Path, Manifest]:
+    """A source of 8 folders (4 with a subfolder), the tree A built from it, and B built
+    from it reusing A, as two publishes leave them: B published (its manifest returned), A
+    replaced, to be the spare of the next build."""
+    spec: dict[str, object] = {}
+    for i in range(8):
+        spec[f"d{i}/f"] = File(f"file {i}", mtime_ns=BASE_NS + i)
+        spec[f"d{i}/link"] = Symlink("f")
+        if i % 2:
+            spec[f"d{i}/sub/g"] = File(f"deeper {i}", mtime_ns=BASE_NS)
+        spec[f"d{i}"] = Dir(mtime_ns=BASE_NS + 100 + i)
+    source = write_tree(tmp_path / "src", spec)  # type: ignore[arg-type]
+    os.link(source / "d0/f", source / "d1/twin")  # a file with two names, one kept
+    a, b = tmp_path / "A", tmp_path / "B"
+    _builder(None).copy_tree(source, a)
+    second = _builder(a)
+    second.copy_tree(source, b, second.plan(source))
+    assert second.manifest is not None
+    return source, a, b, second.manifest
+
+
+def _next_build(source: Path, published: Path, spare: Path, known: Manifest) -> TreeBuilder:
+    builder = _builder(published)
+    plan = builder.plan(source, known)
+    assert not plan.unchanged
+    builder.copy_tree(source, spare, plan)
+    return builder
+
+
+def test_a_spare_keeps_every_folder_nothing_changed_in_since_it_was_published(
+    tmp_path: Path,
+) -> None:
+    source, spare, published, known = _three_generations(tmp_path)
+    before = inodes(spare)
+    (source / "d2/f").write_text("changed")
+    os.utime(source / "d2/f", ns=(BASE_NS, BASE_NS + 10**9))
+
+    builder = _next_build(source, published, spare, known)
+
+    assert snapshot(spare) == snapshot(source)
+    # d2 and the root were filled; the 7 other top folders and their 4 subfolders were not
+    # even opened.
+    assert builder.folders_kept == 7 + 4
+    assert builder.stats.copied == 1
+    after = inodes(spare)
+    assert {rel: after[rel] for rel in after if rel != "d2/f"} == {
+        rel: before[rel] for rel in before if rel != "d2/f"
+    }
+    # The twins stay one file.
+    assert os.stat(spare / "d0/f").st_ino == os.stat(spare / "d1/twin").st_ino
+    assert builder.manifest is not None and builder.manifest.changed == {"d2"}
+
+
+def test_a_name_added_to_a_folder_of_the_spare_makes_it_filled_again(tmp_path: Path) -> None:
+    # What a writer into the published tree during its replacement would leave: the folder's
+    # mtime moves, so the folder is filled again and the stray file removed.
+    source, spare, published, known = _three_generations(tmp_path)
+    (spare / "d5/stray").write_text("not in the source")
+    (source / "d2/f").write_text("changed")
+
+    builder = _next_build(source, published, spare, known)
+
+    assert snapshot(spare) == snapshot(source)
+    assert builder.folders_kept == 7 + 4 - 1  # d5 is filled, its subfolder kept
+
+
+def test_a_file_the_sweep_removed_from_a_folder_of_the_spare_is_put_back(
+    tmp_path: Path,
+) -> None:
+    source, spare, published, known = _three_generations(tmp_path)
+    os.unlink(spare / "d3/sub/g")  # as the sweep prunes a file only that tree held
+    (source / "d2/f").write_text("changed")
+
+    builder = _next_build(source, published, spare, known)
+
+    assert snapshot(spare) == snapshot(source)
+    assert builder.folders_kept == 7 + 4 - 2  # d3/sub is filled, and d3 is opened for it
+    assert os.stat(spare / "d3/sub/g").st_ino == os.stat(published / "d3/sub/g").st_ino
+
+
+def test_a_spare_that_is_not_the_tree_the_published_one_reused_is_filled_in_full(
+    tmp_path: Path,
+) -> None:
+    source, _spare, published, known = _three_generations(tmp_path)
+    other = tmp_path / "other"
+    _builder(None).copy_tree(source, other)  # the same content, another tree
+    (source / "d2/f").write_text("changed")
+
+    builder = _next_build(source, published, other, known)
+
+    assert snapshot(other) == snapshot(source)
+    assert builder.folders_kept == 0
+
+
+def test_a_manifest_written_before_the_spare_record_still_vouches_for_its_entries(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "manifest"
+    path.write_bytes(marshal.dumps((1, (1, 2), {"a": (3, 4, 5)})))
+
+    loaded = Manifest.load(path)
+
+    assert loaded == Manifest((1, 2), {"a": (3, 4, 5)})
+    assert loaded.reused is None and loaded.changed == frozenset()
+    new = Manifest((1, 2), {"a": (3, 4, 5)}, (6, 7), frozenset({"", "x/y"}))
+    new.save(path)
+    assert Manifest.load(path) == new

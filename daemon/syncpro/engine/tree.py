@@ -196,6 +196,11 @@ class TreeBuilder:
         # What this build compared in full, for the next walk against the tree it makes.
         self.manifest: Manifest | None = None
         self._manifest: dict[str, tuple[int, int, int]] = {}
+        # The manifest of `reuse`, given to plan(): what its build changed from the tree it
+        # reused, which may be the spare this build fills.
+        self._known: Manifest | None = None
+        self.folders_kept = 0
+        """Folders of the spare left as they were, with all they hold (see _keep_subtree)."""
 
     # --- whole trees ---
 
@@ -206,6 +211,7 @@ class TreeBuilder:
         fd = _open_root(src)
         try:
             reuse = _real_dir_path(self.reuse)
+            self._known = known
             self.last_plan = plan_tree(
                 fd, reuse, self.ignore, owners=self.preserve_owner, known=known
             )
@@ -222,6 +228,7 @@ class TreeBuilder:
         fd = _open_root(src)
         try:
             if plan is None:
+                self._known = None
                 plan = plan_tree(
                     fd, _real_dir_path(self.reuse), self.ignore, owners=self.preserve_owner
                 )
@@ -252,6 +259,7 @@ class TreeBuilder:
             self.stats, self.written = CopyStats(), []
             self._inodes.clear()
             self._manifest = {}
+            self.folders_kept = 0
         for rel, kind in plan.skipped:
             self.stats.skipped.append(rel)
             log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
@@ -296,14 +304,26 @@ class TreeBuilder:
         root = _Dir(os.dup(src_fd), dst_fd, pub_fd, plan.root, root_xattrs, "", dst, held=held)
         stack = [root]
         waiting: deque[_Dir] = deque()  # folders walked, in post-order, their jobs submitted
+        dirty = self._dirty(plan, made) if spare else None
+        entries = plan.entries
         try:
-            for entry in plan.entries:
+            i, count = 0, len(entries)
+            while i < count:
+                entry = entries[i]
+                i += 1
                 while len(stack) > entry.depth + 1:
                     self._walked(stack.pop(), waiting, pool, plan.prefix)
-                if stat.S_ISDIR(entry.st.st_mode):
-                    stack.append(self._enter(stack[-1], entry, dst, plan.prefix))
-                else:
+                if not stat.S_ISDIR(entry.st.st_mode):
                     stack[-1].files.append(entry)
+                    continue
+                if dirty is not None and entry.rel not in dirty:
+                    end = i
+                    while end < count and entries[end].depth > entry.depth:
+                        end += 1
+                    if self._keep_subtree(stack[-1], entries[i - 1 : end]):
+                        i = end
+                        continue
+                stack.append(self._enter(stack[-1], entry, dst, plan.prefix))
             while stack:
                 self._walked(stack.pop(), waiting, pool, plan.prefix)
             while waiting:
@@ -319,7 +339,85 @@ class TreeBuilder:
             for folder in (*stack, *waiting):
                 _close(folder)
         if not plan.prefix:
-            self.manifest = Manifest((made.st_dev, made.st_ino), self._manifest)
+            reused = plan.published_root if reuse is not None else None
+            self.manifest = Manifest(
+                (made.st_dev, made.st_ino), self._manifest, reused, plan.changed
+            )
+
+    def _dirty(self, plan: TreePlan, spare: os.stat_result) -> set[str] | None:
+        """Given the plan and the spare's root, the folders of the spare that may not be
+        right, with every folder above them; None when any may not be (the spare is not the
+        tree the published one was built from, or no record of that build is left).
+
+        A folder the published tree's build found the same as in the tree it reused (the
+        spare, now), and this plan the same as in the published tree, holds in the spare
+        what the source holds now: the very files (one inode in both trees) and symlinks,
+        and the folder's own attributes."""
+        known = self._known
+        if (
+            plan.prefix
+            or known is None
+            or known.reused != (spare.st_dev, spare.st_ino)
+            or known.root != plan.published_root
+        ):
+            return None
+        dirty: set[str] = set()
+        for rel in (*known.changed, *plan.changed):
+            while rel not in dirty:
+                dirty.add(rel)
+                rel = rel.rpartition("/")[0] if rel else ""
+        return dirty
+
+    def _keep_subtree(self, here: _Dir, entries: list[Entry]) -> bool:
+        """Given a folder being filled in place and the plan's entries of one of its
+        subfolders (that folder first, then all below it), none of them in a dirty folder:
+        leave the subfolder as the spare has it, counting what it holds as kept, and return
+        True; or return False (nothing done) when the spare's folders are not as its build
+        left them: a folder missing, or whose times, mode or owner differ (a name added or
+        removed since moves the mtime; so does the sweep's removal of files only it held)."""
+        top = entries[0]
+        if here.held is None or here.held.get(top.name, (0, False))[1] is False:
+            return False
+        cut = len(top.rel) - len(top.name)  # rel[cut:] is a path below `here`
+        folders: list[tuple[Entry, int]] = []
+        for entry in entries:
+            if not stat.S_ISDIR(entry.st.st_mode):
+                continue
+            try:
+                st = os.stat(entry.rel[cut:], dir_fd=here.dst, follow_symlinks=False)
+            except OSError:
+                return False
+            if (
+                st.st_mode != entry.st.st_mode
+                or st.st_mtime_ns != entry.st.st_mtime_ns
+                or (
+                    self.preserve_owner
+                    and (st.st_uid, st.st_gid) != (entry.st.st_uid, entry.st.st_gid)
+                )
+            ):
+                return False
+            folders.append((entry, st.st_ino))
+        stats, manifest = self.stats, self._manifest
+        for entry, inode in folders:
+            manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, inode)
+        stats.dirs += len(folders)
+        for entry in entries:
+            mode = entry.st.st_mode
+            if stat.S_ISREG(mode):
+                stats.files += 1
+                stats.linked += 1
+                manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, entry.pub_ino)
+                if entry.st.st_nlink > 1:
+                    key = (entry.st.st_dev, entry.st.st_ino)
+                    self._inodes.setdefault(
+                        key, (f"{here.staged}/{entry.rel[cut:]}", entry.pub_ino)
+                    )
+                self._told("linked", entry.st.st_size)
+            elif stat.S_ISLNK(mode):
+                stats.symlinks += 1
+        here.subdirs.append(top.name)
+        self.folders_kept += len(folders)
+        return True
 
     def _enter(self, here: _Dir, entry: Entry, dst: str, prefix: str) -> _Dir:
         old = here.held.get(entry.name) if here.held is not None else None

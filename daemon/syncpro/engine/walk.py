@@ -49,16 +49,24 @@ class Entry:
 class Manifest:
     """What the build of a published tree compared in full: per relative path of a file or
     folder, its source inode and ctime then and its inode in the tree, whose root is `root`
-    (device, inode): a manifest of another tree never applies."""
+    (device, inode): a manifest of another tree never applies. And, for a build that reused
+    an earlier tree (linked its files), that tree's root and the folders in which the two
+    differ (`changed`, relative paths, "" for the root): everywhere else the new tree holds
+    the earlier one's very files, which tells the next build what a spare (that earlier tree)
+    already has right."""
 
     root: tuple[int, int]
     entries: dict[str, tuple[int, int, int]]
+    reused: tuple[int, int] | None = None
+    changed: frozenset[str] = frozenset()
 
     def save(self, path: Path) -> None:
         """Write the manifest next to the tree's work area, atomically; it is a cache, never
-        flushed: lost or stale, the next walk compares in full."""
+        flushed: lost or stale, the next walk compares in full and the next build fills
+        its spare in full."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_bytes(marshal.dumps((_MANIFEST_VERSION, self.root, self.entries)))
+        doc = (_MANIFEST_VERSION, self.root, self.entries, self.reused, self.changed)
+        tmp.write_bytes(marshal.dumps(doc))
         os.replace(tmp, path)
 
     @classmethod
@@ -66,15 +74,19 @@ class Manifest:
         """Return the manifest at path, or None if it is missing or unreadable."""
         try:
             # Our own file, in a work area only syncpro's user can write.
-            version, root, entries = marshal.loads(path.read_bytes())  # noqa: S302
+            doc = marshal.loads(path.read_bytes())  # noqa: S302
+            version, root, entries = doc[:3]
         except (OSError, ValueError, EOFError, TypeError):
             return None
-        if version != _MANIFEST_VERSION or not isinstance(entries, dict):
+        if version not in (1, _MANIFEST_VERSION) or not isinstance(entries, dict):
             return None
-        return cls(tuple(root), entries)
+        if version == 1:  # written before the spare's record: still vouches for entries
+            return cls(tuple(root), entries)
+        reused, changed = doc[3:5]
+        return cls(tuple(root), entries, tuple(reused) if reused else None, frozenset(changed))
 
 
-_MANIFEST_VERSION = 1
+_MANIFEST_VERSION = 2
 
 
 @dataclass
@@ -93,6 +105,9 @@ class TreePlan:
     prefix: str = ""  # what every rel starts with (a listed folder's own path), "" for a root
     published_root: tuple[int, int] | None = None  # (device, inode) of the tree compared with
     read_in_full: int = 0  # entries whose attributes had to be read: no manifest vouched
+    # The folders where the source and the published tree differ: in what they hold (a name
+    # more or less, an entry not the same) or in their own attributes.
+    changed: frozenset[str] = frozenset()
 
     def manifest(self) -> Manifest | None:
         """For a plan that found the published tree unchanged: the manifest of that tree."""
@@ -202,6 +217,7 @@ class _Frame:
     depth: int
     names: Iterator[os.DirEntry[str]]
     pub_names: set[str]
+    changed: bool = False
 
 
 def _listing(fd: int) -> list[os.DirEntry[str]]:
@@ -267,6 +283,8 @@ def plan_tree(
     src_to_pub: dict[tuple[int, int], int] = {}
     pub_to_src: dict[int, tuple[int, int]] = {}
     frames = [_Frame(src_fd, pub_fd, rel_prefix, 0, iter(_listing(src_fd)), _names(pub_fd))]
+    frames[0].changed = not unchanged
+    changed: set[str] = set()
     # Bound once: the loop below runs for every name of every sync.
     stat_at, readlink_at = os.stat, os.readlink
     add_material, add_entry = material.append, entries.append
@@ -350,12 +368,18 @@ def plan_tree(
                         entry.pub_ino = pub_ino
                 if not same:
                     unchanged = False
+                    frame.changed = True
                 if fmt == _DIR:
-                    frames.append(_descend(frame, entry, pub_st))
+                    child = _descend(frame, entry, pub_st)
+                    child.changed = not same
+                    frames.append(child)
                     break
             else:
                 if pub_names:
                     unchanged = False  # the published tree holds names the source lost
+                    frame.changed = True
+                if frame.changed:
+                    changed.add(frame.rel)
                 frames.pop()
                 _close_frame(frame, src_fd, pub_fd)
     finally:
@@ -375,6 +399,7 @@ def plan_tree(
         rel_prefix,
         published_root,
         read_in_full,
+        frozenset(changed),
     )
 
 

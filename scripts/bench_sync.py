@@ -16,8 +16,12 @@ daemon's sweep, the CLI's sweeper): it becomes the target's spare, which the nex
 run brings up to date in place. That is the steady state of a deploy host, where one app's
 syncs are further apart than `publish.grace`.
 
-syncpro runs as the CLI in a subprocess (start-up included) and in-process (run_sync), each
-with publish.fsync off and on. fsync costs one syncfs, so the table also shows the baselines
+syncpro runs three ways, each with publish.fsync off and on: as the CLI in a subprocess
+(start-up included); in-process (run_sync); and as a running daemon (`syncpro serve`, one per
+fsync setting, its settle time too long to sync by itself) asked over its control socket, timed
+from the request to the answer: what an HTTP or `ctl` client of a deploy host waits for. A
+daemon builds a first tree on its build processes, which are started by the warm-up round and
+stop after 10 s without a build. fsync costs one syncfs, so the table also shows the baselines
 followed by `sync -f` (the same syncfs), the fair comparison for fsync=on.
 
 Run it with the project's venv python: `.venv/bin/python scripts/bench_sync.py [--quick]`.
@@ -48,7 +52,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import bench_fs
-from syncpro.testing import app, trash_empty, write_config
+from syncpro.testing import Daemon, DaemonWaitError, app, trash_empty, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,13 +66,23 @@ CHANGED_FILE_SIZE = 64 * 1024  # the incremental case rewrites the file closest 
 CASES = ("full", "incremental", "nochange")
 CASE_TITLES = {"full": "full copy", "incremental": "incremental (1 file)", "nochange": "no change"}
 BASELINES = {"full": "cp -a", "incremental": "rsync -a --delete", "nochange": "rsync -a --delete"}
-SYNCPRO_VARIANTS = ("cli-nofsync", "cli-fsync", "inproc-nofsync", "inproc-fsync")
+SYNCPRO_VARIANTS = (
+    "cli-nofsync",
+    "cli-fsync",
+    "inproc-nofsync",
+    "inproc-fsync",
+    "daemon-nofsync",
+    "daemon-fsync",
+)
 VARIANT_TITLES = {
     "cli-nofsync": "syncpro CLI      fsync=off",
     "cli-fsync": "syncpro CLI      fsync=on",
     "inproc-nofsync": "syncpro in-proc  fsync=off",
     "inproc-fsync": "syncpro in-proc  fsync=on",
+    "daemon-nofsync": "syncpro daemon   fsync=off",
+    "daemon-fsync": "syncpro daemon   fsync=on",
 }
+SYNC_ACTION = "Deploy:Core:syncpro"
 
 
 class BenchError(Exception):
@@ -296,6 +310,8 @@ class Bench:
         self.cp_dst = base / "cp-copy"
         self.rsync_dst = base / "rsync-copy"
         self.configs = {fsync: base / f"config-fsync-{fsync}.yml" for fsync in ("on", "off")}
+        self.daemon_configs = {fsync: base / f"daemon-fsync-{fsync}.yml" for fsync in ("on", "off")}
+        self.daemons: dict[str, Daemon] = {}
         self.rss_file = base / "peak-rss"
         self.changed = ""  # the file the incremental case rewrites, relative to src
         self._engine: dict[str, Any] = {}
@@ -315,7 +331,30 @@ class Bench:
                 defaults={},
                 publish={"grace": 0, "fsync": fsync == "on"},
             )
+        for fsync, path in self.daemon_configs.items():
+            # A state and a control socket of its own; never a sync of its own accord.
+            write_config(
+                self.base,
+                [app(APP_KEY, LOCAL_NAME)],
+                name=path.name,
+                defaults={},
+                dirs={"state": f"state-{fsync}"},
+                publish={"grace": 0, "fsync": fsync == "on"},
+                watch={"settle": 3600, "max_wait": 7200, "rescan_interval": 3600},
+                control={"socket": f"run-{fsync}/control.sock"},
+            )
         return info
+
+    def start_daemons(self, stack: contextlib.ExitStack) -> None:
+        """Start a daemon per fsync setting; return once each has published the app."""
+        for fsync, path in self.daemon_configs.items():
+            daemon = stack.enter_context(Daemon(path))
+            try:
+                daemon.wait_ready(120)
+                daemon.wait_event("sync.finished", timeout=300)
+            except DaemonWaitError as exc:
+                raise BenchError(f"the fsync={fsync} daemon did not start: {exc}") from exc
+            self.daemons[fsync] = daemon
 
     def load_engine(self) -> None:
         """Import the engine in this process, its log events going where the CLI's go when
@@ -415,6 +454,8 @@ class Bench:
                 out.seek(0)
                 _check_document(out.read())
             return run
+        if variant.startswith("daemon"):
+            return self._daemon_run(self.daemons[fsync])
         config, inventory = self._engine[fsync]
         with rusage_self() as cpu:
             started = time.perf_counter()
@@ -430,6 +471,17 @@ class Bench:
             linked=stats.linked if stats else None,
             cleanup=self.retire_replaced(),  # sweep_once runs once per process: sweep here
         )
+
+    def _daemon_run(self, daemon: Daemon) -> Run:
+        """Ask a daemon for a sync of the app over its control socket, as a client does."""
+        cpu = daemon.cpu_seconds()
+        started = time.perf_counter()
+        doc = daemon.request(timeout=600, action=SYNC_ACTION, k=APP_KEY)
+        wall = time.perf_counter() - started
+        if doc.get("code") != "0":
+            raise BenchError(f"the daemon's sync failed: {json.dumps(doc)[:1000]}")
+        # The daemon's CPU (all its threads), read in clock ticks: coarse for one run.
+        return Run(wall=wall, cpu=daemon.cpu_seconds() - cpu)
 
     def verify(self) -> list[str]:
         return tree_differences(self.src, self.target) + tree_differences(
@@ -692,12 +744,15 @@ def run(args: argparse.Namespace, base: Path, progress: Callable[[str], None]) -
     filesystem, warning = bench_fs.describe(base), bench_fs.warning(base)
     if warning:
         progress(warning)
+    daemons = contextlib.ExitStack()
     try:
         bench = Bench(base, syncpro_command(args.syncpro))
         spec = TreeSpec(args.files, int(args.size_mb * 1e6), args.seed, same_size=args.big)
         progress(f"creating {spec.files} files, {spec.total_bytes / 1e6:.0f} MB under {base}")
         info = bench.setup(spec)
         bench.load_engine()
+        progress("starting a daemon per fsync setting")
+        bench.start_daemons(daemons)
         rss_floor = timed_subprocess(["true"], rss_file=bench.rss_file).maxrss_kib
         results = benchmark(bench, args.runs, progress)
         summary = summarise(results)
@@ -726,6 +781,7 @@ def run(args: argparse.Namespace, base: Path, progress: Callable[[str], None]) -
         print(f"bench_sync: {exc}", file=sys.stderr)
         return 1
     finally:
+        daemons.close()
         if args.keep and not args.loop_ext4:
             print(f"bench_sync: kept {base}", file=sys.stderr)
         else:

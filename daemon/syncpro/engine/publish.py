@@ -750,8 +750,10 @@ def _retire(area: Path, tree: Path) -> bool:
 
 def _prune(tree: Path) -> bool:
     """Remove the files of a tree that no other tree links to (its link count is one): the
-    old versions, what the grace period was for. Return whether all went; if not, the
-    caller removes the whole tree."""
+    old versions, what the grace period was for. Symlinks stay (they hold no data, and a
+    removal would move their folder's mtime, which makes the next build fill that folder
+    again: see TreeBuilder._keep_subtree). Return whether all went; if not, the caller
+    removes the whole tree."""
 
     def fail(exc: OSError) -> None:
         raise exc
@@ -759,7 +761,8 @@ def _prune(tree: Path) -> bool:
     try:
         for _, _, files, dir_fd in os.fwalk(tree, onerror=fail, follow_symlinks=False):
             for name in files:
-                if os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_nlink == 1:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if st.st_nlink == 1 and not stat.S_ISLNK(st.st_mode):
                     os.unlink(name, dir_fd=dir_fd)
     except OSError as exc:
         log.warning("publish.prune_failed", path=str(tree), error=_describe(exc))

@@ -788,3 +788,42 @@ def test_a_flush_that_fails_fails_every_target_of_its_batch_and_keeps_their_tree
     assert fsyncs == [0, 0, 0]
     assert [(t.path / "f0").read_text() for t in targets] == ["old"] * 3
     assert os.listdir(work_area(tmp_path / "softdir") / "staging") == []
+
+
+def test_a_trash_folder_removed_during_a_build_is_made_again(tmp_path: Path) -> None:
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=60, durable=False)
+    trash = work_area(target.root) / "trash"
+
+    def build(staging: Path, current: Path | None) -> None:
+        write_tree(staging, {"v": "2"})
+        os.rmdir(trash)  # an operator tidying up, say
+
+    done = publish(target, build, grace=60, durable=False)
+
+    assert (target.path / "v").read_text() == "2"
+    assert done.replaced is not None and done.replaced.parent == trash
+    assert (done.replaced / "v").read_text() == "1"
+
+
+def test_an_old_tree_the_trash_cannot_take_leaves_the_publish_done(tmp_path: Path) -> None:
+    # Once the new tree is swapped in, it is published: a trash that cannot take the old one
+    # (here a file where its folder goes) is logged, never reported as a failed publish.
+    target = Target(tmp_path / "softdir", "server")
+    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=60, durable=False)
+    trash = work_area(target.root) / "trash"
+
+    def build(staging: Path, current: Path | None) -> None:
+        write_tree(staging, {"v": "2"})
+        os.rmdir(trash)
+        trash.write_text("not a folder")
+
+    with structlog.testing.capture_logs() as logs:
+        done = publish(target, build, grace=60, durable=False)
+
+    assert (target.path / "v").read_text() == "2"
+    assert done.replaced is None
+    [warning] = [e for e in logs if e["event"] == "publish.park_failed"]
+    assert warning["target"] == str(target.path) and "Not a directory" in warning["error"]
+    # The old tree waits in the staging area, for the sweep of a later start.
+    assert (Path(warning["replaced"]) / "v").read_text() == "1"

@@ -513,10 +513,33 @@ def _swap_in(item: Staged, grace: float) -> Published:
         # process, a daemon) alive for the sweep.
         _remove_failed(item.staging)
         raise
+    # The new tree is published from here on, whatever becomes of the old one.
+    return _park(item.target, replaced, grace, final)
+
+
+def _park(target: Target, replaced: Path, grace: float, final: Path) -> Published:
+    """Move a tree just replaced (now at `replaced`, in the staging area) to the trash, where
+    it waits out the grace period; make the trash folder if it has gone. Where it cannot be
+    moved (the trash is no folder, say), it stays in the staging area, which the sweep
+    clears once this process has ended: logged, but the publish has succeeded."""
     expires = time.time() + grace
-    trash = work_area(item.target.root) / "trash"
-    parked = trash / f"{expires:.3f}.{_name(item.target)}.{os.urandom(4).hex()}"
-    os.rename(replaced, parked)
+    trash = work_area(target.root) / "trash"
+    parked = trash / f"{expires:.3f}.{_name(target)}.{os.urandom(4).hex()}"
+    try:
+        try:
+            os.rename(replaced, parked)
+        except FileNotFoundError:
+            trash.mkdir(exist_ok=True)
+            os.rename(replaced, parked)
+    except OSError as exc:
+        log.warning(
+            "publish.park_failed",
+            target=str(final),
+            replaced=str(replaced),
+            trash=str(trash),
+            error=_describe(exc),
+        )
+        return Published(final, None, None)
     return Published(final, parked, expires)
 
 

@@ -341,7 +341,10 @@ class TreeBuilder:
         if not plan.prefix:
             reused = plan.published_root if reuse is not None else None
             self.manifest = Manifest(
-                (made.st_dev, made.st_ino), self._manifest, reused, plan.changed
+                (made.st_dev, made.st_ino),
+                self._manifest,
+                reused,
+                plan.changed if reused is not None else frozenset(),
             )
 
     def _dirty(self, plan: TreePlan, spare: os.stat_result) -> set[str] | None:

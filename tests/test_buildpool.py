@@ -182,7 +182,7 @@ def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
 
 
 def test_processes_0_builds_first_trees_in_the_daemon(tmp_path: Path, pool: BuildPool) -> None:
-    write_tree(tmp_path / "var/remotecomdir/softdir/web1", {"index.html": "1"})
+    write_tree(tmp_path / "var/remotecomdir/softdir/web1", {"static/index.html": "1"})
     doc = config_dict([app("web1", "web")])
     for processes, started in ((0, False), (1, True)):
         doc["publish"]["processes"] = processes
@@ -212,3 +212,27 @@ def test_the_build_processes_die_with_a_daemon_killed_outright(base: Path) -> No
 
 def _alive(pids: set[int]) -> set[int]:
     return {pid for pid in pids if _stat(pid) is not None}
+
+
+def test_a_first_tree_of_a_few_files_and_no_folder_is_built_in_the_daemon(
+    tmp_path: Path, pool: BuildPool
+) -> None:
+    # A config of one file, as most are: its round trip to a process costs more than it.
+    write_tree(tmp_path / "var/remotecomdir/softdir/web1", {"a": "1", "b": "2"})
+    write_tree(tmp_path / "var/remotecomdir/configuredir/web1", {"app.properties": "x=1"})
+    config = load_config(write_doc(tmp_path / "config.yml", config_dict([app("web1", "web")])))
+
+    result = run_sync(
+        SyncRequest(k="web1", update=False), config, config.config_inventory, builds=pool
+    )
+
+    assert result.ok
+    assert not pool.running
+    # Past FEW_FILES names, or with a folder, it goes to a process.
+    write_tree(tmp_path / "var/remotecomdir/softdir/web2", {f"f{i}": "x" for i in range(9)})
+    write_tree(tmp_path / "var/remotecomdir/configuredir/web2", {"app.properties": "x=2"})
+    config = load_config(write_doc(tmp_path / "config2.yml", config_dict([app("web2", "web2")])))
+    assert run_sync(
+        SyncRequest(k="web2", update=False), config, config.config_inventory, builds=pool
+    ).ok
+    assert pool.running

@@ -790,7 +790,9 @@ def test_a_flush_that_fails_fails_every_target_of_its_batch_and_keeps_their_tree
     assert os.listdir(work_area(tmp_path / "softdir") / "staging") == []
 
 
-def test_a_trash_folder_removed_during_a_build_is_made_again(tmp_path: Path) -> None:
+def _publish_v2_with_the_trash(tmp_path: Path, trash_becomes: str | None) -> Published:
+    """Publish v1 of a target, then v2 with a build that removes the trash folder meanwhile
+    and, given `trash_becomes`, puts a file of that content where it was."""
     target = Target(tmp_path / "softdir", "server")
     publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=60, durable=False)
     trash = work_area(target.root) / "trash"
@@ -798,32 +800,29 @@ def test_a_trash_folder_removed_during_a_build_is_made_again(tmp_path: Path) -> 
     def build(staging: Path, current: Path | None) -> None:
         write_tree(staging, {"v": "2"})
         os.rmdir(trash)  # an operator tidying up, say
+        if trash_becomes is not None:
+            trash.write_text(trash_becomes)
 
     done = publish(target, build, grace=60, durable=False)
-
     assert (target.path / "v").read_text() == "2"
-    assert done.replaced is not None and done.replaced.parent == trash
+    return done
+
+
+def test_a_trash_folder_removed_during_a_build_is_made_again(tmp_path: Path) -> None:
+    done = _publish_v2_with_the_trash(tmp_path, None)
+
+    assert done.replaced is not None and done.replaced.parent.name == "trash"
     assert (done.replaced / "v").read_text() == "1"
 
 
 def test_an_old_tree_the_trash_cannot_take_leaves_the_publish_done(tmp_path: Path) -> None:
     # Once the new tree is swapped in, it is published: a trash that cannot take the old one
     # (here a file where its folder goes) is logged, never reported as a failed publish.
-    target = Target(tmp_path / "softdir", "server")
-    publish(target, lambda s, c: write_tree(s, {"v": "1"}), grace=60, durable=False)
-    trash = work_area(target.root) / "trash"
-
-    def build(staging: Path, current: Path | None) -> None:
-        write_tree(staging, {"v": "2"})
-        os.rmdir(trash)
-        trash.write_text("not a folder")
-
     with structlog.testing.capture_logs() as logs:
-        done = publish(target, build, grace=60, durable=False)
+        done = _publish_v2_with_the_trash(tmp_path, "not a folder")
 
-    assert (target.path / "v").read_text() == "2"
     assert done.replaced is None
     [warning] = [e for e in logs if e["event"] == "publish.park_failed"]
-    assert warning["target"] == str(target.path) and "Not a directory" in warning["error"]
+    assert warning["target"] == str(done.target) and "Not a directory" in warning["error"]
     # The old tree waits in the staging area, for the sweep of a later start.
     assert (Path(warning["replaced"]) / "v").read_text() == "1"

@@ -514,14 +514,15 @@ def _swap_in(item: Staged, grace: float) -> Published:
         _remove_failed(item.staging)
         raise
     # The new tree is published from here on, whatever becomes of the old one.
-    return _park(item.target, replaced, grace, final)
+    return _park(item.target, replaced, grace)
 
 
-def _park(target: Target, replaced: Path, grace: float, final: Path) -> Published:
+def _park(target: Target, replaced: Path, grace: float) -> Published:
     """Move a tree just replaced (now at `replaced`, in the staging area) to the trash, where
     it waits out the grace period; make the trash folder if it has gone. Where it cannot be
     moved (the trash is no folder, say), it stays in the staging area, which the sweep
     clears once this process has ended: logged, but the publish has succeeded."""
+    final = target.path
     expires = time.time() + grace
     trash = work_area(target.root) / "trash"
     parked = trash / f"{expires:.3f}.{_name(target)}.{os.urandom(4).hex()}"

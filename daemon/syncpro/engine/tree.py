@@ -407,20 +407,29 @@ class TreeBuilder:
         for entry in entries:
             mode = entry.st.st_mode
             if stat.S_ISREG(mode):
-                stats.files += 1
-                stats.linked += 1
-                manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, entry.pub_ino)
-                if entry.st.st_nlink > 1:
-                    key = (entry.st.st_dev, entry.st.st_ino)
-                    self._inodes.setdefault(
-                        key, (f"{here.staged}/{entry.rel[cut:]}", entry.pub_ino)
-                    )
-                self._told("linked", entry.st.st_size)
+                self._kept(entry, f"{here.staged}/{entry.rel[cut:]}", stats, manifest)
             elif stat.S_ISLNK(mode):
                 stats.symlinks += 1
         here.subdirs.append(top.name)
         self.folders_kept += len(folders)
         return True
+
+    def _kept(
+        self,
+        entry: Entry,
+        staged: str,
+        stats: CopyStats,
+        manifest: dict[str, tuple[int, int, int]],
+    ) -> None:
+        """Count a file the spare already holds as the published file itself (one inode in
+        both trees): its staging path `staged` is the first name of its inode if it has
+        others."""
+        stats.files += 1
+        stats.linked += 1
+        if entry.st.st_nlink > 1:
+            self._inodes.setdefault((entry.st.st_dev, entry.st.st_ino), (staged, entry.pub_ino))
+        manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, entry.pub_ino)
+        self._told("linked", entry.st.st_size)
 
     def _enter(self, here: _Dir, entry: Entry, dst: str, prefix: str) -> _Dir:
         old = here.held.get(entry.name) if here.held is not None else None
@@ -539,21 +548,17 @@ class TreeBuilder:
         made.stats.symlinks += 1
 
     def _file(self, here: _Dir, entry: Entry, made: _Made) -> None:
-        made.stats.files += 1
         staged = f"{here.staged}/{entry.name}"
-        key = (entry.st.st_dev, entry.st.st_ino)
         old = here.held.get(entry.name) if here.held is not None else None
         if old is not None:
             if entry.reuse and not old[1] and old[0] == entry.pub_ino:
                 # The spare holds the published file itself (one inode, two names), which
                 # the walk found unchanged: nothing to do.
-                made.stats.linked += 1
-                if entry.st.st_nlink > 1:
-                    self._inodes.setdefault(key, (staged, entry.pub_ino))
-                made.manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, entry.pub_ino)
-                self._told("linked", entry.st.st_size)
+                self._kept(entry, staged, made.stats, made.manifest)
                 return
             _remove_held(here.dst, entry.name, old[1])
+        made.stats.files += 1
+        key = (entry.st.st_dev, entry.st.st_ino)
         if entry.st.st_nlink > 1:
             first = self._inodes.get(key)
             if first is not None and _try_link(first[0], None, entry.name, here.dst):

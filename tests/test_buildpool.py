@@ -17,11 +17,21 @@ from syncpro.engine import buildpool
 from syncpro.engine.buildpool import BuildPool
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.sync import run_sync
-from syncpro.engine.tree import Ignore, TreeBuilder
+from syncpro.engine.tree import Ignore, Share, TreeBuilder
 from syncpro.testing import Daemon, app, write_config
 from syncpro.testing.configs import write_doc
 
-from helpers import BASE_NS, Fifo, File, Symlink, config_dict, snapshot, wait_until, write_tree
+from helpers import (
+    BASE_NS,
+    Dir,
+    Fifo,
+    File,
+    Symlink,
+    config_dict,
+    snapshot,
+    wait_until,
+    write_tree,
+)
 
 WAIT = 60.0
 
@@ -129,11 +139,100 @@ def test_a_tree_built_on_the_pool_is_the_one_built_here_and_reported_alike(
     assert skipped == [e for e in logs_here if e["event"] == "copy.special_file_skipped"] != []
 
 
-def test_an_error_of_a_pool_build_is_raised_here_with_its_errno(
+def _wide_source(root: Path) -> Path:
+    """A source for shared builds: folders of many files at several depths, names of one
+    file in different folders, symlinks, a FIFO, extended attributes, set times."""
+    spec: dict[str, object] = {}
+    for d in range(6):
+        for f in range(40):
+            spec[f"d{d}/sub{f % 3}/f{f:02}"] = File(f"{d}/{f}" * (f + 1), mode=0o640 + f % 2)
+        spec[f"d{d}/l{d}"] = Symlink(f"sub0/f{d:02}")
+        spec[f"d{d}/sub1"] = Dir(mode=0o750, mtime_ns=BASE_NS + d)
+        spec[f"d{d}"] = Dir(mtime_ns=BASE_NS + 10 + d)
+    spec["pipe"] = Fifo()
+    spec["skip.tmp"] = "never published"
+    source = write_tree(root, spec)  # type: ignore[arg-type]
+    for d in range(1, 6):  # one inode, six names in six folders
+        os.link(source / "d0/sub0/f00", source / f"d{d}/sub2/same")
+    os.setxattr(source / "d3/sub1/f07", "user.tag", b"file")
+    os.setxattr(source / "d4/sub1", "user.tag", b"folder")
+    for folder in ("d0/sub2", "d1/sub2", "d2/sub2", "d3/sub2", "d4/sub2", "d5/sub2"):
+        os.utime(source / folder, ns=(BASE_NS, BASE_NS))  # the links moved it
+    os.utime(source, ns=(BASE_NS, BASE_NS))
+    return source
+
+
+def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     tmp_path: Path, pool: BuildPool
 ) -> None:
+    source = _wide_source(tmp_path / "src")
+    told_here: list[tuple[str, int]] = []
+    here = _builder(told_here)
+    with capture_logs() as logs_here:
+        here.copy_tree(source, tmp_path / "here")
+    told_there: list[tuple[str, int]] = []
+    there = _builder(told_there)
+
+    with capture_logs() as logs_there:
+        pool.build(there, source, tmp_path / "there", 2)
+
+    assert len(_builders(os.getpid())) == 2, "one process per share"
+    assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
+    assert os.stat(tmp_path / "there/d5/sub2/same").st_nlink == 6
+    assert os.getxattr(tmp_path / "there/d3/sub1/f07", "user.tag") == b"file"
+    assert os.getxattr(tmp_path / "there/d4/sub1", "user.tag") == b"folder"
+    assert there.stats == here.stats
+    assert there.stats.hardlinks == 5 and there.stats.dirs == 1 + 6 * 4
+    assert sorted(Path(p).relative_to(tmp_path / "there") for p in there.written) == sorted(
+        Path(p).relative_to(tmp_path / "here") for p in here.written
+    )
+    assert there.manifest is not None and here.manifest is not None
+    assert there.manifest.entries.keys() == here.manifest.entries.keys()
+    root = os.stat(tmp_path / "there")
+    assert there.manifest.root == (root.st_dev, root.st_ino)
+    assert there.last_plan is not None and here.last_plan is not None
+    assert there.last_plan.digest == here.last_plan.digest
+    # Every file told of once, all planned before the first made.
+    assert sorted(told_there) == sorted(told_here)
+    planned = [what == "planned" for what, _ in told_there]
+    assert planned == sorted(planned, reverse=True)
+    skipped = [e for e in logs_there if e["event"] == "copy.special_file_skipped"]
+    assert len(skipped) == 1
+    assert skipped == [e for e in logs_here if e["event"] == "copy.special_file_skipped"]
+
+
+def test_each_name_is_one_share_and_all_names_of_a_file_the_same_one() -> None:
+    single = os.stat_result((0o100644, 7, 1, 1, 0, 0, 10, 0, 0, 0))
+    linked = os.stat_result((0o100644, 7, 1, 3, 0, 0, 10, 0, 0, 0))
+    names = [f"d{d}/f{f}" for d in range(10) for f in range(30)]
+    for count in (2, 3, 4):
+        shares = [Share(index, count) for index in range(count)]
+        owners = [[s.index for s in shares if s.owns(name, single)] for name in names]
+        assert all(len(found) == 1 for found in owners)
+        spread = [sum(found == [s.index] for found in owners) for s in shares]
+        assert min(spread) > len(names) / count / 2, spread
+        assert {s.index for name in names for s in shares if s.owns(name, linked)} == {7 % count}
+
+
+def test_a_shared_build_whose_shares_fail_raises_their_error_and_leaves_nothing(
+    tmp_path: Path, pool: BuildPool
+) -> None:
+    source = write_tree(tmp_path / "src", {"a/b": "1", "c": "2"})
+    os.mkfifo(tmp_path / "fifo-root")
+    with pytest.raises(NotADirectoryError) as raised:
+        pool.build(_builder(), tmp_path / "fifo-root", tmp_path / "staging", 2)
+    assert raised.value.errno == 20
+    assert not (tmp_path / "staging").exists()
+    pool.build(_builder(), source, tmp_path / "after", 2)
+    assert snapshot(tmp_path / "after") == snapshot(source)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_an_error_of_a_pool_build_is_raised_here_with_its_errno(
+    tmp_path: Path, pool: BuildPool, processes: int
+) -> None:
     with pytest.raises(FileNotFoundError) as raised:
-        pool.build(_builder(), tmp_path / "no-such-source", tmp_path / "staging", 1)
+        pool.build(_builder(), tmp_path / "no-such-source", tmp_path / "staging", processes)
     assert raised.value.errno == 2
     assert not (tmp_path / "staging").exists()
 
@@ -150,14 +249,16 @@ def test_the_pool_stops_when_idle_and_starts_again_for_the_next_first_tree(
     assert (tmp_path / "two/a").read_text() == "1"
 
 
+@pytest.mark.parametrize("processes", [1, 2])
 def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
-    tmp_path: Path, pool: BuildPool
+    tmp_path: Path, pool: BuildPool, processes: int
 ) -> None:
     source = tmp_path / "src"
     for d in range(50):
         write_tree(source / f"d{d:02}", {f"f{f:03}": f"{d}/{f}" for f in range(100)})
     staging = tmp_path / "staging"
-    pool.build(_builder(), write_tree(tmp_path / "warm", {"a": "1"}), tmp_path / "warm-up", 1)
+    warm = write_tree(tmp_path / "warm", {"a": "1"})
+    pool.build(_builder(), warm, tmp_path / "warm-up", processes)
     assert _builders(os.getpid()), "the pool's processes run below this one"
 
     def kill_once_building() -> None:
@@ -169,7 +270,7 @@ def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
     killer.start()
     builder = _builder()
     with capture_logs() as logs:
-        pool.build(builder, source, staging, 1)
+        pool.build(builder, source, staging, processes)
     killer.join(WAIT)
 
     assert [e["event"] for e in logs if e["event"].startswith("publish.")] == [
@@ -177,7 +278,7 @@ def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
     ]
     assert snapshot(staging) == snapshot(source)
     assert builder.stats.copied == 5000
-    pool.build(_builder(), source, tmp_path / "after", 1)  # a new pool
+    pool.build(_builder(), source, tmp_path / "after", processes)  # a new pool
     assert snapshot(tmp_path / "after") == snapshot(source)
 
 

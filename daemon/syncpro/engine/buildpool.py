@@ -10,6 +10,13 @@ files in 0.7 s, where one thread takes 1.1 to 2.5 s and `cp -a` 0.95 s.
 Only fresh builds go there: an incremental one is mostly hard links and needs the walk its
 sync made against the published tree, in the daemon. What a pool build logs and tells its
 progress about is sent back with its result and replayed in the daemon, in order.
+
+A first tree that comes while no other is building (one new app, not a first start's
+catch-up, whose trees keep every process busy) is shared out: every process makes its share
+of its files at once (see tree.Share), and the daemon gives the folders their attributes
+once all are done. One process alone copies small files slower than `cp -a` (each costs
+some twenty microseconds of Python); two at once make 5,000 files of 200 MB in ~0.75x the
+time of one.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import shutil
 import threading
 import time
 from collections.abc import MutableMapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +37,10 @@ from typing import Any
 
 import structlog
 
+from syncpro.engine.copy import clear_inherited
 from syncpro.engine.ignore import Ignore
-from syncpro.engine.tree import CopyStats, TreeBuilder
-from syncpro.engine.walk import Manifest, TreePlan
+from syncpro.engine.tree import CopyStats, Folder, Share, TreeBuilder
+from syncpro.engine.walk import Manifest, TreePlan, open_dir
 
 log = structlog.get_logger()
 
@@ -53,6 +61,8 @@ class FreshBuild:
     """The progress events, in order."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """The log events, in order."""
+    folders: list[Folder] = field(default_factory=list)
+    """For a share of a tree: the folders it walked, their attributes not given yet."""
 
 
 class BuildPool:
@@ -73,28 +83,47 @@ class BuildPool:
         exist and how many processes the pool should have, build staging as
         builder.copy_tree would, on a pool process, and leave in builder what that build
         made. Raise its OSError. A pool that has broken (a process killed) is replaced, and
-        this build runs in the daemon."""
-        executor = self._take(processes)
+        this build runs in the daemon. Built while no other build runs, the tree is shared
+        out to all the processes."""
+        executor, alone = self._take(processes)
         if executor is None:  # the daemon is stopping: a sync still running builds here
             builder.copy_tree(source, staging)
             return
+        count = processes if alone else 1
+        made_staging = False
         try:
-            future = executor.submit(
-                _fresh_build,
-                str(source),
-                str(staging),
-                builder.ignore.patterns,
-                builder.preserve_owner,
-                builder.progress is not None,
-                builder.durable,
-            )
-            made = future.result()
+            if count > 1:
+                os.mkdir(staging, 0o700)
+                made_staging = True
+                made_root = open_dir(staging)
+                try:
+                    clear_inherited(made_root)
+                finally:
+                    os.close(made_root)
+            futures = [
+                executor.submit(
+                    _fresh_build,
+                    str(source),
+                    str(staging),
+                    builder.ignore.patterns,
+                    builder.preserve_owner,
+                    builder.progress is not None,
+                    builder.durable,
+                    Share(index, count) if count > 1 else None,
+                )
+                for index in range(count)
+            ]
+            made = _merged(_results(futures))
         except BrokenProcessPool as exc:
             log.warning("publish.build_pool_broken", error=str(exc) or type(exc).__name__)
             self._discard(executor)
             shutil.rmtree(staging, ignore_errors=True)  # what the lost process had made
             builder.copy_tree(source, staging)
             return
+        except BaseException:
+            if made_staging:  # as a single build whose source cannot be read: no tree
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             self._give_back()
         for event in made.events:
@@ -102,6 +131,8 @@ class BuildPool:
             getattr(log, level, log.info)(event.pop("event"), **event)
         builder.stats, builder.written = made.stats, made.written
         builder.manifest, builder.last_plan = made.manifest, made.plan
+        if count > 1:
+            builder.finish_folders(staging, made.folders)
         if builder.progress is not None:
             for what, size in made.told:
                 builder.progress(what, size)
@@ -122,10 +153,11 @@ class BuildPool:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def _take(self, processes: int) -> ProcessPoolExecutor | None:
+    def _take(self, processes: int) -> tuple[ProcessPoolExecutor | None, bool]:
+        """Return the pool (None once closed) and whether no other build is running on it."""
         with self._lock:
             if self._closed:
-                return None
+                return None, False
             old = None
             if self._executor is not None and self._processes != processes:
                 old, self._executor = self._executor, None  # a reload changed the count
@@ -139,11 +171,12 @@ class BuildPool:
                     initargs=(os.getpid(),),
                 )
                 self._processes = processes
+            alone = self._busy == 0
             self._busy += 1
             executor = self._executor
         if old is not None:
             old.shutdown(wait=False)  # its builds running finish and are collected
-        return executor
+        return executor, alone
 
     def _give_back(self) -> None:
         with self._lock:
@@ -177,6 +210,36 @@ class BuildPool:
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+def _results(futures: list[Future[FreshBuild]]) -> list[FreshBuild]:
+    """Wait for every share of a build, then return what they made or raise the first
+    error: none may still write into a staging tree the caller removes."""
+    wait(futures)
+    return [future.result() for future in futures]
+
+
+def _merged(shares: list[FreshBuild]) -> FreshBuild:
+    """What the shares of one tree made, as one build: the plan is the first share's (each
+    walked the whole source), its progress told every file planned before any made."""
+    if len(shares) == 1:
+        return shares[0]
+    stats = CopyStats()
+    made = FreshBuild([], stats, None, shares[0].plan)
+    entries: dict[str, tuple[int, int, int]] = {}
+    done: list[tuple[str, int]] = []
+    for share in shares:
+        stats.add(share.stats)
+        made.written.extend(share.written)
+        if share.manifest is not None:
+            entries.update(share.manifest.entries)
+            made.manifest = Manifest(share.manifest.root, entries)
+        made.told.extend(t for t in share.told if t[0] == "planned")
+        done.extend(t for t in share.told if t[0] != "planned")
+        made.events.extend(share.events)
+        made.folders.extend(share.folders)
+    made.told.extend(done)
+    return made
+
+
 def _start_child(daemon: int) -> None:
     """In a pool process: end with the daemon, even one killed outright, so that no builder
     is left writing into its staging area. (Not PR_SET_PDEATHSIG: that fires when the thread
@@ -200,8 +263,10 @@ def _fresh_build(
     preserve_owner: bool,
     told: bool,
     durable: bool,
+    share: Share | None,
 ) -> FreshBuild:
-    """In a pool process: build staging from source, keeping what it logs and tells."""
+    """In a pool process: build staging from source (its share of it, if given), keeping
+    what it logs and tells."""
     events: list[dict[str, Any]] = []
 
     def keep(_logger: object, _name: str, event: MutableMapping[str, Any]) -> str:
@@ -216,8 +281,11 @@ def _fresh_build(
         preserve_owner=preserve_owner,
         progress=(lambda what, size: progress.append((what, size))) if told else None,
         durable=durable,
+        share=share,
     )
     builder.copy_tree(Path(source), Path(staging))
     assert builder.last_plan is not None
     plan = dataclasses.replace(builder.last_plan, entries=[], skipped=[])
-    return FreshBuild(builder.written, builder.stats, builder.manifest, plan, progress, events)
+    return FreshBuild(
+        builder.written, builder.stats, builder.manifest, plan, progress, events, builder.folders
+    )

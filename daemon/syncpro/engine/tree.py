@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 import stat
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,7 +39,7 @@ from syncpro.engine.walk import (
 )
 from syncpro.engine.writeback import Writeback
 
-__all__ = ["CopyStats", "Ignore", "ListedFileError", "TreeBuilder", "resolve_listed"]
+__all__ = ["CopyStats", "Ignore", "ListedFileError", "Share", "TreeBuilder", "resolve_listed"]
 
 log = structlog.get_logger()
 
@@ -138,6 +139,33 @@ class CopyStats:
         return doc
 
 
+@dataclass(frozen=True)
+class Share:
+    """One of `count` builds making one fresh tree at once, on processes of their own: this
+    one is number `index`. Each walks the whole source and makes every folder (whichever
+    comes first), but only its share of the files: a name's share follows from its path
+    alone, so builds whose walks saw different trees (a source changing meanwhile) still
+    never both make one name. All names of a multiply linked file are one share, so that
+    they become links to one copy. Folders get their attributes from whoever started the
+    builds once all are done (see TreeBuilder.finish_folders): only then are they filled."""
+
+    index: int
+    count: int
+
+    def owns(self, rel: str, st: os.stat_result | None = None) -> bool:
+        """Whether the name rel (of stat st, for a file) is this build's to make."""
+        if st is not None and st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+            key = st.st_ino
+        else:
+            key = zlib.crc32(rel.encode("utf-8", "surrogateescape"))
+        return key % self.count == self.index
+
+
+Folder = tuple[str, os.stat_result, Xattrs]
+"""A folder of a shared build, its attributes not given yet: its path, the source's stat
+and extended attributes."""
+
+
 @dataclass
 class _Dir:
     """A folder being filled: its source, staging and published descriptors."""
@@ -177,6 +205,7 @@ class TreeBuilder:
         preserve_owner: bool,
         progress: Progress | None = None,
         durable: bool = False,
+        share: Share | None = None,
     ) -> None:
         self.ignore = ignore
         self.progress = progress
@@ -201,6 +230,10 @@ class TreeBuilder:
         self._known: Manifest | None = None
         self.folders_kept = 0
         """Folders of the spare left as they were, with all they hold (see _keep_subtree)."""
+        # A build making its share of a tree into a staging root that exists (see Share):
+        # the folders it walked, for finish_folders.
+        self.share = share
+        self.folders: list[Folder] = []
 
     # --- whole trees ---
 
@@ -233,7 +266,7 @@ class TreeBuilder:
                     fd, _real_dir_path(self.reuse), self.ignore, owners=self.preserve_owner
                 )
             self.last_plan = plan
-            spare = _real_dir(dst) is not None
+            spare = self.share is None and _real_dir(dst) is not None
             self.writeback = Writeback(dst.parent) if self.durable else None
             with self.writeback or contextlib.nullcontext():
                 self._build(fd, plan, str(dst), _real_dir_path(self.reuse), str(src), spare=spare)
@@ -260,12 +293,16 @@ class TreeBuilder:
             self._inodes.clear()
             self._manifest = {}
             self.folders_kept = 0
+            self.folders = []
+        share = self.share
         for rel, kind in plan.skipped:
-            self.stats.skipped.append(rel)
-            log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
+            if share is None or share.owns(rel):
+                self.stats.skipped.append(rel)
+                log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
         for entry in plan.entries:
-            if stat.S_ISREG(entry.st.st_mode):
-                self._told("planned", entry.st.st_size)
+            st = entry.st
+            if stat.S_ISREG(st.st_mode) and (share is None or share.owns(entry.rel, st)):
+                self._told("planned", st.st_size)
         # A pool per build: its threads start with the first job given to it, if any, and
         # end with the build.
         with ThreadPoolExecutor(FILE_WORKERS, thread_name_prefix="syncpro-files") as pool:
@@ -285,14 +322,17 @@ class TreeBuilder:
         the published tree stays as it is, anything else in it is replaced or removed, and
         its folders are reused. A sync where one file of thousands changed then costs the
         walk, one copy and the swap: no folder made, no file linked, no old tree removed."""
-        if spare:
+        share = self.share
+        held: dict[str, tuple[int, bool]] | None = None
+        if share is not None:
+            dst_fd = open_dir(dst)  # made ready by whoever started the shared builds
+        elif spare:
             dst_fd = open_dir(dst)
-            held: dict[str, tuple[int, bool]] | None = _prepare_spare(dst_fd)
+            held = _prepare_spare(dst_fd)
         else:
             os.mkdir(dst, 0o700)
             dst_fd = open_dir(dst)
             clear_inherited(dst_fd)
-            held = None
         made = os.fstat(dst_fd)
         pub_fd: int | None = None
         if reuse is not None:
@@ -314,7 +354,8 @@ class TreeBuilder:
                 while len(stack) > entry.depth + 1:
                     self._walked(stack.pop(), waiting, pool, plan.prefix)
                 if not stat.S_ISDIR(entry.st.st_mode):
-                    stack[-1].files.append(entry)
+                    if share is None or share.owns(entry.rel, entry.st):
+                        stack[-1].files.append(entry)
                     continue
                 if dirty is not None and entry.rel not in dirty:
                     end = i
@@ -437,7 +478,12 @@ class TreeBuilder:
         if not reused:
             if old is not None:
                 _remove_held(here.dst, entry.name, is_dir=False)  # a file where a folder goes
-            os.mkdir(entry.name, 0o700, dir_fd=here.dst)
+            try:
+                os.mkdir(entry.name, 0o700, dir_fd=here.dst)
+            except FileExistsError:
+                if self.share is None:
+                    raise
+                # Made by another share: open_dir below takes nothing but a folder.
         here.subdirs.append(entry.name)
         src = open_listed_dir(entry, here.src)
         try:
@@ -500,6 +546,9 @@ class TreeBuilder:
                 self.stats.add(made.stats)
                 self.written.extend(made.written)
                 self._manifest.update(made.manifest)
+            if self.share is not None:
+                self.folders.append((folder.rel, folder.st, folder.xattrs))
+                return
             finish_metadata(
                 folder.dst,
                 folder.st,
@@ -711,11 +760,27 @@ class TreeBuilder:
             self._finish_path(path, st, xattrs)
         self._finish_path(str(dst), root_stat, read_xattrs(root_fd))
 
-    def _finish_path(self, path: str, st: os.stat_result, xattrs: Xattrs) -> None:
+    def finish_folders(self, dst: Path, folders: Iterable[Folder]) -> None:
+        """Given the staging root of a tree that shared builds have filled and the folders
+        they walked (a folder walked by several of them may be given once or more), give
+        each folder its attributes, the deepest first: a folder's mtime is final once
+        nothing more is made in it."""
+        latest = {rel: (rel, st, xattrs) for rel, st, xattrs in folders}
+        for rel, st, xattrs in sorted(latest.values(), key=_depth, reverse=True):
+            self._finish_path(os.path.join(dst, rel) if rel else str(dst), st, xattrs, rel)
+
+    def _finish_path(
+        self, path: str, st: os.stat_result, xattrs: Xattrs, rel: str | None = None
+    ) -> None:
         fd = open_dir(path)
         try:
             finish_metadata(
-                fd, st, xattrs, owners=self.preserve_owner, rel=path, not_kept=self.stats.not_kept
+                fd,
+                st,
+                xattrs,
+                owners=self.preserve_owner,
+                rel=path if rel is None else rel,
+                not_kept=self.stats.not_kept,
             )
         finally:
             os.close(fd)
@@ -789,6 +854,10 @@ def _remove_held(dir_fd: int, name: str, is_dir: bool) -> None:
         shutil.rmtree(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def _depth(folder: Folder) -> int:
+    return folder[0].count("/") + 1 if folder[0] else 0
 
 
 def _worth_a_thread(files: list[Entry]) -> bool:

@@ -21,7 +21,8 @@ syncpro runs three ways, each with publish.fsync off and on: as the CLI in a sub
 fsync setting, its settle time too long to sync by itself) asked over its control socket, timed
 from the request to the answer: what an HTTP or `ctl` client of a deploy host waits for. A
 daemon builds a first tree on its build processes, which are started by the warm-up round and
-stop after 10 s without a build. fsync costs one syncfs, so the table also shows the baselines
+stop after 10 s without a build; with nothing else building, the tree is shared out to all of
+them. fsync costs one syncfs, so the table also shows the baselines
 followed by `sync -f` (the same syncfs), the fair comparison for fsync=on.
 
 Run it with the project's venv python: `.venv/bin/python scripts/bench_sync.py [--quick]`.

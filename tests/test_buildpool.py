@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -109,19 +111,36 @@ def _builders(pid: int) -> set[int]:
     return found
 
 
+@dataclass
+class _Built:
+    """One tree built twice: here, by copy_tree, and there, on the pool."""
+
+    here: TreeBuilder
+    there: TreeBuilder
+    told_here: list[tuple[str, int]] = field(default_factory=list)
+    told_there: list[tuple[str, int]] = field(default_factory=list)
+    skipped_here: list[MutableMapping[str, Any]] = field(default_factory=list)
+    skipped_there: list[MutableMapping[str, Any]] = field(default_factory=list)
+
+
+def _build_both_ways(tmp_path: Path, pool: BuildPool, source: Path, processes: int) -> _Built:
+    told_here: list[tuple[str, int]] = []
+    told_there: list[tuple[str, int]] = []
+    built = _Built(_builder(told_here), _builder(told_there), told_here, told_there)
+    with capture_logs() as logs:
+        built.here.copy_tree(source, tmp_path / "here")
+    built.skipped_here = [e for e in logs if e["event"] == "copy.special_file_skipped"]
+    with capture_logs() as logs:
+        pool.build(built.there, source, tmp_path / "there", processes)
+    built.skipped_there = [e for e in logs if e["event"] == "copy.special_file_skipped"]
+    return built
+
+
 def test_a_tree_built_on_the_pool_is_the_one_built_here_and_reported_alike(
     tmp_path: Path, pool: BuildPool
 ) -> None:
-    source = _source(tmp_path / "src")
-    told_here: list[tuple[str, int]] = []
-    here = _builder(told_here)
-    with capture_logs() as logs_here:
-        here.copy_tree(source, tmp_path / "here")
-    told_there: list[tuple[str, int]] = []
-    there = _builder(told_there)
-
-    with capture_logs() as logs_there:
-        pool.build(there, source, tmp_path / "there", 1)
+    built = _build_both_ways(tmp_path, pool, _source(tmp_path / "src"), 1)
+    here, there, told_here, told_there = built.here, built.there, built.told_here, built.told_there
 
     assert pool.running
     assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
@@ -135,8 +154,7 @@ def test_a_tree_built_on_the_pool_is_the_one_built_here_and_reported_alike(
     assert there.last_plan.digest == here.last_plan.digest
     assert told_there == told_here != []
     # What the pool's process logged is logged here, the FIFO it never opened among it.
-    skipped = [e for e in logs_there if e["event"] == "copy.special_file_skipped"]
-    assert skipped == [e for e in logs_here if e["event"] == "copy.special_file_skipped"] != []
+    assert built.skipped_there == built.skipped_here != []
 
 
 def _wide_source(root: Path) -> Path:
@@ -165,16 +183,8 @@ def _wide_source(root: Path) -> Path:
 def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     tmp_path: Path, pool: BuildPool
 ) -> None:
-    source = _wide_source(tmp_path / "src")
-    told_here: list[tuple[str, int]] = []
-    here = _builder(told_here)
-    with capture_logs() as logs_here:
-        here.copy_tree(source, tmp_path / "here")
-    told_there: list[tuple[str, int]] = []
-    there = _builder(told_there)
-
-    with capture_logs() as logs_there:
-        pool.build(there, source, tmp_path / "there", 2)
+    built = _build_both_ways(tmp_path, pool, _wide_source(tmp_path / "src"), 2)
+    here, there, told_here, told_there = built.here, built.there, built.told_here, built.told_there
 
     assert len(_builders(os.getpid())) == 2, "one process per share"
     assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
@@ -196,9 +206,8 @@ def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     assert sorted(told_there) == sorted(told_here)
     planned = [what == "planned" for what, _ in told_there]
     assert planned == sorted(planned, reverse=True)
-    skipped = [e for e in logs_there if e["event"] == "copy.special_file_skipped"]
-    assert len(skipped) == 1
-    assert skipped == [e for e in logs_here if e["event"] == "copy.special_file_skipped"]
+    assert len(built.skipped_there) == 1
+    assert built.skipped_there == built.skipped_here
 
 
 def test_each_name_is_one_share_and_all_names_of_a_file_the_same_one() -> None:

@@ -6,6 +6,8 @@ import argparse
 import json
 import platform
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,6 +179,32 @@ def test_the_socket_is_found_through_the_config(
         code, out, _ = ctl(["status", "--config", str(config.path)], capsys)
     assert code == 0
     assert json.loads(out)["msg"] == "ok"
+
+
+def test_ctl_runs_without_importing_structlog_or_the_tree_builder(
+    tmp_path: Path, sock_dir: Path, handler: FakeHandler
+) -> None:
+    # `ctl` runs once per request: structlog alone takes ~0.1 s to import (asyncio with it),
+    # the builder as much again, and it logs nothing and builds nothing.
+    path = sock_dir / "light.sock"
+    config = make_config(tmp_path, SERVER_GROUP, extra={"control": {"socket": str(path)}})
+    script = (
+        "import sys\n"
+        "from syncpro.cli import main\n"
+        "code = main(['ctl', 'status', '--config', sys.argv[1]])\n"
+        "heavy = [m for m in sys.modules if m == 'structlog' or m == 'syncpro.engine.tree']\n"
+        "print('imported:', sorted(heavy), 'exit:', int(code))\n"
+    )
+    with ControlServer(config.control, handler):
+        ran = subprocess.run(
+            [sys.executable, "-c", script, str(config.path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert ran.returncode == 0, ran.stderr
+    assert json.loads(ran.stdout.splitlines()[0])["msg"] == "ok"
+    assert ran.stdout.splitlines()[-1] == "imported: [] exit: 0"
 
 
 def test_an_invalid_config_exits_2_with_its_problem(

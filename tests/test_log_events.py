@@ -54,6 +54,10 @@ def _levels_of(node: ast.expr) -> set[str]:
         and base.func.attr == "get_logger"
     ):
         return {node.attr}
+    if (  # syncpro.log.logger().warning(...), structlog imported when first logged with
+        isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "logger"
+    ):
+        return {node.attr}
     return set()
 
 

@@ -15,14 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO, cast
 
-import structlog
-
 from syncpro import __version__
 from syncpro.config.load import load_config
 from syncpro.config.model import Config
 from syncpro.errors import ConfigError, ExitCode, RequestError, SyncproError
 from syncpro.inventory.apps import Inventory
-from syncpro.log import FORMATS, is_terminal
+from syncpro.log import FORMATS, is_terminal, logger
 
 if TYPE_CHECKING:
     from syncpro.engine.result import SyncResult
@@ -215,7 +213,7 @@ def _sync(args: argparse.Namespace) -> int:
     try:
         sweep_later([config.dirs.softdir, config.dirs.configuredir])
     except OSError as exc:  # a target root that is not a folder: the result says so already
-        structlog.get_logger().warning("cli.sweep_not_started", error=str(exc))
+        logger().warning("cli.sweep_not_started", error=str(exc))
     if as_json:
         print_document(response_document(result), args.pretty)
     else:
@@ -226,7 +224,7 @@ def _sync(args: argparse.Namespace) -> int:
     if as_json:  # on a terminal the summary named them already
         for token in result.unknown:
             hint = did_you_mean(token, inventory).strip(" ()")
-            structlog.get_logger().warning("cli.unknown_key", token=token, hint=hint)
+            logger().warning("cli.unknown_key", token=token, hint=hint)
     return ExitCode.OK if result.ok else ExitCode.UNSUCCESSFUL
 
 

@@ -7,11 +7,15 @@ import logging
 import sys
 import warnings
 from collections.abc import Mapping
-from typing import Any, Literal, TextIO
-
-import structlog
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from syncpro.engine.response import text_safe
+
+if TYPE_CHECKING:
+    import structlog
+
+# structlog itself is imported where it is configured: importing it takes some 0.1 s (it
+# brings asyncio along), which `syncpro ctl`, a client run once per request, need not pay.
 
 
 def _text_safe(_logger: object, _name: str, event: structlog.typing.EventDict) -> Any:
@@ -42,6 +46,13 @@ def _console_brief(_logger: object, _name: str, event: structlog.typing.EventDic
     return {key: _brief(value) for key, value in event.items()}
 
 
+def logger() -> Any:
+    """structlog's logger, for a module that logs seldom and is also imported by `ctl`."""
+    import structlog
+
+    return structlog.get_logger()
+
+
 def is_terminal(stream: TextIO) -> bool:
     """Given a stream, return whether it is an open terminal."""
     try:
@@ -64,6 +75,8 @@ def configure(
 ) -> None:
     """Send log events to stream (default stdout): JSON lines unless it is a terminal, or as
     `fmt` says. `verbose` adds debug events; `quiet` keeps only warnings and errors."""
+    import structlog
+
     stream = stream or sys.stdout
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -99,7 +112,7 @@ def capture_warnings() -> None:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
-        structlog.get_logger().warning(
+        logger().warning(
             "python.warning",
             category=category.__name__,
             message=str(message),

@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NotRequired, Protocol, TypedDict, cast
 
-import structlog
-
 from syncpro.control.protocol import (
     DIFF_ACTION,
     HEALTH_ACTION,
@@ -36,8 +34,7 @@ from syncpro.engine.response import (
     text_safe,
 )
 from syncpro.errors import ExitCode, RequestError
-
-log = structlog.get_logger()
+from syncpro.log import logger  # not structlog's: `ctl` reads answers with this module
 
 
 class Code(StrEnum):
@@ -149,12 +146,12 @@ def _run(handler: ControlHandler, req: ControlRequest, origin: str) -> Answer:
     except RequestError as exc:
         return refusal_document(req.echo(), str(exc))
     except Exception as exc:
-        log.exception("control.handler_failed", action=req.action, error=type(exc).__name__)
+        logger().exception("control.handler_failed", action=req.action, error=type(exc).__name__)
         reason = f"internal error while running {req.action}: {type(exc).__name__}: {exc}"
         return refusal_document(req.echo(), reason, Code.INTERNAL)
     if not isinstance(doc, dict):  # a handler that broke its protocol: said, never raised
         reason = f"internal error: {req.action} answered {type(doc).__name__}, not a document"
-        log.error("control.handler_failed", action=req.action, error=reason)
+        logger().error("control.handler_failed", action=req.action, error=reason)
         return refusal_document(req.echo(), reason, Code.INTERNAL)
     if "param" not in doc:
         doc = copy.copy(doc)
@@ -264,7 +261,7 @@ def encode(doc: Mapping[str, Any], *, pretty: bool = False) -> bytes:
             text_safe(doc), ensure_ascii=False, indent=2 if pretty else None, default=str
         )
     except (TypeError, ValueError) as exc:
-        log.error("control.unencodable_document", error=str(exc))
+        logger().error("control.unencodable_document", error=str(exc))
         reason = f"internal error: the answer could not be encoded: {exc}"
         text = json.dumps(refusal_document({}, reason, Code.INTERNAL), ensure_ascii=False)
     return text.encode("utf-8") + b"\n"

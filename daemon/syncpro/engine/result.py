@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import NotRequired, TypedDict, cast
+from typing import TYPE_CHECKING, NotRequired, TypedDict, cast
 
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.selection import Skipped
-from syncpro.engine.tree import CopyStats
+
+if TYPE_CHECKING:  # the tree builder and what it imports are not needed to read a result
+    from syncpro.engine.tree import CopyStats
 
 
 class Status(StrEnum):

@@ -4,9 +4,11 @@ processes make them at once), then its folders finished, give the tree one build
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -91,3 +93,33 @@ def test_shares_built_one_after_another_make_the_tree_one_build_makes(
             for path in [folder, *folder.rglob("*")]:
                 if path.is_dir() and not path.is_symlink():
                     os.chmod(path, 0o700)
+
+
+@pytest.mark.parametrize("folder_first", [True, False])
+def test_a_name_a_folder_to_one_share_and_a_file_to_another_fails_the_build(
+    tmp_path: Path, folder_first: bool
+) -> None:
+    source = write_tree(tmp_path / "src", {"a/f": "1", "b": "2"})
+    staging = tmp_path / "staging"
+    os.mkdir(staging, 0o700)
+    owner = next(i for i in range(2) if Share(i, 2).owns("a"))  # of "a" as a file
+    as_file = _builder(Share(owner, 2))
+    as_folder = _builder(Share(1 - owner, 2))
+
+    def make_a_file() -> None:
+        shutil.rmtree(source / "a")
+        (source / "a").write_text("a file now")
+
+    if folder_first:
+        as_folder.copy_tree(source, staging)
+        make_a_file()
+        with pytest.raises(FileExistsError):
+            as_file.copy_tree(source, staging)
+    else:
+        make_a_file()
+        as_file.copy_tree(source, staging)
+        (source / "a").unlink()
+        write_tree(source, {"a/f": "1"})
+        with pytest.raises(NotADirectoryError):
+            as_folder.copy_tree(source, staging)
+    assert (staging / "a").is_file() != folder_first

@@ -12,9 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from syncpro.engine.copy import clear_inherited
-from syncpro.engine.tree import Folder, Ignore, Share, TreeBuilder
-from syncpro.engine.walk import open_dir
+from syncpro.engine.tree import Folder, Ignore, Share, TreeBuilder, make_root
 
 from helpers import BASE_NS, File, Symlink, snapshot, write_tree
 
@@ -67,10 +65,7 @@ def test_shares_built_one_after_another_make_the_tree_one_build_makes(
         one = _builder()
         one.copy_tree(base / "src", base / "one")
 
-        os.mkdir(base / "shared", 0o700)
-        root = open_dir(base / "shared")
-        clear_inherited(root)
-        os.close(root)
+        os.close(make_root(base / "shared"))
         walked: list[Folder] = []
         finisher = _builder()
         for index in range(count):

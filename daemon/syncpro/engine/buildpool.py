@@ -37,10 +37,9 @@ from typing import Any
 
 import structlog
 
-from syncpro.engine.copy import clear_inherited
 from syncpro.engine.ignore import Ignore
-from syncpro.engine.tree import CopyStats, Folder, Share, TreeBuilder
-from syncpro.engine.walk import Manifest, TreePlan, open_dir
+from syncpro.engine.tree import CopyStats, Folder, Share, TreeBuilder, make_root
+from syncpro.engine.walk import Manifest, TreePlan
 
 log = structlog.get_logger()
 
@@ -93,13 +92,8 @@ class BuildPool:
         made_staging = False
         try:
             if count > 1:
-                os.mkdir(staging, 0o700)
+                os.close(make_root(staging))
                 made_staging = True
-                made_root = open_dir(staging)
-                try:
-                    clear_inherited(made_root)
-                finally:
-                    os.close(made_root)
             futures = [
                 executor.submit(
                     _fresh_build,

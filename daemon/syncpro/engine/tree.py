@@ -39,7 +39,15 @@ from syncpro.engine.walk import (
 )
 from syncpro.engine.writeback import Writeback
 
-__all__ = ["CopyStats", "Ignore", "ListedFileError", "Share", "TreeBuilder", "resolve_listed"]
+__all__ = [
+    "CopyStats",
+    "Ignore",
+    "ListedFileError",
+    "Share",
+    "TreeBuilder",
+    "make_root",
+    "resolve_listed",
+]
 
 log = structlog.get_logger()
 
@@ -330,9 +338,7 @@ class TreeBuilder:
             dst_fd = open_dir(dst)
             held = _prepare_spare(dst_fd)
         else:
-            os.mkdir(dst, 0o700)
-            dst_fd = open_dir(dst)
-            clear_inherited(dst_fd)
+            dst_fd = make_root(dst)
         made = os.fstat(dst_fd)
         pub_fd: int | None = None
         if reuse is not None:
@@ -695,12 +701,7 @@ class TreeBuilder:
         self, root_fd: int, real_root: str, chosen: list[tuple[str, str]], dst: Path
     ) -> None:
         root_stat = os.fstat(root_fd)
-        os.mkdir(dst, 0o700)
-        dst_fd = open_dir(dst)
-        try:
-            clear_inherited(dst_fd)
-        finally:
-            os.close(dst_fd)
+        os.close(make_root(dst))
         made: list[tuple[str, os.stat_result, Xattrs]] = []
         # Shallow entries first: a listed directory is copied whole before any file inside it
         # that is listed too (which then is already there).
@@ -824,6 +825,19 @@ def _open_root(src: Path) -> int:
     try:
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(src))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_root(dst: str | Path) -> int:
+    """Create a new tree's root at dst, 0700 until it is filled and carrying nothing
+    inherited (see clear_inherited); return it open."""
+    os.mkdir(dst, 0o700)
+    fd = open_dir(dst)
+    try:
+        clear_inherited(fd)
     except BaseException:
         os.close(fd)
         raise

@@ -307,10 +307,11 @@ class TreeBuilder:
             if share is None or share.owns(rel):
                 self.stats.skipped.append(rel)
                 log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
-        for entry in plan.entries:
-            st = entry.st
-            if stat.S_ISREG(st.st_mode) and (share is None or share.owns(entry.rel, st)):
-                self._told("planned", st.st_size)
+        if self.progress is not None:  # a loop over every entry, for nobody otherwise
+            for entry in plan.entries:
+                st = entry.st
+                if stat.S_ISREG(st.st_mode) and (share is None or share.owns(entry.rel, st)):
+                    self.progress("planned", st.st_size)
         # A pool per build: its threads start with the first job given to it, if any, and
         # end with the build.
         with ThreadPoolExecutor(FILE_WORKERS, thread_name_prefix="syncpro-files") as pool:
@@ -454,7 +455,10 @@ class TreeBuilder:
         for entry in entries:
             mode = entry.st.st_mode
             if stat.S_ISREG(mode):
-                self._kept(entry, f"{here.staged}/{entry.rel[cut:]}", stats, manifest)
+                # Its staging path only matters to a file of several names (see _kept).
+                linked = entry.st.st_nlink > 1
+                staged = f"{here.staged}/{entry.rel[cut:]}" if linked else ""
+                self._kept(entry, staged, stats, manifest)
             elif stat.S_ISLNK(mode):
                 stats.symlinks += 1
         here.subdirs.append(top.name)
@@ -469,8 +473,8 @@ class TreeBuilder:
         manifest: dict[str, tuple[int, int, int]],
     ) -> None:
         """Count a file the spare already holds as the published file itself (one inode in
-        both trees): its staging path `staged` is the first name of its inode if it has
-        others."""
+        both trees): its staging path `staged` (needed only when it has several names) is
+        the first name of its inode."""
         stats.files += 1
         stats.linked += 1
         if entry.st.st_nlink > 1:

@@ -217,15 +217,16 @@ def _merged(shares: list[FreshBuild]) -> FreshBuild:
     if len(shares) == 1:
         return shares[0]
     stats = CopyStats()
-    made = FreshBuild([], stats, None, shares[0].plan)
+    first = shares[0].manifest  # every share made its manifest of the same root
     entries: dict[str, tuple[int, int, int]] = {}
+    manifest = Manifest(first.root, entries) if first is not None else None
+    made = FreshBuild([], stats, manifest, shares[0].plan)
     done: list[tuple[str, int]] = []
     for share in shares:
         stats.add(share.stats)
         made.written.extend(share.written)
         if share.manifest is not None:
             entries.update(share.manifest.entries)
-            made.manifest = Manifest(share.manifest.root, entries)
         made.told.extend(t for t in share.told if t[0] == "planned")
         done.extend(t for t in share.told if t[0] != "planned")
         made.events.extend(share.events)

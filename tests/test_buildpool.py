@@ -123,6 +123,17 @@ class _Built:
     skipped_there: list[MutableMapping[str, Any]] = field(default_factory=list)
 
 
+def _assert_alike(tmp_path: Path, built: _Built) -> None:
+    """The tree built there is the one built here, counted, recorded and digested alike."""
+    here, there = built.here, built.there
+    assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
+    assert there.stats == here.stats
+    assert there.manifest is not None and here.manifest is not None
+    assert there.manifest.entries.keys() == here.manifest.entries.keys()
+    assert there.last_plan is not None and here.last_plan is not None
+    assert there.last_plan.digest == here.last_plan.digest
+
+
 def _build_both_ways(tmp_path: Path, pool: BuildPool, source: Path, processes: int) -> _Built:
     told_here: list[tuple[str, int]] = []
     told_there: list[tuple[str, int]] = []
@@ -143,15 +154,11 @@ def test_a_tree_built_on_the_pool_is_the_one_built_here_and_reported_alike(
     here, there, told_here, told_there = built.here, built.there, built.told_here, built.told_there
 
     assert pool.running
-    assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
-    assert there.stats == here.stats and there.stats.hardlinks == 1
+    _assert_alike(tmp_path, built)
+    assert there.stats.hardlinks == 1
     assert [Path(p).relative_to(tmp_path / "there") for p in there.written] == [
         Path(p).relative_to(tmp_path / "here") for p in here.written
     ]
-    assert there.manifest is not None and here.manifest is not None
-    assert there.manifest.entries.keys() == here.manifest.entries.keys()
-    assert there.last_plan is not None and here.last_plan is not None
-    assert there.last_plan.digest == here.last_plan.digest
     assert told_there == told_here != []
     # What the pool's process logged is logged here, the FIFO it never opened among it.
     assert built.skipped_there == built.skipped_here != []
@@ -187,21 +194,16 @@ def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     here, there, told_here, told_there = built.here, built.there, built.told_here, built.told_there
 
     assert len(_builders(os.getpid())) == 2, "one process per share"
-    assert snapshot(tmp_path / "there") == snapshot(tmp_path / "here") != {}
+    _assert_alike(tmp_path, built)
     assert os.stat(tmp_path / "there/d5/sub2/same").st_nlink == 6
     assert os.getxattr(tmp_path / "there/d3/sub1/f07", "user.tag") == b"file"
     assert os.getxattr(tmp_path / "there/d4/sub1", "user.tag") == b"folder"
-    assert there.stats == here.stats
     assert there.stats.hardlinks == 5 and there.stats.dirs == 1 + 6 * 4
     assert sorted(Path(p).relative_to(tmp_path / "there") for p in there.written) == sorted(
         Path(p).relative_to(tmp_path / "here") for p in here.written
     )
-    assert there.manifest is not None and here.manifest is not None
-    assert there.manifest.entries.keys() == here.manifest.entries.keys()
     root = os.stat(tmp_path / "there")
-    assert there.manifest.root == (root.st_dev, root.st_ino)
-    assert there.last_plan is not None and here.last_plan is not None
-    assert there.last_plan.digest == here.last_plan.digest
+    assert there.manifest is not None and there.manifest.root == (root.st_dev, root.st_ino)
     # Every file told of once, all planned before the first made.
     assert sorted(told_there) == sorted(told_here)
     planned = [what == "planned" for what, _ in told_there]

@@ -56,11 +56,13 @@ def free_port() -> int:
 
 def trash_empty(*target_roots: Path) -> bool:
     """Whether every replaced tree under the target roots (softdir, configuredir) has been
-    swept after its grace."""
+    swept after its grace, and the sweep is over: a tree being retired has left the trash
+    for the staging folder, and becomes its target's spare only once stripped."""
     for root in target_roots:
-        trash = root / ".syncpro" / "trash"
-        if trash.is_dir() and any(trash.iterdir()):
-            return False
+        for folder in ("trash", "staging"):
+            path = root / ".syncpro" / folder
+            if path.is_dir() and any(path.iterdir()):
+                return False
     return True
 
 

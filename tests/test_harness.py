@@ -17,6 +17,7 @@ from syncpro.testing import (
     group,
     put,
     running,
+    trash_empty,
     tree,
     wait_until,
     write_config,
@@ -73,6 +74,20 @@ def test_a_wait_that_runs_out_says_what_it_waited_for() -> None:
     with pytest.raises(DaemonWaitError, match="the impossible"):
         wait_until(lambda: False, timeout=0.05, what="the impossible")
     assert wait_until(lambda: 42, timeout=0.05) == 42
+
+
+def test_trash_empty_waits_for_a_sweep_to_finish_stripping_its_tree(tmp_path: Path) -> None:
+    # A sweep claims an expired tree by moving it from trash/ to staging/, strips it, then
+    # makes it the spare: a run started before that finds no spare (benchmarks wait here).
+    root = tmp_path / "soft"
+    put(root / ".syncpro", {"trash/1.000.app.0a1b2c3d/f": "old\n"})
+    assert not trash_empty(root)
+    os.makedirs(root / ".syncpro" / "staging")
+    os.rename(root / ".syncpro/trash/1.000.app.0a1b2c3d", root / ".syncpro/staging/claimed.app")
+    assert not trash_empty(root)
+    os.rename(root / ".syncpro/staging/claimed.app", root / ".syncpro/spare")
+    assert trash_empty(root)
+    assert trash_empty(tmp_path / "never-published")
 
 
 @pytest.mark.daemon

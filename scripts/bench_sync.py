@@ -122,6 +122,7 @@ class Run:
     copied: int | None = None
     linked: int | None = None
     cleanup: float | None = None  # in-process: retiring the replaced tree afterwards, untimed
+    spare: bool | None = None  # incremental: whether the target had a spare to bring up to date
 
 
 @dataclass
@@ -439,9 +440,17 @@ class Bench:
         return run, timed_subprocess(["sync", "-f", str(dst)])
 
     def syncpro_run(self, case: str, variant: str) -> Run:
+        """Run syncpro once for a case; an incremental run says whether it found a spare."""
         # A CLI run's detached sweeper (idle priority, so it may take a while) must never
         # overlap a timed run, full copies included.
         self.wait_for_sweeper()
+        spare = self.base / "soft" / ".syncpro" / "spare" / LOCAL_NAME
+        had_spare = spare.is_dir() if case == "incremental" else None
+        run = self._syncpro_run(case, variant)
+        run.spare = had_spare
+        return run
+
+    def _syncpro_run(self, case: str, variant: str) -> Run:
         if case == "full":
             self.reset_syncpro_targets()
         elif case == "incremental":
@@ -581,6 +590,7 @@ def summarise(results: dict[str, dict[str, Series]]) -> dict[str, Any]:
                 "copied_median": s.median(lambda r: r.copied),
                 "linked_median": s.median(lambda r: r.linked),
                 "cleanup_median": s.median(lambda r: r.cleanup),
+                "no_spare_runs": sum(1 for r in s.runs if r.spare is False),
                 "ratio_vs_baseline": wall / base if wall and base else None,
                 "ratio_vs_baseline_syncfs": wall / base_sync if wall and base_sync else None,
                 # Contenders of one round ran back to back, under the same load: the median
@@ -642,6 +652,13 @@ def render(
         lines.append("")
     notes = []
     for case, data in summary.items():
+        missing = sum(row["no_spare_runs"] for row in data["rows"].values())
+        if missing:
+            # Not the steady state the case stands for: such a run links a whole new tree.
+            notes.append(
+                f"{CASE_TITLES[case]}: {missing} timed syncpro runs found no spare to bring "
+                "up to date"
+            )
         row = data["rows"]["inproc-nofsync"]
         if row["copied_median"] is None:
             # Nothing differed: the engine left the published tree in place, no build ran.

@@ -45,6 +45,12 @@ def pool() -> Iterator[BuildPool]:
     made.close()
 
 
+def _started(pool: BuildPool, processes: int) -> BuildPool:
+    """The pool with its processes up: a build while they start may be made here."""
+    assert wait_until(lambda: pool.ready(processes), WAIT)
+    return pool
+
+
 def _builder(told: list[tuple[str, int]] | None = None) -> TreeBuilder:
     progress = (lambda what, size: told.append((what, size))) if told is not None else None
     return TreeBuilder(
@@ -142,7 +148,8 @@ def _build_both_ways(tmp_path: Path, pool: BuildPool, source: Path, processes: i
         built.here.copy_tree(source, tmp_path / "here")
     built.skipped_here = [e for e in logs if e["event"] == "copy.special_file_skipped"]
     with capture_logs() as logs:
-        pool.build(built.there, source, tmp_path / "there", processes)
+        _started(pool, processes).build(built.there, source, tmp_path / "there", processes)
+    assert pool.made == 1
     built.skipped_there = [e for e in logs if e["event"] == "copy.special_file_skipped"]
     return built
 
@@ -231,7 +238,7 @@ def test_a_shared_build_whose_shares_fail_raises_their_error_and_leaves_nothing(
     source = write_tree(tmp_path / "src", {"a/b": "1", "c": "2"})
     os.mkfifo(tmp_path / "fifo-root")
     with pytest.raises(NotADirectoryError) as raised:
-        pool.build(_builder(), tmp_path / "fifo-root", tmp_path / "staging", 2)
+        _started(pool, 2).build(_builder(), tmp_path / "fifo-root", tmp_path / "staging", 2)
     assert raised.value.errno == 20
     assert not (tmp_path / "staging").exists()
     pool.build(_builder(), source, tmp_path / "after", 2)
@@ -243,7 +250,9 @@ def test_an_error_of_a_pool_build_is_raised_here_with_its_errno(
     tmp_path: Path, pool: BuildPool, processes: int
 ) -> None:
     with pytest.raises(FileNotFoundError) as raised:
-        pool.build(_builder(), tmp_path / "no-such-source", tmp_path / "staging", processes)
+        _started(pool, processes).build(
+            _builder(), tmp_path / "no-such-source", tmp_path / "staging", processes
+        )
     assert raised.value.errno == 2
     assert not (tmp_path / "staging").exists()
 
@@ -260,6 +269,37 @@ def test_the_pool_stops_when_idle_and_starts_again_for_the_next_first_tree(
     assert (tmp_path / "two/a").read_text() == "1"
 
 
+def test_a_first_tree_that_comes_while_the_processes_start_is_built_here_if_small(
+    tmp_path: Path, pool: BuildPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A new app on an idle daemon: its tree is made before the processes would be up.
+    monkeypatch.setattr(buildpool, "WORTH_WAITING", 60)
+    small = write_tree(
+        tmp_path / "small", {f"d{d}/f{f}": f"{d}{f}" for d in range(3) for f in range(9)}
+    )
+    big = write_tree(
+        tmp_path / "big", {f"d{d}/f{f}": f"{d}{f}" for d in range(6) for f in range(9)}
+    )
+
+    pool.build(_builder(), small, tmp_path / "small-here", 2)
+    assert pool.made == 0
+    assert pool.running, "started after it, for the next"
+    assert snapshot(tmp_path / "small-here") == snapshot(small)
+    _started(pool, 2).build(_builder(), small, tmp_path / "small-there", 2)
+    assert pool.made == 1
+    assert snapshot(tmp_path / "small-there") == snapshot(small)
+    pool.close()
+
+    # One worth the wait waits for the processes to start.
+    waiting = BuildPool()
+    try:
+        waiting.build(_builder(), big, tmp_path / "big-there", 2)
+        assert waiting.made == 1
+        assert snapshot(tmp_path / "big-there") == snapshot(big)
+    finally:
+        waiting.close()
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
     tmp_path: Path, pool: BuildPool, processes: int
@@ -268,8 +308,7 @@ def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
     for d in range(50):
         write_tree(source / f"d{d:02}", {f"f{f:03}": f"{d}/{f}" for f in range(100)})
     staging = tmp_path / "staging"
-    warm = write_tree(tmp_path / "warm", {"a": "1"})
-    pool.build(_builder(), warm, tmp_path / "warm-up", processes)
+    _started(pool, processes)
     assert _builders(os.getpid()), "the pool's processes run below this one"
 
     def kill_once_building() -> None:
@@ -289,7 +328,7 @@ def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
     ]
     assert snapshot(staging) == snapshot(source)
     assert builder.stats.copied == 5000
-    pool.build(_builder(), source, tmp_path / "after", processes)  # a new pool
+    _started(pool, processes).build(_builder(), source, tmp_path / "after", processes)  # a new pool
     assert snapshot(tmp_path / "after") == snapshot(source)
 
 

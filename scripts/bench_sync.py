@@ -14,7 +14,8 @@ Cases:
 Between syncpro runs the replaced tree is retired as it is once its grace period is over (the
 daemon's sweep, the CLI's sweeper): it becomes the target's spare, which the next incremental
 run brings up to date in place. That is the steady state of a deploy host, where one app's
-syncs are further apart than `publish.grace`.
+syncs are further apart than `publish.grace`. The CLI and in-process runs take turns at one
+target; each daemon publishes to targets of its own, which it alone sweeps, as on a host.
 
 syncpro runs three ways, each with publish.fsync off and on: as the CLI in a subprocess
 (start-up included); in-process (run_sync); and as a running daemon (`syncpro serve`, one per
@@ -307,8 +308,12 @@ class Bench:
         self.syncpro = syncpro
         self.src = base / "r" / "softdir" / APP_KEY
         self.conf_src = base / "r" / "configuredir" / APP_KEY
-        self.target = base / "soft" / LOCAL_NAME
-        self.conf_target = base / "conf" / LOCAL_NAME / APP_KEY
+        # Target roots: one pair for the one-shot contenders (CLI, in-process), which take
+        # turns at one target as successive runs on a host do, and a pair of its own for
+        # each daemon, which owns its targets (and sweeps them) as on a host.
+        self.roots = {
+            owner: (base / f"soft{owner}", base / f"conf{owner}") for owner in ("", "-on", "-off")
+        }
         self.cp_dst = base / "cp-copy"
         self.rsync_dst = base / "rsync-copy"
         self.configs = {fsync: base / f"config-fsync-{fsync}.yml" for fsync in ("on", "off")}
@@ -323,8 +328,10 @@ class Bench:
         self.changed = info.changed_file
         self.conf_src.mkdir(parents=True)
         (self.conf_src / "app.properties").write_text("port=8080\n", encoding="utf-8")
-        for name in ("u", "soft", "conf", "state"):
+        for name in ("u", "state"):
             (self.base / name).mkdir()
+        for root in self.all_roots():
+            root.mkdir()
         for fsync, path in self.configs.items():
             write_config(
                 self.base,
@@ -340,7 +347,11 @@ class Bench:
                 [app(APP_KEY, LOCAL_NAME)],
                 name=path.name,
                 defaults={},
-                dirs={"state": f"state-{fsync}"},
+                dirs={
+                    "state": f"state-{fsync}",
+                    "softdir": f"soft-{fsync}",
+                    "configuredir": f"conf-{fsync}",
+                },
                 publish={"grace": 0, "fsync": fsync == "on"},
                 watch={"settle": 3600, "max_wait": 7200, "rescan_interval": 3600},
                 control={"socket": f"run-{fsync}/control.sock"},
@@ -384,11 +395,25 @@ class Bench:
 
     # --- resetting between runs (untimed) ---
 
+    def all_roots(self) -> list[Path]:
+        return [root for pair in self.roots.values() for root in pair]
+
+    def owner(self, variant: str) -> str:
+        """Whose target roots a contender publishes to (see self.roots)."""
+        if variant.startswith("daemon"):
+            return "-on" if variant.endswith("-fsync") else "-off"
+        return ""
+
+    def targets(self, owner: str) -> tuple[Path, Path]:
+        """The program and the config target of the owner's roots."""
+        soft, conf = self.roots[owner]
+        return soft / LOCAL_NAME, conf / LOCAL_NAME / APP_KEY
+
     def trash_dirs(self) -> list[Path]:
-        return [self.base / root / ".syncpro" / "trash" for root in ("soft", "conf")]
+        return [root / ".syncpro" / "trash" for root in self.all_roots()]
 
     def trash_empty(self) -> bool:
-        return trash_empty(self.base / "soft", self.base / "conf")
+        return trash_empty(*self.all_roots())
 
     def wait_for_sweeper(self, timeout: float = 300.0) -> None:
         """The CLI leaves a detached sweeper that removes the replaced tree once its grace
@@ -404,15 +429,16 @@ class Bench:
         over: the replaced tree becomes the target's spare, used by the next run. Return the
         seconds it took."""
         started = time.perf_counter()
-        for root in ("soft", "conf"):
-            self._engine["sweep"](self.base / root)
+        for root in self.roots[""]:
+            self._engine["sweep"](root)
         return time.perf_counter() - started
 
-    def reset_syncpro_targets(self) -> None:
-        """Remove the targets and their spares: the next run is a first publish."""
+    def reset_syncpro_targets(self, owner: str) -> None:
+        """Remove the owner's targets and their spares: its next run is a first publish."""
         self.wait_for_sweeper()
-        spares = [self.base / root / ".syncpro" / "spare" for root in ("soft", "conf")]
-        for path in (self.target, self.conf_target.parent, *spares):
+        program, config = self.targets(owner)
+        spares = [root / ".syncpro" / "spare" for root in self.roots[owner]]
+        for path in (program, config.parent, *spares):
             if path.exists():
                 shutil.rmtree(path)
 
@@ -444,7 +470,7 @@ class Bench:
         # A CLI run's detached sweeper (idle priority, so it may take a while) must never
         # overlap a timed run, full copies included.
         self.wait_for_sweeper()
-        spare = self.base / "soft" / ".syncpro" / "spare" / LOCAL_NAME
+        spare = self.roots[self.owner(variant)][0] / ".syncpro" / "spare" / LOCAL_NAME
         had_spare = spare.is_dir() if case == "incremental" else None
         run = self._syncpro_run(case, variant)
         run.spare = had_spare
@@ -452,7 +478,7 @@ class Bench:
 
     def _syncpro_run(self, case: str, variant: str) -> Run:
         if case == "full":
-            self.reset_syncpro_targets()
+            self.reset_syncpro_targets(self.owner(variant))
         elif case == "incremental":
             rewrite(self.src / self.changed)
         fsync = "on" if variant.endswith("-fsync") else "off"
@@ -493,17 +519,17 @@ class Bench:
         # The daemon's CPU (all its threads), read in clock ticks: coarse for one run.
         return Run(wall=wall, cpu=daemon.cpu_seconds() - cpu)
 
-    def verify(self) -> list[str]:
-        return tree_differences(self.src, self.target) + tree_differences(
-            self.conf_src, self.conf_target
-        )
+    def verify(self, owner: str) -> list[str]:
+        """How the owner's targets differ from the sources."""
+        program, config = self.targets(owner)
+        return tree_differences(self.src, program) + tree_differences(self.conf_src, config)
 
     def profile(self, case: str, top: int) -> str:
         """Profile one in-process fsync=off run of a case; return the top functions."""
         if case == "incremental":
             rewrite(self.src / self.changed)
         elif case == "full":
-            self.reset_syncpro_targets()
+            self.reset_syncpro_targets("")
         self.retire_replaced()
         sync_filesystem()
         config, inventory = self._engine["off"]
@@ -542,7 +568,6 @@ def benchmark(bench: Bench, runs: int, progress: Callable[[str], None]) -> dict[
         for round_no in range(runs + 1):
             shift = round_no % len(contenders)
             order = contenders[shift:] + contenders[:shift]
-            last_syncpro = [name for name in order if name != "baseline"][-1]
             for name in order:
                 if name == "baseline":
                     run, syncfs = bench.baseline(case)
@@ -556,20 +581,22 @@ def benchmark(bench: Bench, runs: int, progress: Callable[[str], None]) -> dict[
                     run = bench.syncpro_run(case, name)
                     if round_no:
                         series[name].runs.append(run)
-                    if round_no == runs and name == last_syncpro:
-                        # Now, before a baseline of this round rewrites the source again.
-                        _verify(bench, case)
+                    if round_no == runs:
+                        # Now, before the next run of this round rewrites the source again.
+                        _verify(bench, case, name)
             progress(f"{case}: round {round_no or 'warm-up'} done")
         results[case] = series
     return results
 
 
-def _verify(bench: Bench, case: str) -> None:
+def _verify(bench: Bench, case: str, variant: str) -> None:
     bench.wait_for_sweeper()
-    problems = bench.verify()
+    problems = bench.verify(bench.owner(variant))
     if problems:
         shown = "; ".join(problems[:10])
-        raise BenchError(f"after the {case} runs the target differs from its source: {shown}")
+        raise BenchError(
+            f"after the {case} run of {variant} its target differs from its source: {shown}"
+        )
 
 
 def summarise(results: dict[str, dict[str, Series]]) -> dict[str, Any]:

@@ -300,6 +300,39 @@ def test_a_first_tree_that_comes_while_the_processes_start_is_built_here_if_smal
         waiting.close()
 
 
+def test_a_second_first_tree_while_one_is_built_here_starts_the_processes_at_once(
+    tmp_path: Path, pool: BuildPool
+) -> None:
+    # A catch-up: its trees keep coming, and the processes should not wait for the first.
+    source = write_tree(tmp_path / "src", {f"d{d}/f{f}": "x" for d in range(2) for f in range(4)})
+    building, release = threading.Event(), threading.Event()
+
+    def held(what: str, size: int) -> None:
+        building.set()
+        assert release.wait(WAIT)
+
+    first = TreeBuilder(ignore=Ignore([]), reuse=None, preserve_owner=False, progress=held)
+    thread = threading.Thread(target=pool.build, args=(first, source, tmp_path / "one", 1))
+    thread.start()
+    try:
+        assert building.wait(WAIT)
+        assert not pool.running, "one build alone starts them only once done"
+        running: list[bool] = []
+        second = TreeBuilder(
+            ignore=Ignore([]),
+            reuse=None,
+            preserve_owner=False,
+            progress=lambda what, size: running.append(pool.running),
+        )
+        pool.build(second, source, tmp_path / "two", 1)
+        assert running and all(running), "started before the second was built"
+        assert pool.made == 0
+    finally:
+        release.set()
+        thread.join(WAIT)
+    assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two") == snapshot(source)
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_pool_process_killed_mid_build_leaves_the_build_to_the_daemon(
     tmp_path: Path, pool: BuildPool, processes: int

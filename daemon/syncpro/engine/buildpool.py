@@ -20,7 +20,8 @@ one took 0.39 s and `cp -a` 0.31 s.
 
 The processes stop when idle, and their start (some 0.2 s of both cores) costs more than a
 new app's whole first tree: while they are not up, a tree of fewer than WORTH_WAITING names
-is built in the daemon, and they are started after it, for the trees that follow.
+is built in the daemon, and they are started after it, for the trees that follow; at once
+when first trees come together (a catch-up).
 """
 
 from __future__ import annotations

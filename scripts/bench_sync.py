@@ -349,8 +349,8 @@ class Bench:
                 defaults={},
                 dirs={
                     "state": f"state-{fsync}",
-                    "softdir": f"soft-{fsync}",
-                    "configuredir": f"conf-{fsync}",
+                    "softdir": self.roots[f"-{fsync}"][0].name,
+                    "configuredir": self.roots[f"-{fsync}"][1].name,
                 },
                 publish={"grace": 0, "fsync": fsync == "on"},
                 watch={"settle": 3600, "max_wait": 7200, "rescan_interval": 3600},

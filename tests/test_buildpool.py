@@ -140,6 +140,11 @@ def _assert_alike(tmp_path: Path, built: _Built) -> None:
     assert there.last_plan.digest == here.last_plan.digest
 
 
+def _written(builder: TreeBuilder, root: Path) -> list[Path]:
+    """The files a build wrote, relative to the tree it built."""
+    return [Path(p).relative_to(root) for p in builder.written]
+
+
 def _build_both_ways(tmp_path: Path, pool: BuildPool, source: Path, processes: int) -> _Built:
     told_here: list[tuple[str, int]] = []
     told_there: list[tuple[str, int]] = []
@@ -158,15 +163,12 @@ def test_a_tree_built_on_the_pool_is_the_one_built_here_and_reported_alike(
     tmp_path: Path, pool: BuildPool
 ) -> None:
     built = _build_both_ways(tmp_path, pool, _source(tmp_path / "src"), 1)
-    here, there, told_here, told_there = built.here, built.there, built.told_here, built.told_there
 
     assert pool.running
     _assert_alike(tmp_path, built)
-    assert there.stats.hardlinks == 1
-    assert [Path(p).relative_to(tmp_path / "there") for p in there.written] == [
-        Path(p).relative_to(tmp_path / "here") for p in here.written
-    ]
-    assert told_there == told_here != []
+    assert built.there.stats.hardlinks == 1
+    assert _written(built.there, tmp_path / "there") == _written(built.here, tmp_path / "here")
+    assert built.told_there == built.told_here != []
     # What the pool's process logged is logged here, the FIFO it never opened among it.
     assert built.skipped_there == built.skipped_here != []
 
@@ -198,7 +200,7 @@ def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     tmp_path: Path, pool: BuildPool
 ) -> None:
     built = _build_both_ways(tmp_path, pool, _wide_source(tmp_path / "src"), 2)
-    here, there, told_here, told_there = built.here, built.there, built.told_here, built.told_there
+    there, told_here, told_there = built.there, built.told_here, built.told_there
 
     assert len(_builders(os.getpid())) == 2, "one process per share"
     _assert_alike(tmp_path, built)
@@ -206,8 +208,8 @@ def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     assert os.getxattr(tmp_path / "there/d3/sub1/f07", "user.tag") == b"file"
     assert os.getxattr(tmp_path / "there/d4/sub1", "user.tag") == b"folder"
     assert there.stats.hardlinks == 5 and there.stats.dirs == 1 + 6 * 4
-    assert sorted(Path(p).relative_to(tmp_path / "there") for p in there.written) == sorted(
-        Path(p).relative_to(tmp_path / "here") for p in here.written
+    assert sorted(_written(there, tmp_path / "there")) == sorted(
+        _written(built.here, tmp_path / "here")
     )
     root = os.stat(tmp_path / "there")
     assert there.manifest is not None and there.manifest.root == (root.st_dev, root.st_ino)

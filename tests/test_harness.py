@@ -100,6 +100,8 @@ def test_the_driver_asks_on_the_control_socket_and_stops_the_daemon_by_its_pid(
         daemon.wait_synced("server1", "web1")
         answer = daemon.request(action="Deploy:Core:syncpro", k="web1")
         assert answer["data"]["data"]["0"] == "1"
+        # The log line is written before the answer but read by the driver's own thread.
+        daemon.wait(lambda: daemon.syncs("web1")[-1]["origin"] == "control", 30, "its log")
         assert daemon.syncs("web1")[-1]["origin"] == "control"
         status = daemon.request(action="status")
         assert status["code"] == "0"

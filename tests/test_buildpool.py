@@ -19,7 +19,7 @@ from syncpro.engine import buildpool
 from syncpro.engine.buildpool import BuildPool
 from syncpro.engine.request import SyncRequest
 from syncpro.engine.sync import run_sync
-from syncpro.engine.tree import Ignore, Share, TreeBuilder
+from syncpro.engine.tree import Ignore, Share, Tally, TreeBuilder
 from syncpro.testing import Daemon, app, write_config
 from syncpro.testing.configs import write_doc
 
@@ -51,8 +51,13 @@ def _started(pool: BuildPool, processes: int) -> BuildPool:
     return pool
 
 
-def _builder(told: list[tuple[str, int]] | None = None) -> TreeBuilder:
-    progress = (lambda what, size: told.append((what, size))) if told is not None else None
+Told = list[tuple[str, int, int]]
+
+
+def _builder(told: Told | None = None) -> TreeBuilder:
+    progress = (
+        (lambda what, files, size: told.append((what, files, size))) if told is not None else None
+    )
     return TreeBuilder(
         ignore=Ignore(["*.tmp"]),
         reuse=None,
@@ -123,8 +128,8 @@ class _Built:
 
     here: TreeBuilder
     there: TreeBuilder
-    told_here: list[tuple[str, int]] = field(default_factory=list)
-    told_there: list[tuple[str, int]] = field(default_factory=list)
+    told_here: Told = field(default_factory=list)
+    told_there: Told = field(default_factory=list)
     skipped_here: list[MutableMapping[str, Any]] = field(default_factory=list)
     skipped_there: list[MutableMapping[str, Any]] = field(default_factory=list)
 
@@ -145,9 +150,20 @@ def _written(builder: TreeBuilder, root: Path) -> list[Path]:
     return [Path(p).relative_to(root) for p in builder.written]
 
 
+def _made(told: Told) -> list[tuple[str, int, int]]:
+    return sorted(t for t in told if t[0] != "planned")
+
+
+def _tally(told: Told) -> Tally:
+    tally = Tally()
+    for event in told:
+        tally.count(*event)
+    return tally
+
+
 def _build_both_ways(tmp_path: Path, pool: BuildPool, source: Path, processes: int) -> _Built:
-    told_here: list[tuple[str, int]] = []
-    told_there: list[tuple[str, int]] = []
+    told_here: Told = []
+    told_there: Told = []
     built = _Built(_builder(told_here), _builder(told_there), told_here, told_there)
     with capture_logs() as logs:
         built.here.copy_tree(source, tmp_path / "here")
@@ -213,10 +229,12 @@ def test_a_first_tree_built_while_nothing_else_builds_is_shared_out_and_exact(
     )
     root = os.stat(tmp_path / "there")
     assert there.manifest is not None and there.manifest.root == (root.st_dev, root.st_ino)
-    # Every file told of once, all planned before the first made.
-    assert sorted(told_there) == sorted(told_here)
-    planned = [what == "planned" for what, _ in told_there]
+    # Every file told of once, all planned (a count per share) before the first made.
+    planned = [what == "planned" for what, _, _ in told_there]
     assert planned == sorted(planned, reverse=True)
+    assert planned.count(True) == 2
+    assert _made(told_there) == _made(told_here)
+    assert _tally(told_there) == _tally(told_here)
     assert len(built.skipped_there) == 1
     assert built.skipped_there == built.skipped_here
 
@@ -309,7 +327,7 @@ def test_a_second_first_tree_while_one_is_built_here_starts_the_processes_at_onc
     source = write_tree(tmp_path / "src", {f"d{d}/f{f}": "x" for d in range(2) for f in range(4)})
     building, release = threading.Event(), threading.Event()
 
-    def held(what: str, size: int) -> None:
+    def held(what: str, files: int, size: int) -> None:
         building.set()
         assert release.wait(WAIT)
 
@@ -324,7 +342,7 @@ def test_a_second_first_tree_while_one_is_built_here_starts_the_processes_at_onc
             ignore=Ignore([]),
             reuse=None,
             preserve_owner=False,
-            progress=lambda what, size: running.append(pool.running),
+            progress=lambda what, files, size: running.append(pool.running),
         )
         pool.build(second, source, tmp_path / "two", 1)
         assert running and all(running), "started before the second was built"

@@ -86,8 +86,8 @@ def test_a_log_line_erases_the_progress_line_first() -> None:
 
     out = io.StringIO()
     line = ProgressLine(out, interval=0.0)
-    line("planned", 100)
-    line("copied", 100)
+    line("planned", 1, 100)
+    line("copied", 1, 100)
     line.write("an event\n")
     line.clear()
 

@@ -63,7 +63,7 @@ def test_big_files_are_copied_on_the_file_pool_and_small_ones_inline(tmp_path: P
     threads: dict[int, set[str]] = {}
     lock = threading.Lock()
 
-    def progress(event: str, size: int) -> None:
+    def progress(event: str, files: int, size: int) -> None:
         if event == "copied":
             with lock:
                 threads.setdefault(size, set()).add(threading.current_thread().name)

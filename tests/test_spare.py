@@ -355,8 +355,16 @@ def _three_generations(tmp_path: Path) -> tuple[Path, Path, Path, Manifest]:
     return source, a, b, second.manifest
 
 
-def _next_build(source: Path, published: Path, spare: Path, known: Manifest) -> TreeBuilder:
+def _next_build(
+    source: Path,
+    published: Path,
+    spare: Path,
+    known: Manifest,
+    told: list[tuple[str, int, int]] | None = None,
+) -> TreeBuilder:
     builder = _builder(published)
+    if told is not None:
+        builder.progress = lambda what, files, size: told.append((what, files, size))
     plan = builder.plan(source, known)
     assert not plan.unchanged
     builder.copy_tree(source, spare, plan)
@@ -370,8 +378,9 @@ def test_a_spare_keeps_every_folder_nothing_changed_in_since_it_was_published(
     before = inodes(spare)
     (source / "d2/f").write_text("changed")
     os.utime(source / "d2/f", ns=(BASE_NS, BASE_NS + 10**9))
+    told: list[tuple[str, int, int]] = []
 
-    builder = _next_build(source, published, spare, known)
+    builder = _next_build(source, published, spare, known, told)
 
     assert snapshot(spare) == snapshot(source)
     # d2 and the root were filled; the 7 other top folders and their 4 subfolders were not
@@ -385,6 +394,12 @@ def test_a_spare_keeps_every_folder_nothing_changed_in_since_it_was_published(
     # The twins stay one file.
     assert os.stat(spare / "d0/f").st_ino == os.stat(spare / "d1/twin").st_ino
     assert builder.manifest is not None and builder.manifest.changed == {"d2"}
+    # Progress in bulk: the 13 files planned at once, each kept folder's in one call.
+    sizes = {rel: os.lstat(source / rel).st_size for rel in inodes(source)}
+    assert told[0] == ("planned", 13, sum(sizes.values()))
+    assert ("copied", 1, sizes["d2/f"]) in told
+    assert len(told) == 1 + 1 + 7  # planned, d2/f, a call per kept folder
+    assert sum(files for _, files, _ in told[1:]) == 13
 
 
 def test_a_name_added_to_a_folder_of_the_spare_makes_it_filled_again(tmp_path: Path) -> None:

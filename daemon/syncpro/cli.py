@@ -245,10 +245,10 @@ class ProgressLine(io.TextIOBase):
         self._shown = False
         self._lock = threading.Lock()
 
-    def __call__(self, event: str, size: int) -> None:
-        """The engine's Progress: ("planned" | "copied" | "linked", size) per file."""
+    def __call__(self, event: str, files: int, size: int) -> None:
+        """The engine's Progress: ("planned" | "copied" | "linked", files, bytes)."""
         with self._lock:
-            if not self.tally.count(event, size):
+            if not self.tally.count(event, files, size):
                 return
             now = time.monotonic()
             if now >= self._next:

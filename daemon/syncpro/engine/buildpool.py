@@ -69,7 +69,7 @@ class FreshBuild:
     manifest: Manifest | None
     plan: TreePlan
     """The walk's plan without its entries: its digest is what the state records."""
-    told: list[tuple[str, int]] = field(default_factory=list)
+    told: list[tuple[str, int, int]] = field(default_factory=list)
     """The progress events, in order."""
     events: list[dict[str, Any]] = field(default_factory=list)
     """The log events, in order."""
@@ -151,8 +151,8 @@ class BuildPool:
         if count > 1:
             builder.finish_folders(staging, made.folders)
         if builder.progress is not None:
-            for what, size in made.told:
-                builder.progress(what, size)
+            for what, files, size in made.told:
+                builder.progress(what, files, size)
 
     @property
     def running(self) -> bool:
@@ -302,7 +302,7 @@ def _merged(shares: list[FreshBuild]) -> FreshBuild:
     entries: dict[str, tuple[int, int, int]] = {}
     manifest = Manifest(first.root, entries) if first is not None else None
     made = FreshBuild([], stats, manifest, shares[0].plan)
-    done: list[tuple[str, int]] = []
+    done: list[tuple[str, int, int]] = []
     for share in shares:
         stats.add(share.stats)
         made.written.extend(share.written)
@@ -373,12 +373,12 @@ def _fresh_build(
         raise structlog.DropEvent
 
     structlog.configure(processors=[structlog.processors.add_log_level, keep])
-    progress: list[tuple[str, int]] = []
+    progress: list[tuple[str, int, int]] = []
     builder = TreeBuilder(
         ignore=Ignore(patterns),
         reuse=None,
         preserve_owner=preserve_owner,
-        progress=(lambda what, size: progress.append((what, size))) if told else None,
+        progress=(lambda what, files, size: progress.append((what, files, size))) if told else None,
         durable=durable,
         share=share,
     )

@@ -67,9 +67,11 @@ FILE_WORKERS = 2
 _IN_FLIGHT = 16
 
 
-Progress = Callable[[str, int], None]
-"""Told of a build as it goes: ("planned", size) for each regular file it will make, then
-("copied", size) or ("linked", size) as each is made. Called on the building thread."""
+Progress = Callable[[str, int, int], None]
+"""Told of a build as it goes: ("planned", files, bytes) for the regular files it will make,
+then ("copied", 1, size) or ("linked", files, bytes) as they are made, a folder kept whole
+from a spare in one call. Called on the building thread. Counts come in bulk because a call
+per file cost 6 % of a daemon's sync of 5,000 files with one changed."""
 
 
 @dataclass
@@ -82,15 +84,15 @@ class Tally:
     files_done: int = 0
     bytes_done: int = 0
 
-    def count(self, event: str, size: int) -> bool:
-        """Count one Progress event; return whether it said a file was made."""
+    def count(self, event: str, files: int, size: int) -> bool:
+        """Count one Progress event; return whether it said files were made."""
         if event == "planned":
             # A tree's files are all planned before the first is made: the total is whole
             # by the time anything is shown with it.
-            self.files_total += 1
+            self.files_total += files
             self.bytes_total += size
             return False
-        self.files_done += 1
+        self.files_done += files
         self.bytes_done += size
         return True
 
@@ -308,10 +310,13 @@ class TreeBuilder:
                 self.stats.skipped.append(rel)
                 log.warning("copy.special_file_skipped", path=f"{src}/{rel}", kind=kind)
         if self.progress is not None:  # a loop over every entry, for nobody otherwise
+            files = size = 0
             for entry in plan.entries:
                 st = entry.st
                 if stat.S_ISREG(st.st_mode) and (share is None or share.owns(entry.rel, st)):
-                    self.progress("planned", st.st_size)
+                    files += 1
+                    size += st.st_size
+            self.progress("planned", files, size)
         # A pool per build: its threads start with the first job given to it, if any, and
         # end with the build.
         with ThreadPoolExecutor(FILE_WORKERS, thread_name_prefix="syncpro-files") as pool:
@@ -452,6 +457,7 @@ class TreeBuilder:
         for entry, inode in folders:
             manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, inode)
         stats.dirs += len(folders)
+        files = size = 0
         for entry in entries:
             mode = entry.st.st_mode
             if stat.S_ISREG(mode):
@@ -459,8 +465,12 @@ class TreeBuilder:
                 linked = entry.st.st_nlink > 1
                 staged = f"{here.staged}/{entry.rel[cut:]}" if linked else ""
                 self._kept(entry, staged, stats, manifest)
+                files += 1
+                size += entry.st.st_size
             elif stat.S_ISLNK(mode):
                 stats.symlinks += 1
+        if files:
+            self._told("linked", size, files)
         here.subdirs.append(top.name)
         self.folders_kept += len(folders)
         return True
@@ -474,13 +484,12 @@ class TreeBuilder:
     ) -> None:
         """Count a file the spare already holds as the published file itself (one inode in
         both trees): its staging path `staged` (needed only when it has several names) is
-        the first name of its inode."""
+        the first name of its inode. The caller tells the progress."""
         stats.files += 1
         stats.linked += 1
         if entry.st.st_nlink > 1:
             self._inodes.setdefault((entry.st.st_dev, entry.st.st_ino), (staged, entry.pub_ino))
         manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, entry.pub_ino)
-        self._told("linked", entry.st.st_size)
 
     def _enter(self, here: _Dir, entry: Entry, dst: str, prefix: str) -> _Dir:
         old = here.held.get(entry.name) if here.held is not None else None
@@ -614,6 +623,7 @@ class TreeBuilder:
                 # The spare holds the published file itself (one inode, two names), which
                 # the walk found unchanged: nothing to do.
                 self._kept(entry, staged, made.stats, made.manifest)
+                self._told("linked", entry.st.st_size)
                 return
             _remove_held(here.dst, entry.name, old[1])
         made.stats.files += 1
@@ -648,9 +658,9 @@ class TreeBuilder:
         made.manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, inode)
         self._told(how, entry.st.st_size)
 
-    def _told(self, event: str, size: int) -> None:
+    def _told(self, event: str, size: int, files: int = 1) -> None:
         if self.progress is not None:
-            self.progress(event, size)
+            self.progress(event, files, size)
 
     def _copy_open(
         self, fd_in: int, name: str, dst_fd: int | None, rel: str, stats: CopyStats

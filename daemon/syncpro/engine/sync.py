@@ -14,7 +14,7 @@ from typing import TypeVar
 import structlog
 
 from syncpro.config.model import Config
-from syncpro.engine import layout
+from syncpro.engine import gcpause, layout
 from syncpro.engine.buildpool import BuildPool
 from syncpro.engine.drift import tree_differences
 from syncpro.engine.plan import ConfigPlan, ProgramPlan, config_plan, program_plans
@@ -364,13 +364,14 @@ class _TargetPublish:
         (the published tree is unchanged, or the build failed: see `outcome`)."""
         self._started = time.monotonic()
         try:
-            staged = stage(
-                self.target,
-                lambda staging, current: self._build(staging, current, builds),
-                # A type-2 list is small and its checks must run: always build it.
-                unchanged=self._unchanged if self.listed is None else None,
-                spare=self.listed is None,
-            )
+            with gcpause.paused():
+                staged = stage(
+                    self.target,
+                    lambda staging, current: self._build(staging, current, builds),
+                    # A type-2 list is small and its checks must run: always build it.
+                    unchanged=self._unchanged if self.listed is None else None,
+                    spare=self.listed is None,
+                )
         except ListedFileError as exc:
             self._fail("; ".join(exc.problems))
             return None
@@ -422,7 +423,8 @@ class _TargetPublish:
             self.failed(published)
             return
         self.outcome.unchanged = published.unchanged
-        _keep_manifest(self._manifest_file, self._builder, published.unchanged)
+        with gcpause.paused():
+            _keep_manifest(self._manifest_file, self._builder, published.unchanged)
         self._close()
 
     def failed(self, error: PublishError) -> None:

@@ -281,7 +281,7 @@ def plan_tree(
     # Hard links: a source inode must map to one published inode and back, else the published
     # tree links what the source does not (or the reverse).
     src_to_pub: dict[tuple[int, int], int] = {}
-    pub_to_src: dict[int, tuple[int, int]] = {}
+    pub_to_src: dict[int, tuple[int, int] | Entry] = {}
     frames = [_Frame(src_fd, pub_fd, rel_prefix, 0, iter(_listing(src_fd)), _names(pub_fd))]
     frames[0].changed = not unchanged
     changed: set[str] = set()
@@ -347,7 +347,12 @@ def plan_tree(
                         # Only now the calls the stat could not answer.
                         if fmt == _LNK:
                             same = readlink_at(name, dir_fd=pub) == link
-                        elif recorded.get(rel) == (st.st_ino, ctime_ns, pub_st.st_ino):
+                        elif (
+                            (known_entry := recorded.get(rel)) is not None
+                            and known_entry[0] == st.st_ino
+                            and known_entry[1] == ctime_ns
+                            and known_entry[2] == pub_st.st_ino
+                        ):
                             same = True  # compared in full by the build that made this tree
                         else:
                             read_in_full += 1
@@ -358,11 +363,16 @@ def plan_tree(
                     assert pub_st is not None
                     pub_ino = pub_st.st_ino
                     if fmt == _REG:
-                        inode = (st.st_dev, st.st_ino)
-                        same = (
-                            src_to_pub.setdefault(inode, pub_ino) == pub_ino
-                            and pub_to_src.setdefault(pub_ino, inode) == inode
-                        )
+                        if st.st_nlink > 1:
+                            inode = (st.st_dev, st.st_ino)
+                            same = (
+                                src_to_pub.setdefault(inode, pub_ino) == pub_ino
+                                and pub_to_src.setdefault(pub_ino, inode) == inode
+                            )
+                        else:
+                            # A source inode of one name is met once: only its published
+                            # inode must be its alone (the entry stands for it, cheaply).
+                            same = pub_to_src.setdefault(pub_ino, entry) is entry
                         entry.reuse = same
                     if same:
                         entry.pub_ino = pub_ino

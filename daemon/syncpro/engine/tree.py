@@ -469,8 +469,8 @@ class TreeBuilder:
                 size += entry.st.st_size
             elif stat.S_ISLNK(mode):
                 stats.symlinks += 1
-        if files:
-            self._told("linked", size, files)
+        if files and self.progress is not None:
+            self.progress("linked", files, size)
         here.subdirs.append(top.name)
         self.folders_kept += len(folders)
         return True
@@ -658,9 +658,10 @@ class TreeBuilder:
         made.manifest[entry.rel] = (entry.st.st_ino, entry.st.st_ctime_ns, inode)
         self._told(how, entry.st.st_size)
 
-    def _told(self, event: str, size: int, files: int = 1) -> None:
+    def _told(self, event: str, size: int) -> None:
+        """Tell the progress of one file."""
         if self.progress is not None:
-            self.progress(event, files, size)
+            self.progress(event, 1, size)
 
     def _copy_open(
         self, fd_in: int, name: str, dst_fd: int | None, rel: str, stats: CopyStats

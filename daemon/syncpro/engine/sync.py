@@ -300,7 +300,8 @@ def _publish_all(
     for batch in _batches(targets, COMMIT_BATCH):
         batch = sorted(batch, key=lambda t: lock_order(t.target))
         inline = pool.serial(len(batch))
-        with locks_held() as take:
+        # The walks, builds and manifests of the batch, on whichever threads they run.
+        with locks_held() as take, gcpause.paused():
             building: list[tuple[_TargetPublish, Future[Staged | None]]] = []
             for t in batch:
                 try:
@@ -364,14 +365,13 @@ class _TargetPublish:
         (the published tree is unchanged, or the build failed: see `outcome`)."""
         self._started = time.monotonic()
         try:
-            with gcpause.paused():
-                staged = stage(
-                    self.target,
-                    lambda staging, current: self._build(staging, current, builds),
-                    # A type-2 list is small and its checks must run: always build it.
-                    unchanged=self._unchanged if self.listed is None else None,
-                    spare=self.listed is None,
-                )
+            staged = stage(
+                self.target,
+                lambda staging, current: self._build(staging, current, builds),
+                # A type-2 list is small and its checks must run: always build it.
+                unchanged=self._unchanged if self.listed is None else None,
+                spare=self.listed is None,
+            )
         except ListedFileError as exc:
             self._fail("; ".join(exc.problems))
             return None
@@ -423,8 +423,7 @@ class _TargetPublish:
             self.failed(published)
             return
         self.outcome.unchanged = published.unchanged
-        with gcpause.paused():
-            _keep_manifest(self._manifest_file, self._builder, published.unchanged)
+        _keep_manifest(self._manifest_file, self._builder, published.unchanged)
         self._close()
 
     def failed(self, error: PublishError) -> None:

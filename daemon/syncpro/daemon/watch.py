@@ -41,10 +41,10 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
+from syncpro.daemon.movepairs import inotify_observer
 from syncpro.engine.tree import Ignore
 from syncpro.lifecycle import Lifecycle
 
@@ -319,7 +319,7 @@ class Watcher(Lifecycle):
             try:
                 # Inside the try: making the observer already opens its inotify instance,
                 # which fails when none is left (EMFILE).
-                observer = Observer()
+                observer = inotify_observer()
                 observer.schedule(handler, str(root), recursive=True, event_filter=CHANGE_EVENTS)
                 observer.start()
                 problem = inotify_problem(root)

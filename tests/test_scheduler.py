@@ -625,6 +625,33 @@ def test_a_hold_alone_never_makes_a_run(make: MakeScheduler) -> None:
     assert recorder.batches() == [("app2", False, ("app2",))]
 
 
+def test_an_upload_releasing_temporaries_one_by_one_does_not_wake_the_dispatcher_each_time(
+    make: MakeScheduler,
+) -> None:
+    # rsync holds and releases one temporary per file: only a release that makes the key due
+    # sooner than the dispatcher will look anyway is worth waking it (and the GIL) for.
+    recorder = Recorder()
+    scheduler = make(recorder, settle=30, max_wait=60)
+    wakes = itertools.count()
+    condition = scheduler._dispatcher_cv
+    notify = condition.notify
+
+    def counted(n: int = 1) -> None:
+        next(wakes)
+        notify(n)
+
+    condition.notify = counted  # type: ignore[method-assign]
+    for i in range(1000):
+        scheduler.hold("app1", False, f"/src/app1/.f{i}.AbC123")
+        scheduler.release("app1", False, f"/src/app1/.f{i}.AbC123")
+        scheduler.submit("app1", False, f"/src/app1/f{i}")
+        if i == 0:  # the dispatcher has seen the key once: it knows when it is due
+            wait_until(lambda: scheduler.snapshot()["pending"], WAIT)
+            wait_until(lambda: not scheduler._dirty, WAIT)
+    assert next(wakes) < 10
+    # (A release that makes a held key due sooner still wakes it: the test above.)
+
+
 def test_max_wait_bounds_a_hold_that_is_never_released(make: MakeScheduler) -> None:
     max_wait = 0.4
     recorder = Recorder()

@@ -286,8 +286,12 @@ class Scheduler(Lifecycle):
                 # The next file of an upload appears right after the previous one's rename:
                 # a settle period from here gives its event the time to hold the key again.
                 burst.last = max(burst.last, now)
-                self._dirty = True
-                self._dispatcher_cv.notify()
+                # Woken only when this makes the key due before the dispatcher looks again
+                # (its last hold is gone): an rsync upload releases once per file, and a
+                # dispatch per release cost the watcher's thread the interpreter lock.
+                if self._due(burst, now) < self._wake_at:
+                    self._dirty = True
+                    self._dispatcher_cv.notify()
 
     def reconfigure(self, *, settle: float, max_wait: float, workers: int) -> None:
         """Apply new timings and a new number of workers at once, keeping every pending key

@@ -156,7 +156,10 @@ def watcher(tmp_path: Path) -> Iterator[tuple[Watcher, Path, list[Path]]]:
     (root / "softdir/server1").mkdir(parents=True)
     changed: list[Path] = []
     watcher = Watcher(
-        [root], ignore=Ignore(DEFAULT_IGNORE), on_change=changed.append, on_trouble=print
+        [root],
+        ignore=Ignore(DEFAULT_IGNORE),
+        on_change=lambda path: changed.append(Path(path)),
+        on_trouble=print,
     )
     with watcher:
         yield watcher, root, changed

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from syncpro.daemon.routing import Route, group_of, route, source_root_of
-from syncpro.daemon.runtime import Snapshot
+from syncpro.daemon.routing import Route, Router, group_of, route, source_root_in, source_root_of
+from syncpro.daemon.runtime import Runtime, Snapshot
+from syncpro.daemon.sdnotify import Notifier
+from syncpro.daemon.watch import WRITING
 from syncpro.engine.sync import ignore_for
 
 from helpers import SERVER_GROUP, app, make_config
@@ -110,3 +112,60 @@ def test_source_root_of_is_one_level_below_an_area_and_two_for_update_configs(
     assert source_root_of(dirs, deep) == u / "configuredir" / "server" / "server1"
     assert source_root_of(dirs, u / "configuredir" / "server") is None
     assert source_root_of(dirs, r / "stray") is None
+
+
+def test_source_root_in_answers_as_source_root_of_for_path_strings(snap: Snapshot) -> None:
+    dirs = snap.config.dirs
+    r, u = _r(snap), _u(snap)
+    paths = [
+        r,
+        u,
+        r / "softdir",
+        r / "softdir" / "server1",
+        r / "softdir" / "server1" / "a" / "b" / "c",
+        r / "configuredir" / "web1" / "x.ini",
+        r / "stray",
+        u / "softdir" / "server" / "x",
+        u / "configuredir" / "server",
+        u / "configuredir" / "server" / "server1",
+        u / "configuredir" / "server" / "server1" / "c" / "d",
+        # A sibling whose name starts with the root's: not under it.
+        r.with_name(r.name + "x") / "softdir" / "server1" / "f",
+        r.parent,
+    ]
+    for path in paths:
+        expected = source_root_of(dirs, path)
+        assert source_root_in(dirs, str(path)) == (None if expected is None else str(expected))
+
+
+class _Submits:
+    """Stands in for the scheduler: what the router hands it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, bool]] = []
+
+    def submit(self, key: str, update: bool, path: str, trigger: str, *, part: str) -> None:
+        self.calls.append(("submit", key, update))
+
+    def hold(self, key: str, update: bool, path: str) -> None:
+        self.calls.append(("hold", key, update))
+
+
+def test_the_router_sends_every_path_of_a_source_where_the_snapshot_of_the_moment_says(
+    snap: Snapshot, tmp_path: Path
+) -> None:
+    runtime = Runtime(notifier=Notifier())
+    runtime.set_snapshot_held(snap)
+    submits = _Submits()
+    runtime.scheduler = submits  # type: ignore[assignment]
+    router = Router(runtime)
+    group = _u(snap) / "softdir" / "web"
+    router.on_change(str(group / "a" / "b"))
+    router.on_temporary(str(group / "a" / ".c.XyZ123"), WRITING)
+    assert submits.calls == [("submit", "web1", True), ("hold", "web1", True)]
+    # A reload moves web1's program to another group: a route found before is not kept.
+    moved = make_config(tmp_path, [app("web1", "server"), app("web2", "web")])
+    runtime.set_snapshot_held(Snapshot(moved, moved.config_inventory, ignore_for(moved)))
+    submits.calls.clear()
+    router.on_change(str(group / "a" / "b"))
+    assert submits.calls == [("submit", "web2", True)]

@@ -13,7 +13,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from syncpro.config.model import DEFAULT_IGNORE
-from syncpro.daemon.service import source_root_of
+from syncpro.daemon.routing import source_root_in
 from syncpro.daemon.watch import DONE, TOUCHED, WRITING, Watcher
 from syncpro.engine.tree import Ignore
 
@@ -33,8 +33,8 @@ def watched(tmp_path: Path) -> Iterator[tuple[Path, queue.Queue[tuple[str, str]]
     (source / "tmp/a/b/c").mkdir(parents=True)
     seen: queue.Queue[tuple[str, str]] = queue.Queue()
 
-    def rel(path: Path) -> str:
-        return str(path.relative_to(source))
+    def rel(path: str) -> str:
+        return str(Path(path).relative_to(source))
 
     watcher = Watcher(
         [dirs.remotecomdir],
@@ -42,7 +42,7 @@ def watched(tmp_path: Path) -> Iterator[tuple[Path, queue.Queue[tuple[str, str]]
         on_change=lambda path: seen.put(("change", rel(path))),
         on_temporary=lambda path, state: seen.put((state, rel(path))),
         on_trouble=lambda reason: seen.put(("trouble", reason)),
-        source_root_of=lambda path: source_root_of(dirs, path),
+        source_root_of=lambda path: source_root_in(dirs, path),
     )
     with watcher:
         yield source, seen
@@ -123,7 +123,7 @@ def test_a_deleted_root_is_made_again_and_watched_with_its_own_backend(
     watcher = Watcher(
         [root],
         ignore=Ignore(DEFAULT_IGNORE),
-        on_change=lambda path: seen.put(("change", str(path.relative_to(tmp_path)))),
+        on_change=lambda path: seen.put(("change", str(Path(path).relative_to(tmp_path)))),
         on_trouble=lambda reason: seen.put(("trouble", reason)),
         poll_interval=0.05,
         force_polling=polling,
@@ -152,7 +152,7 @@ def test_a_root_that_cannot_be_made_again_is_retried_by_every_check(tmp_path: Pa
     watcher = Watcher(
         [root],
         ignore=Ignore(DEFAULT_IGNORE),
-        on_change=lambda path: seen.put(("change", path.name)),
+        on_change=lambda path: seen.put(("change", Path(path).name)),
         on_trouble=lambda reason: seen.put(("trouble", reason)),
     )
     with watcher, capture_logs() as logs:

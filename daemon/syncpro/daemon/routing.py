@@ -68,16 +68,25 @@ def source_root_of(dirs: Dirs, path: Path) -> Path | None:
     """Given a path under remotecomdir or updatedir, return the source root of the app (or
     group program) it lies in, which path globs of watch.ignore are relative to; None for a
     path outside every source."""
-    for root, update in ((dirs.remotecomdir, False), (dirs.updatedir, True)):
-        try:
-            parts = path.relative_to(root).parts
-        except ValueError:
+    found = source_root_in(dirs, str(path))
+    return Path(found) if found is not None else None
+
+
+def source_root_in(dirs: Dirs, path: str) -> str | None:
+    """source_root_of for a normalised absolute path as a string: the watcher asks it for
+    every event (an upload of 40,000 files makes some 300,000), where pathlib's parsing cost
+    more than everything else the event costs."""
+    for root, update in ((str(dirs.remotecomdir), False), (str(dirs.updatedir), True)):
+        if path == root:
+            return None
+        if not path.startswith(root + "/"):
             continue
+        parts = path[len(root) + 1 :].split("/", 3)
         # <updatedir>/configuredir/L/A is one app's config; every other source is one level.
-        depth = 3 if update and parts[:1] == ("configuredir",) else 2
+        depth = 3 if update and parts[0] == "configuredir" else 2
         if len(parts) < depth or parts[0] not in AREAS:
             return None
-        return root.joinpath(*parts[:depth])
+        return "/".join([root, *parts[:depth]])
     return None
 
 
@@ -89,28 +98,50 @@ class Router:
         # Called from the watcher's threads only, one root each: a set add is atomic enough,
         # and a warning told twice is harmless.
         self._unmapped: set[str] = set()
+        # Routes by source root, for the snapshot they were found in: every path of one
+        # source goes where its root goes. Replaced whole, so a thread still holding the
+        # old one never files a route under the new snapshot.
+        self._routes: tuple[Snapshot | None, dict[str, Route]] = (None, {})
 
-    def on_change(self, path: Path) -> None:
+    def on_change(self, path: str) -> None:
         scheduler = self.runtime.scheduler
         if scheduler is None:
             return
-        found = route(self.runtime.snapshot, path)
+        found = self._route(path)
         if found.unknown is not None and found.unknown not in self._unmapped:
             self._unmapped.add(found.unknown)
             # Named for what operators see: a watched change that goes nowhere.
-            log.warning("watch.unknown_app", path=str(path), where=found.unknown)
+            log.warning("watch.unknown_app", path=path, where=found.unknown)
         for key in found.app_keys:
-            scheduler.submit(key, found.update, str(path), "watcher", part=found.part)
+            scheduler.submit(key, found.update, path, "watcher", part=found.part)
 
-    def on_temporary(self, path: Path, state: str) -> None:
+    def on_temporary(self, path: str, state: str) -> None:
         scheduler = self.runtime.scheduler
         if scheduler is None:
             return
-        found = route(self.runtime.snapshot, path)
+        found = self._route(path)
         for key in found.app_keys:
             if state == WRITING:
-                scheduler.hold(key, found.update, str(path))
+                scheduler.hold(key, found.update, path)
             elif state == DONE:
-                scheduler.release(key, found.update, str(path))
+                scheduler.release(key, found.update, path)
             else:
                 scheduler.touch(key, found.update)
+
+    def _route(self, path: str) -> Route:
+        snap = self.runtime.snapshot
+        source = source_root_in(snap.config.dirs, path)
+        if source is None:
+            return route(snap, Path(path))  # a root, an area folder, a stray: rare
+        of, routes = self._routes
+        if of is not snap or len(routes) > _ROUTES_KEPT:
+            routes = {}
+            self._routes = (snap, routes)
+        found = routes.get(source)
+        if found is None:
+            found = routes[source] = route(snap, Path(source))
+        return found
+
+
+_ROUTES_KEPT = 100_000
+"""More source roots than any inventory has (unknown folders count too): then start over."""

@@ -33,7 +33,7 @@ from syncpro.daemon.refresher import Refresher
 from syncpro.daemon.reloader import Reloader
 from syncpro.daemon.reloads import Reloads
 from syncpro.daemon.rescanner import Rescanner
-from syncpro.daemon.routing import Router, source_root_of
+from syncpro.daemon.routing import Router, source_root_in
 from syncpro.daemon.runner import Runner
 from syncpro.daemon.runtime import Piece, Runtime, Snapshot, time_left
 from syncpro.daemon.sdnotify import Notifier
@@ -55,7 +55,7 @@ STOP_TIMEOUT = 30.0
 the systemd unit's TimeoutStopSec leaves room above it, so no sync is SIGKILLed."""
 T = TypeVar("T")
 
-__all__ = ["STOP_TIMEOUT", "Service", "serve", "source_root_of"]
+__all__ = ["STOP_TIMEOUT", "Service", "serve"]
 
 
 class Service:
@@ -164,7 +164,7 @@ class Service:
             on_change=self.router.on_change,
             on_temporary=self.router.on_temporary,
             on_trouble=self.rescanner.request,
-            source_root_of=lambda path: source_root_of(dirs, path),
+            source_root_of=lambda path: source_root_in(dirs, path),
             poll_interval=config.watch.poll_interval,
             force_polling=os.environ.get(environment.WATCH_POLLING.name) == "1",
         )

@@ -174,8 +174,9 @@ def queue_message() -> str:
     )
 
 
-SourceRootOf = Callable[[Path], Path | None]
-"""Given a watched path, return the source root of the app it belongs to, or None."""
+SourceRootOf = Callable[[str], str | None]
+"""Given a watched path, return the source root of the app it belongs to, or None (both as
+strings: it is asked for every event, and pathlib's parsing would cost more than the rest)."""
 
 
 class _Events(FileSystemEventHandler):
@@ -184,10 +185,11 @@ class _Events(FileSystemEventHandler):
         root: Path,
         ignore: Ignore,
         source_root_of: SourceRootOf,
-        on_change: Callable[[Path], None],
-        on_temporary: Callable[[Path, str], None],
+        on_change: Callable[[str], None],
+        on_temporary: Callable[[str, str], None],
     ) -> None:
         self.root = root
+        self._root = str(root)
         self.root_deleted = False
         """Whether the root itself was deleted: watchdog's emitter stops on that."""
         # Name patterns are what uploaders name their temporaries; path globs are trees the
@@ -216,28 +218,30 @@ class _Events(FileSystemEventHandler):
         if event.event_type == "moved":
             paths = [(event.src_path, DONE), (event.dest_path, TOUCHED)]
         for raw, state in paths:
-            path = Path(raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape"))
+            path = raw if isinstance(raw, str) else raw.decode("utf-8", "surrogateescape")
             kind = self.kind(path)
             if kind == "real":
                 self.on_change(path)
             elif kind == "temporary":
                 self.on_temporary(path, state)
 
-    def kind(self, path: Path) -> str:
+    def kind(self, path: str) -> str:
         """Return "real", "temporary" (a name pattern matches a part of the path) or "excluded"
         (a path glob matches the path relative to its app's source root, or a leading part of
         it: the publisher leaves out a folder's whole tree)."""
         source = self.source_root_of(path)
-        base = source if source is not None else self.root
-        try:
-            parts = path.relative_to(base).parts
-        except ValueError:
+        base = source if source is not None else self._root
+        if path == base:
             return "real"
-        if source is not None:
+        if not path.startswith(base + "/"):
+            return "real"
+        parts = path[len(base) + 1 :].split("/")
+        if source is not None and self.paths.patterns:
             for depth in range(1, len(parts) + 1):
                 if self.paths("", "/".join(parts[:depth])):
                     return "excluded"
-        return "temporary" if any(self.names(part) for part in parts) else "real"
+        names = self.names
+        return "temporary" if any(names(part) for part in parts) else "real"
 
 
 class _TroubleLog(logging.Handler):
@@ -273,8 +277,8 @@ class _TroubleLog(logging.Handler):
 class Watcher(Lifecycle):
     """Observes each root recursively; calls on_change(path) per change of a real file,
     on_temporary(path, state) per event of an upload temporary (WRITING, DONE or TOUCHED),
-    and on_trouble(reason)
-    whenever events may have been lost. `source_root_of` says where the path globs of
+    each with the path as a string, and on_trouble(reason) whenever events may have been
+    lost. `source_root_of` says where the path globs of
     `ignore` are anchored."""
 
     def __init__(
@@ -282,9 +286,9 @@ class Watcher(Lifecycle):
         roots: list[Path],
         *,
         ignore: Ignore,
-        on_change: Callable[[Path], None],
+        on_change: Callable[[str], None],
         on_trouble: Callable[[str], None],
-        on_temporary: Callable[[Path, str], None] | None = None,
+        on_temporary: Callable[[str, str], None] | None = None,
         source_root_of: SourceRootOf | None = None,
         poll_interval: float = 2.0,
         force_polling: bool = False,

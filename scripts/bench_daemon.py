@@ -19,6 +19,16 @@ One run, against a settle time this script sets (`--settle`):
             `--idle` seconds with nothing arriving, once its syncs and sweeps are done; its
             RSS; and its context switches (all threads), i.e. how often it wakes up.
 
+  big upload
+            a tree of `--big-upload` small files (100 per folder) uploaded with one `rsync -a`
+            into the app while the daemon runs, as a build's first upload is: how long after
+            rsync's return the whole tree is published, and what of that is neither the
+            settle time nor the daemon's own copy (its sync's `seconds`): the time its
+            watcher took to take in the upload's events (some seven per file: the temporary
+            made, written, closed, its mode and times set, renamed). With the daemon's CPU
+            over the upload, the syncs it made and the inotify queue overflows (goal: one
+            sync, none).
+
 For context, in the same run: how long the upload itself takes, and the daemon's own figure
 for copying and publishing the program tree (`seconds` of the program target in its
 sync.finished line), the part of the latency that is not detection and scheduling.
@@ -270,6 +280,8 @@ def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], No
         rss, peak = daemon.status_kib("VmRSS"), daemon.status_kib("VmHWM")
         idle_syncs = len(ours(daemon)) - syncs_after_uploads
 
+        big = big_upload(daemon, base, source, args, progress) if args.big_upload > 0 else None
+
         progress("stopping the daemon with SIGTERM")
         status = daemon.stop(30)
         if status != 0:
@@ -325,6 +337,7 @@ def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], No
             "rss_kib": rss,
             "peak_rss_kib": peak,
         },
+        "big_upload": big,
         "exit_status_on_sigterm": status,
         "runs": [
             asdict(u)
@@ -334,6 +347,55 @@ def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], No
             }
             for u in uploads
         ],
+    }
+
+
+def big_upload(
+    daemon: Daemon, base: Path, source: Path, args: argparse.Namespace, say: Callable[[str], None]
+) -> Event:
+    """Upload a new tree of `args.big_upload` files into the app's source with one rsync;
+    return when it was published whole, the daemon's CPU and syncs over it, and overflows."""
+    files = args.big_upload
+    staging = base / "staging-big"
+    for i in range(files):
+        folder = staging / f"lib{i // 2000:03d}" / f"pkg{i // 100:04d}"
+        if i % 100 == 0:
+            folder.mkdir(parents=True)
+        (folder / f"C{i % 100:02d}.class").write_bytes(os.urandom(200))
+    # rsync sends its file list in sorted order: this is the last file it renames into place.
+    last = max(p.relative_to(staging) for p in staging.rglob("*.class"))
+    published = base / "soft" / LOCAL_NAME / "big"
+    overflows = len(daemon.find("watch.queue_overflow"))
+    syncs_before = len(ours(daemon))
+    say(f"a {files}-file upload with one rsync")
+    cpu0, started = daemon.cpu_seconds(), time.monotonic()
+    subprocess.run(["rsync", "-a", f"{staging}/", f"{source}/big/"], check=True)
+    written = time.monotonic()
+    deadline = written + args.settle + 300
+    while not (published / last).exists():
+        if time.monotonic() > deadline:
+            raise BenchError(f"the {files}-file upload was not published within 300 s")
+        time.sleep(args.poll * 4)
+    seen = time.monotonic()
+    cpu = daemon.cpu_seconds() - cpu0
+    daemon.wait(lambda: len(ours(daemon)) > syncs_before, 30, "the big upload's sync")
+    sync = ours(daemon)[-1]
+    program = sync.get("response", {}).get("apps", [{}])[0].get("program", {})
+    got = sum(1 for _ in published.rglob("*.class"))
+    if got != files or not sync.get("ok"):
+        raise BenchError(f"the big upload published {got} of {files} files: {sync}")
+    publish = program.get("seconds") or 0.0
+    return {
+        "files": files,
+        "upload_seconds": written - started,
+        "published_after_return_seconds": seen - written,
+        "sync_seconds": publish,
+        "intake_seconds": seen - written - args.settle - publish,
+        "published_after_return_over_upload": (seen - written) / (written - started),
+        "cpu_seconds": cpu,
+        "cpu_ms_per_1000_files": 1000 * cpu / files * 1000,
+        "syncs": len(ours(daemon)) - syncs_before,
+        "overflows": len(daemon.find("watch.queue_overflow")) - overflows,
     }
 
 
@@ -389,6 +451,19 @@ def render(doc: Event) -> str:
         f"RSS {idle['rss_kib'] / 1024:.1f} MiB (peak {idle['peak_rss_kib'] / 1024:.1f} MiB)",
         f"SIGTERM: exit status {doc['exit_status_on_sigterm']}",
     ]
+    big = doc["big_upload"]
+    if big is not None:
+        lines += [
+            "",
+            f"big upload: {big['files']} files with one rsync -a, {big['upload_seconds']:.2f} s",
+            f"  published whole {big['published_after_return_seconds']:.2f} s after rsync"
+            f" returned ({big['published_after_return_over_upload']:.2f} x the upload):"
+            f" settle {s['settle']} s + the daemon's sync {big['sync_seconds']:.2f} s"
+            f" + taking in the upload's events {big['intake_seconds']:.2f} s",
+            f"  daemon CPU {big['cpu_seconds']:.2f} s ({big['cpu_ms_per_1000_files']:.0f} ms per"
+            f" 1,000 files); syncs {big['syncs']} (goal 1); inotify overflows"
+            f" {big['overflows']} (goal 0)",
+        ]
     return "\n".join(lines)
 
 
@@ -439,6 +514,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--python", default=default_python(), help="python that runs the daemon (the venv's)"
     )
+    parser.add_argument(
+        "--big-upload",
+        type=int,
+        default=40_000,
+        help="files of the big upload at the end (0: none)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON document instead")
     parser.add_argument("--keep", action="store_true", help="keep the bench dir afterwards")
     args = parser.parse_args(argv)
@@ -446,6 +527,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(
             "--settle, --idle and --poll must be positive, --uploads at least 1, --files at least 0"
         )
+    if args.big_upload < 0:
+        parser.error("--big-upload must be 0 or more")
     return args
 
 

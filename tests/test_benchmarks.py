@@ -61,3 +61,21 @@ def test_bench_scale_counts_syncs_overflows_and_restarts(tmp_path: Path) -> None
     assert doc["overflows"] == 0
     assert doc["catch_up_seconds"] > 0 and doc["cp_a_sync_f_seconds"] > 0
     assert doc["rss_mib"] > 0
+
+
+def test_bench_daemon_times_uploads_idles_and_takes_in_a_big_upload(tmp_path: Path) -> None:
+    doc = _run(
+        "bench_daemon.py",
+        *("--uploads", "2", "--files", "20", "--idle", "1", "--big-upload", "350"),
+        # A quiet second and a half: a loaded machine's pause inside an upload is no new burst.
+        *("--settle", "1.5"),
+        tmp_path=tmp_path,
+    )
+
+    assert doc["syncs_per_upload"] == 1
+    assert doc["latency"]["p50"] > -doc["settings"]["settle"]
+    assert doc["idle"]["rss_kib"] > 0
+    big = doc["big_upload"]
+    # Every file of the upload reached the published tree (the script counts them) in one sync.
+    assert (big["files"], big["syncs"], big["overflows"]) == (350, 1, 0)
+    assert big["published_after_return_seconds"] > 0 and big["cpu_seconds"] > 0

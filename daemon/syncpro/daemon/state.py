@@ -51,6 +51,8 @@ class Fingerprint:
     """The largest ctime in the sources, their folders included: `rsync -a` keeps the
     uploader's mtimes, so only the inode change time says when a file landed here (or, for
     its folder's, when one was deleted)."""
+    walked: int = 0
+    """Names the fingerprint read (0 for parts a sync had just walked)."""
 
     @property
     def digest(self) -> str:
@@ -318,6 +320,7 @@ def fingerprint(
     not walked again."""
     parts: dict[str, str] = {}
     newest = 0.0
+    names = 0
     for part, root in (
         (PROGRAM, layout.program_source(dirs, app, update)),
         (CONFIG, layout.config_source(dirs, app, update)),
@@ -331,13 +334,14 @@ def fingerprint(
                 parts[part] = "absent"
                 continue
             walked = (plan.digest, plan.newest_ctime)
+            names += len(plan.entries) + 1
         # A deletion leaves no entry behind whose ctime could say when: only the ctime of
         # the folder it was in does, and the walk counts every folder's, the root's too.
         newest = max(newest, walked[1])
         parts[part] = walked[0]
     if all(digest == "absent" for digest in parts.values()):
         return None
-    return Fingerprint(parts, newest)
+    return Fingerprint(parts, newest, names)
 
 
 def present_parts(dirs: Dirs, app: App, update: bool) -> set[str]:

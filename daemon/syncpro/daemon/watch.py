@@ -231,9 +231,7 @@ class _Events(FileSystemEventHandler):
         it: the publisher leaves out a folder's whole tree)."""
         source = self.source_root_of(path)
         base = source if source is not None else self._root
-        if path == base:
-            return "real"
-        if not path.startswith(base + "/"):
+        if path == base or not path.startswith(base + "/"):
             return "real"
         parts = path[len(base) + 1 :].split("/")
         if source is not None and self.paths.patterns:
@@ -278,8 +276,7 @@ class Watcher(Lifecycle):
     """Observes each root recursively; calls on_change(path) per change of a real file,
     on_temporary(path, state) per event of an upload temporary (WRITING, DONE or TOUCHED),
     each with the path as a string, and on_trouble(reason) whenever events may have been
-    lost. `source_root_of` says where the path globs of
-    `ignore` are anchored."""
+    lost. `source_root_of` says where the path globs of `ignore` are anchored."""
 
     def __init__(
         self,

@@ -42,9 +42,9 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
 
 from syncpro.daemon.movepairs import inotify_observer
+from syncpro.daemon.pacedpoll import paced_polling_observer
 from syncpro.engine.tree import Ignore
 from syncpro.lifecycle import Lifecycle
 
@@ -337,7 +337,7 @@ class Watcher(Lifecycle):
                 self._observers[root] = observer
                 self.backends[root] = "inotify"
                 return
-        observer = PollingObserver(timeout=self.poll_interval)
+        observer = paced_polling_observer(timeout=self.poll_interval)
         observer.schedule(handler, str(root), recursive=True, event_filter=CHANGE_EVENTS)
         observer.start()
         self._observers[root] = observer

@@ -9,7 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,8 +51,9 @@ class Fingerprint:
     """The largest ctime in the sources, their folders included: `rsync -a` keeps the
     uploader's mtimes, so only the inode change time says when a file landed here (or, for
     its folder's, when one was deleted)."""
-    walked: int = 0
-    """Names the fingerprint read (0 for parts a sync had just walked)."""
+    walked: int = field(default=0, compare=False)
+    """Names the fingerprint read (0 for parts a sync had just walked): a cost, not a part
+    of what it says."""
 
     @property
     def digest(self) -> str:

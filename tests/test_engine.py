@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import threading
@@ -15,7 +16,8 @@ from syncpro.config.load import load_config
 from syncpro.engine import sync as engine
 from syncpro.engine.publish import work_area
 from syncpro.engine.response import response_document
-from syncpro.engine.tree import TreeBuilder
+from syncpro.engine.tree import Ignore, TreeBuilder
+from syncpro.engine.walk import Entry, plan_path
 from syncpro.errors import RequestError
 
 from helpers import (
@@ -940,3 +942,34 @@ def test_a_target_failing_in_a_batch_fails_alone(tmp_path: Path) -> None:
         assert (config_target(config, key) / "app.conf").read_text() == key
     # Its staged tree did not stay behind: the staging area holds nothing.
     assert os.listdir(work_area(config.dirs.configuredir) / "staging") == []
+
+
+# --- memory ---
+
+
+def test_built_trees_waiting_for_their_batchs_flush_hold_no_walk_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A batch holds its targets built until one flush and the swaps: their walks' entries,
+    # about 1 KB a name, must be gone by then; only each walk's digest is still needed.
+    apps = [app(f"a{i}", f"g{i}") for i in range(3)]
+    config = make_config(tmp_path, apps)
+    for i in range(3):
+        write_tree(program_source(config, f"a{i}"), {f"d/f{n}": f"{i}.{n}" for n in range(50)})
+        write_tree(config_source(config, f"a{i}"), {"a.ini": "x"})
+    alive: list[int] = []
+    real_commit = engine.commit
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        gc.collect()
+        alive.append(sum(isinstance(o, Entry) for o in gc.get_objects()))
+        return real_commit(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "commit", counting)
+    result = sync(config, "a0,a1,a2")
+
+    assert result.ok and alive == [0]
+    program = config.dirs.remotecomdir / "softdir"
+    for i in range(3):
+        walked = plan_path(program / f"a{i}", None, Ignore(config.watch.ignore), owners=False)
+        assert result.digests[str(program / f"a{i}")] == (walked.digest, walked.newest_ctime)

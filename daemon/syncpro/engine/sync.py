@@ -381,6 +381,10 @@ class _TargetPublish:
         if isinstance(staged, Published):
             self.finish(staged)
             return None
+        # Built: until the batch is flushed and swapped in, only the walk's digest is needed.
+        self._plan = None
+        if self._builder is not None:
+            self._builder.forget_entries()
         return staged
 
     def _unchanged(self, current: Path) -> bool:

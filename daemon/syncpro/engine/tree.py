@@ -10,6 +10,7 @@ into the source between the walk and the copy fails the sync, it never leads the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shutil
@@ -261,6 +262,13 @@ class TreeBuilder:
             return self.last_plan
         finally:
             os.close(fd)
+
+    def forget_entries(self) -> None:
+        """Drop the last walk's entries, keeping its digest and counts: a built tree waiting
+        for its batch's flush and swap needs only those, and the entries cost about 1 KB a
+        name (a batch of 16 targets of 2,000 files held 34 MiB until its commit)."""
+        if self.last_plan is not None:
+            self.last_plan = dataclasses.replace(self.last_plan, entries=[])
 
     def copy_tree(self, src: Path, dst: Path, plan: TreePlan | None = None) -> None:
         """Given a source directory, a staging path and the plan of the source against

@@ -123,8 +123,20 @@ def context_switches(pid: int) -> tuple[int, int]:
 # --- the bench directory ---
 
 
-def write_bench_config(base: Path, settle: float, grace: float, fsync: bool) -> Path:
-    """Given the bench dir, write its config and return its path."""
+SOCKET_PATH_MAX = 107  # bytes of a unix socket's path (sun_path less its NUL)
+
+
+def control_socket(base: Path) -> Path:
+    """The daemon's control socket: in the bench dir, or in a short folder of the system's
+    /tmp when the bench dir is too deep for a unix socket's path (the caller removes it)."""
+    socket = base / "run" / "control.sock"
+    if len(os.fsencode(socket)) <= SOCKET_PATH_MAX:
+        return socket
+    return Path(tempfile.mkdtemp(prefix="sp-bd-", dir="/tmp")) / "control.sock"
+
+
+def write_bench_config(base: Path, settle: float, grace: float, fsync: bool, socket: Path) -> Path:
+    """Given the bench dir and the control socket's path, write its config; return its path."""
     return write_config(
         base,
         [app(APP_KEY, LOCAL_NAME)],
@@ -133,7 +145,7 @@ def write_bench_config(base: Path, settle: float, grace: float, fsync: bool) -> 
         publish={"grace": grace, "fsync": fsync},
         # max_wait well above settle, so only the quiet period decides when a sync starts.
         watch={"settle": settle, "max_wait": max(10.0, 4 * settle), "rescan_interval": 3600},
-        control={"socket": str(base / "run" / "control.sock")},
+        control={"socket": str(socket)},
     )
 
 
@@ -232,7 +244,7 @@ def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], No
         subprocess.run(["rsync", "-a", f"{staging}/", f"{source}/"], check=True)
     else:
         shutil.copytree(staging, source)
-    config = write_bench_config(base, args.settle, args.grace, args.fsync)
+    config = write_bench_config(base, args.settle, args.grace, args.fsync, args.socket)
 
     progress(f"starting the daemon on {base}")
     with Daemon(config, python=args.python) as daemon:
@@ -540,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = args.dir or default_parent()
     parent.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="syncpro-bench-daemon.", dir=parent))
+    args.socket = control_socket(base)
 
     def progress(message: str) -> None:
         print(f"bench_daemon: {message}", file=sys.stderr, flush=True)
@@ -558,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_daemon: {exc}", file=sys.stderr)
         return 1
     finally:
+        if args.socket.parent != base / "run":
+            shutil.rmtree(args.socket.parent, ignore_errors=True)
         if args.keep:
             print(f"bench_daemon: kept {base}", file=sys.stderr)
         else:

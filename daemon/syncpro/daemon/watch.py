@@ -188,8 +188,7 @@ class _Events(FileSystemEventHandler):
         on_change: Callable[[str], None],
         on_temporary: Callable[[str, str], None],
     ) -> None:
-        self.root = root
-        self._root = str(root)
+        self.root = str(root)
         self.root_deleted = False
         """Whether the root itself was deleted: watchdog's emitter stops on that."""
         # Name patterns are what uploaders name their temporaries; path globs are trees the
@@ -203,7 +202,7 @@ class _Events(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _QUIET_EVENTS:
             return
-        if event.event_type == "deleted" and os.fsdecode(event.src_path) == str(self.root):
+        if event.event_type == "deleted" and os.fsdecode(event.src_path) == self.root:
             self.root_deleted = True
         if event.is_directory and event.event_type == "modified":
             # A directory's entries changed: the entry's own event says which, and an upload's
@@ -230,7 +229,7 @@ class _Events(FileSystemEventHandler):
         (a path glob matches the path relative to its app's source root, or a leading part of
         it: the publisher leaves out a folder's whole tree)."""
         source = self.source_root_of(path)
-        base = source if source is not None else self._root
+        base = source if source is not None else self.root
         if path == base or not path.startswith(base + "/"):
             return "real"
         parts = path[len(base) + 1 :].split("/")

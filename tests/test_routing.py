@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from syncpro.daemon.routing import Route, Router, group_of, route, source_root_in, source_root_of
+from syncpro.daemon.routing import Route, Router, group_of, route, source_root_in
 from syncpro.daemon.runtime import Runtime, Snapshot
 from syncpro.daemon.sdnotify import Notifier
 from syncpro.daemon.watch import WRITING
@@ -101,41 +101,31 @@ def test_group_of_names_the_group_of_an_auto_deployed_app_only(snap: Snapshot) -
     assert group_of(snap, "ghost") is None
 
 
-def test_source_root_of_is_one_level_below_an_area_and_two_for_update_configs(
+def test_a_source_root_is_one_level_below_an_area_and_two_for_update_configs(
     snap: Snapshot,
 ) -> None:
     dirs = snap.config.dirs
     r, u = _r(snap), _u(snap)
-    assert source_root_of(dirs, r / "softdir" / "server1" / "a" / "b") == r / "softdir" / "server1"
-    assert source_root_of(dirs, u / "softdir" / "server" / "x") == u / "softdir" / "server"
-    deep = u / "configuredir" / "server" / "server1" / "c" / "d"
-    assert source_root_of(dirs, deep) == u / "configuredir" / "server" / "server1"
-    assert source_root_of(dirs, u / "configuredir" / "server") is None
-    assert source_root_of(dirs, r / "stray") is None
-
-
-def test_source_root_in_answers_as_source_root_of_for_path_strings(snap: Snapshot) -> None:
-    dirs = snap.config.dirs
-    r, u = _r(snap), _u(snap)
-    paths = [
-        r,
-        u,
-        r / "softdir",
-        r / "softdir" / "server1",
-        r / "softdir" / "server1" / "a" / "b" / "c",
-        r / "configuredir" / "web1" / "x.ini",
-        r / "stray",
-        u / "softdir" / "server" / "x",
-        u / "configuredir" / "server",
-        u / "configuredir" / "server" / "server1",
-        u / "configuredir" / "server" / "server1" / "c" / "d",
+    expected: dict[Path, Path | None] = {
+        r: None,
+        u: None,
+        r / "softdir": None,
+        r / "softdir" / "server1": r / "softdir" / "server1",
+        r / "softdir" / "server1" / "a" / "b" / "c": r / "softdir" / "server1",
+        r / "configuredir" / "web1" / "x.ini": r / "configuredir" / "web1",
+        r / "stray": None,
+        u / "softdir" / "server" / "x": u / "softdir" / "server",
+        u / "configuredir" / "server": None,
+        u / "configuredir" / "server" / "server1": u / "configuredir" / "server" / "server1",
+        u / "configuredir" / "server" / "server1" / "c" / "d": (
+            u / "configuredir" / "server" / "server1"
+        ),
         # A sibling whose name starts with the root's: not under it.
-        r.with_name(r.name + "x") / "softdir" / "server1" / "f",
-        r.parent,
-    ]
-    for path in paths:
-        expected = source_root_of(dirs, path)
-        assert source_root_in(dirs, str(path)) == (None if expected is None else str(expected))
+        r.with_name(r.name + "x") / "softdir" / "server1" / "f": None,
+        r.parent: None,
+    }
+    for path, root in expected.items():
+        assert source_root_in(dirs, str(path)) == (None if root is None else str(root)), path
 
 
 class _Submits:

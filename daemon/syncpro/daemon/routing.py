@@ -64,17 +64,11 @@ def group_of(snap: Snapshot, app_key: str) -> str | None:
     return app.local_name if app is not None else None
 
 
-def source_root_of(dirs: Dirs, path: Path) -> Path | None:
-    """Given a path under remotecomdir or updatedir, return the source root of the app (or
-    group program) it lies in, which path globs of watch.ignore are relative to; None for a
-    path outside every source."""
-    found = source_root_in(dirs, str(path))
-    return Path(found) if found is not None else None
-
-
 def source_root_in(dirs: Dirs, path: str) -> str | None:
-    """source_root_of for a normalised absolute path as a string: the watcher asks it for
-    every event (an upload of 40,000 files makes some 300,000), where pathlib's parsing cost
+    """Given a normalised absolute path under remotecomdir or updatedir, return the source
+    root of the app (or group program) it lies in, which path globs of watch.ignore are
+    relative to; None for a path outside every source. On strings: the watcher asks it for
+    every event (an upload of 40,000 files makes some 300,000), and pathlib's parsing cost
     more than everything else the event costs."""
     for root, update in ((str(dirs.remotecomdir), False), (str(dirs.updatedir), True)):
         if path == root:

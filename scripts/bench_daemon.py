@@ -226,9 +226,12 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], None]) -> Event:
-    """Given an empty bench dir and the options, run the daemon through the uploads and the
-    idle window and return the figures. Raise BenchError if anything goes wrong."""
+def run_bench(
+    base: Path, args: argparse.Namespace, progress: Callable[[str], None], socket: Path
+) -> Event:
+    """Given an empty bench dir, the options and the control socket's path, run the daemon
+    through the uploads and the idle window and return the figures. Raise BenchError if
+    anything goes wrong."""
     source = base / "r" / "softdir" / APP_KEY
     staging = base / "staging"
     target = base / "soft" / LOCAL_NAME / VERSION_FILE
@@ -244,7 +247,7 @@ def run_bench(base: Path, args: argparse.Namespace, progress: Callable[[str], No
         subprocess.run(["rsync", "-a", f"{staging}/", f"{source}/"], check=True)
     else:
         shutil.copytree(staging, source)
-    config = write_bench_config(base, args.settle, args.grace, args.fsync, args.socket)
+    config = write_bench_config(base, args.settle, args.grace, args.fsync, socket)
 
     progress(f"starting the daemon on {base}")
     with Daemon(config, python=args.python) as daemon:
@@ -552,13 +555,13 @@ def main(argv: list[str] | None = None) -> int:
     parent = args.dir or default_parent()
     parent.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="syncpro-bench-daemon.", dir=parent))
-    args.socket = control_socket(base)
+    socket = control_socket(base)
 
     def progress(message: str) -> None:
         print(f"bench_daemon: {message}", file=sys.stderr, flush=True)
 
     try:
-        doc = run_bench(base, args, progress)
+        doc = run_bench(base, args, progress, socket)
         print(json.dumps(doc, indent=2) if args.json else render(doc))
         return 0
     except (
@@ -571,8 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_daemon: {exc}", file=sys.stderr)
         return 1
     finally:
-        if args.socket.parent != base / "run":
-            shutil.rmtree(args.socket.parent, ignore_errors=True)
+        if socket.parent != base / "run":
+            shutil.rmtree(socket.parent, ignore_errors=True)
         if args.keep:
             print(f"bench_daemon: kept {base}", file=sys.stderr)
         else:
